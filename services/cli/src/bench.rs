@@ -1,0 +1,195 @@
+//! `eagle bench`: vanilla and EAGLE decoding on the same prompts in one process, like the
+//! seed's MT-bench evaluation: per-prompt JSONL files for both modes, and a summary whose last
+//! line is one JSON object (tokens/s for both, speedup, mean accepted length, identical
+//! outputs).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use eagle_engine::{GenerateOutput, GenerateRequest, Mode};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Deserialize;
+
+use crate::generate::{prompt_ids, SamplingArgs, SpecArgs};
+use crate::runtime::load_engine;
+use crate::ModelArgs;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// JSONL prompt set: one object per line with `prompt`, optional `id` and `category`.
+    #[arg(long)]
+    pub prompts: PathBuf,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub spec: SpecArgs,
+    /// Output directory for vanilla.jsonl and eagle.jsonl.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Use only the first N prompts.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Send prompts as is, without the chat template.
+    #[arg(long)]
+    pub raw: bool,
+}
+
+#[derive(Deserialize)]
+struct PromptLine {
+    prompt: String,
+    #[serde(default)]
+    id: Option<serde_json::Value>,
+    #[serde(default)]
+    category: Option<String>,
+}
+
+#[derive(Default)]
+struct Totals {
+    tokens: usize,
+    wall: f64,
+    steps: usize,
+}
+
+impl Totals {
+    fn add(&mut self, o: &GenerateOutput) {
+        self.tokens += o.tokens.len();
+        self.wall += o.wall_s;
+        self.steps += o.steps;
+    }
+    fn tps(&self) -> f64 {
+        self.tokens as f64 / self.wall.max(1e-9)
+    }
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let file = std::fs::File::open(&a.prompts)
+        .with_context(|| format!("opening {}", a.prompts.display()))?;
+    let mut prompts = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let p: PromptLine = serde_json::from_str(&line).with_context(|| {
+            format!(
+                "{} line {}: expected {{\"prompt\": ...}}",
+                a.prompts.display(),
+                i + 1
+            )
+        })?;
+        prompts.push(p);
+    }
+    if let Some(n) = a.limit {
+        prompts.truncate(n);
+    }
+    if prompts.is_empty() {
+        bail!("{} holds no prompts", a.prompts.display());
+    }
+    let spec = a.spec.config()?;
+    let engine = load_engine(&a.model, true)?;
+    if spec.total_token < 0 {
+        // Measure the verification cost profile before timing anything.
+        engine.cost_profile()?;
+    }
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let mut files = [Mode::Vanilla, Mode::Eagle].map(|m| {
+        let name = if m == Mode::Vanilla {
+            "vanilla.jsonl"
+        } else {
+            "eagle.jsonl"
+        };
+        std::fs::File::create(a.out.join(name)).map(std::io::BufWriter::new)
+    });
+    let bar = ProgressBar::new(prompts.len() as u64).with_style(
+        ProgressStyle::with_template("bench [{bar:30}] {pos}/{len} prompts {msg}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    let mut totals = [Totals::default(), Totals::default()];
+    let mut by_cat: BTreeMap<String, [Totals; 2]> = BTreeMap::new();
+    let mut identical = 0usize;
+    for (i, p) in prompts.iter().enumerate() {
+        let ids = prompt_ids(&engine, &p.prompt, a.raw)?;
+        let category = p.category.clone().unwrap_or_else(|| "all".into());
+        let id = p.id.clone().unwrap_or_else(|| serde_json::json!(i));
+        let mut outs = Vec::new();
+        for (k, mode) in [Mode::Vanilla, Mode::Eagle].into_iter().enumerate() {
+            let req = GenerateRequest {
+                prompt: ids.clone(),
+                max_new_tokens: a.sampling.max_new_tokens,
+                sampling: a.sampling.params(),
+                mode,
+                spec: spec.clone(),
+            };
+            let o = engine
+                .generate(&req)
+                .with_context(|| format!("prompt {id}"))?;
+            totals[k].add(&o);
+            by_cat.entry(category.clone()).or_default()[k].add(&o);
+            let line = serde_json::json!({
+                "id": id,
+                "category": category,
+                "new_tokens": o.tokens.len(),
+                "wall_s": o.wall_s,
+                "steps": o.steps,
+                "accepted": o.accepted,
+                "tree_sizes": o.tree_sizes,
+                "token_ids": o.tokens,
+                "text": engine.tokenizer.decode(&o.tokens)?,
+            });
+            match &mut files[k] {
+                Ok(f) => writeln!(f, "{line}")?,
+                Err(e) => bail!("cannot write results in {}: {e}", a.out.display()),
+            }
+            outs.push(o);
+        }
+        if outs[0].tokens == outs[1].tokens {
+            identical += 1;
+        }
+        bar.set_message(format!(
+            "speedup so far {:.2}x",
+            totals[1].tps() / totals[0].tps()
+        ));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    for f in files.iter_mut().flatten() {
+        f.flush()?;
+    }
+    let mut categories = serde_json::Map::new();
+    for (cat, [v, e]) in &by_cat {
+        eprintln!(
+            "{cat:<14} vanilla {:>7.1} tok/s  eagle {:>7.1} tok/s  speedup {:.2}x  mean accepted {:.2}",
+            v.tps(),
+            e.tps(),
+            e.tps() / v.tps(),
+            e.tokens as f64 / e.steps.max(1) as f64
+        );
+        categories.insert(
+            cat.clone(),
+            serde_json::json!({
+                "vanilla_tokens_per_s": v.tps(),
+                "eagle_tokens_per_s": e.tps(),
+                "speedup": e.tps() / v.tps(),
+                "mean_accepted": e.tokens as f64 / e.steps.max(1) as f64,
+            }),
+        );
+    }
+    let [v, e] = &totals;
+    let summary = serde_json::json!({
+        "prompts": prompts.len(),
+        "identical": identical,
+        "vanilla_tokens_per_s": v.tps(),
+        "eagle_tokens_per_s": e.tps(),
+        "speedup": e.tps() / v.tps(),
+        "mean_accepted": e.tokens as f64 / e.steps.max(1) as f64,
+        "categories": categories,
+    });
+    println!("{summary}");
+    Ok(())
+}

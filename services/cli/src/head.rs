@@ -1,0 +1,56 @@
+//! `eagle head`: create and inspect EAGLE draft heads.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use clap::Subcommand;
+use eagle_engine::head::EagleHead;
+use eagle_engine::loader::open_model;
+
+use crate::models;
+use crate::runtime::parse_dtype;
+
+#[derive(Subcommand, Debug)]
+pub enum HeadCommand {
+    /// Write a randomly initialised head shaped for a target (for tests and as a training start).
+    Init {
+        /// Target model (name, .gguf file or HF directory).
+        #[arg(long, env = "EAGLE_MODEL", default_value = models::DEFAULT_MODEL)]
+        model: String,
+        /// Output directory (config.json + model.safetensors).
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed for the initialisation.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// dtype of the saved weights: f32, bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
+}
+
+pub fn run(cmd: HeadCommand) -> Result<()> {
+    match cmd {
+        HeadCommand::Init {
+            model,
+            out,
+            seed,
+            dtype,
+        } => {
+            let path = models::resolve_model(&model)?;
+            let opened =
+                open_model(&path).with_context(|| format!("opening {}", path.display()))?;
+            let dtype = parse_dtype(&dtype)?;
+            let head = EagleHead::init_random(
+                &opened.config,
+                seed,
+                candle_core::DType::F32,
+                &Device::Cpu,
+            )?;
+            head.save(&out, dtype)?;
+            println!("{}", out.display());
+            Ok(())
+        }
+    }
+}

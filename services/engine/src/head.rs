@@ -1,0 +1,314 @@
+//! The EAGLE draft head (Li et al., "EAGLE: Speculative Sampling Requires Rethinking Feature
+//! Uncertainty", ICML 2024) in the published checkpoint format.
+//!
+//! The head predicts the target's next feature from (token, feature) pairs: its input at
+//! position i is `fc(concat(embed(token[i+1]), feature[i]))`, run through one decoder layer (the
+//! target's own [`DecoderLayer`], without an input norm). The target's embedding and LM head are
+//! borrowed, so `lm_head(head_output)` is the draft's next-token distribution.
+//!
+//! Files: `config.json` (LLaMA-style) and `model.safetensors` or `pytorch_model.bin`, with
+//! tensors `fc.weight` [H, 2H], `fc.bias` [H] (optional), `layers.0.self_attn.*`,
+//! `layers.0.mlp.*`, `layers.0.post_attention_layernorm.weight`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{HfConfig, ModelConfig};
+use crate::error::{EngineError, Result};
+use crate::kernels::attention::Visibility;
+use crate::kv_cache::KvCache;
+use crate::layers::{use_cpu_kernels, DecoderLayer, Linear, Rope};
+use crate::loader::safetensors::SafetensorsSource;
+use crate::loader::{WeightSource, Weights};
+use crate::sampling::Rng;
+
+pub struct EagleHead {
+    pub cfg: ModelConfig,
+    pub fc: Linear,
+    pub layer: DecoderLayer,
+    pub rope: Rope,
+    pub device: Device,
+}
+
+/// Tensors held in memory (a `pytorch_model.bin`, or a freshly initialised head).
+struct MapSource {
+    map: HashMap<String, Tensor>,
+    desc: String,
+}
+
+impl WeightSource for MapSource {
+    fn get(&self, name: &str) -> Result<Option<Tensor>> {
+        Ok(self.map.get(name).cloned())
+    }
+    fn describe(&self) -> String {
+        self.desc.clone()
+    }
+}
+
+impl EagleHead {
+    /// Loads a head directory and checks it against the target it will draft for.
+    pub fn load(dir: &Path, target: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(EngineError::MissingFile {
+                path: dir.to_path_buf(),
+                what: "an EAGLE head directory (config.json + model.safetensors)".into(),
+            });
+        }
+        let cfg_path = dir.join("config.json");
+        if !cfg_path.exists() {
+            return Err(EngineError::MissingFile {
+                path: cfg_path,
+                what: "the head's config.json".into(),
+            });
+        }
+        let mut hf = HfConfig::from_file(&cfg_path)?;
+        if hf.model_type.is_none() {
+            hf.model_type = Some("llama".into());
+        }
+        let cfg = hf.into_config()?;
+        if cfg.hidden_size != target.hidden_size || cfg.vocab_size != target.vocab_size {
+            return Err(EngineError::Config(format!(
+                "head {} has hidden {} and vocab {}, but the target has hidden {} and vocab {}",
+                dir.display(),
+                cfg.hidden_size,
+                cfg.vocab_size,
+                target.hidden_size,
+                target.vocab_size
+            )));
+        }
+        let st = dir.join("model.safetensors");
+        let bin = dir.join("pytorch_model.bin");
+        let src: Box<dyn WeightSource> = if st.exists() {
+            Box::new(SafetensorsSource::open(&st)?)
+        } else if bin.exists() {
+            let tensors = candle_core::pickle::read_all(&bin).map_err(|e| {
+                EngineError::malformed(&bin, format!("cannot read PyTorch weights: {e}"))
+            })?;
+            Box::new(MapSource {
+                map: tensors.into_iter().collect(),
+                desc: bin.display().to_string(),
+            })
+        } else {
+            return Err(EngineError::MissingFile {
+                path: dir.to_path_buf(),
+                what: "model.safetensors or pytorch_model.bin".into(),
+            });
+        };
+        Self::from_source(src.as_ref(), cfg, dtype, device)
+    }
+
+    fn from_source(
+        src: &dyn WeightSource,
+        cfg: ModelConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let w = Weights::new(src, dtype, device.clone());
+        let h = cfg.hidden_size;
+        let fc_w = w.get("fc.weight", &[h, 2 * h])?;
+        let fc_b = w.get_f32_opt("fc.bias", &[h])?;
+        let layer = DecoderLayer::load(&w.pp("layers.0"), &cfg, false)?;
+        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling.as_ref());
+        Ok(EagleHead {
+            fc: Linear::new(fc_w, fc_b)?,
+            layer,
+            rope,
+            device: device.clone(),
+            cfg,
+        })
+    }
+
+    /// A randomly initialised head for `target` (normal(0, 0.02) weights, unit norms, zero
+    /// biases), as the reference implementation initialises before training.
+    pub fn init_random(
+        target: &ModelConfig,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let map = random_tensors(target, seed)?;
+        let src = MapSource {
+            map,
+            desc: "a random initialisation".into(),
+        };
+        let mut cfg = target.clone();
+        cfg.num_layers = 1;
+        Self::from_source(&src, cfg, dtype, device)
+    }
+
+    /// Writes `config.json` and `model.safetensors` in the published format.
+    pub fn save(&self, dir: &Path, dtype: DType) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
+        let c = &self.cfg;
+        let config = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": if c.arch == crate::config::Arch::Qwen2 { "qwen2" } else { "llama" },
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": 1,
+            "num_attention_heads": c.num_heads,
+            "num_key_value_heads": c.num_kv_heads,
+            "head_dim": c.head_dim,
+            "rms_norm_eps": c.rms_norm_eps,
+            "rope_theta": c.rope_theta,
+            "vocab_size": c.vocab_size,
+            "max_position_embeddings": c.max_position_embeddings,
+            "attention_bias": c.attention_bias,
+            "hidden_act": "silu",
+            "torch_dtype": format!("{dtype:?}").to_lowercase(),
+        });
+        let cfg_path = dir.join("config.json");
+        std::fs::write(&cfg_path, serde_json::to_string_pretty(&config).unwrap())
+            .map_err(|e| EngineError::io(&cfg_path, e))?;
+        let mut map: HashMap<String, Tensor> = HashMap::new();
+        let h = c.hidden_size;
+        let (qd, kvd) = (c.q_dim(), c.kv_dim());
+        let conv =
+            |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(&Device::Cpu)?) };
+        map.insert("fc.weight".into(), conv(&self.fc.weight)?);
+        if let Some(b) = &self.fc.bias {
+            map.insert("fc.bias".into(), conv(b)?);
+        }
+        let a = &self.layer.attn;
+        let p = "layers.0.self_attn";
+        map.insert(
+            format!("{p}.q_proj.weight"),
+            conv(&a.qkv.weight.narrow(0, 0, qd)?)?,
+        );
+        map.insert(
+            format!("{p}.k_proj.weight"),
+            conv(&a.qkv.weight.narrow(0, qd, kvd)?)?,
+        );
+        map.insert(
+            format!("{p}.v_proj.weight"),
+            conv(&a.qkv.weight.narrow(0, qd + kvd, kvd)?)?,
+        );
+        if let Some(b) = &a.qkv.bias {
+            map.insert(format!("{p}.q_proj.bias"), conv(&b.narrow(0, 0, qd)?)?);
+            map.insert(format!("{p}.k_proj.bias"), conv(&b.narrow(0, qd, kvd)?)?);
+            map.insert(
+                format!("{p}.v_proj.bias"),
+                conv(&b.narrow(0, qd + kvd, kvd)?)?,
+            );
+        }
+        map.insert(format!("{p}.o_proj.weight"), conv(&a.o.weight)?);
+        let f = c.intermediate_size;
+        let m = &self.layer.mlp;
+        map.insert(
+            "layers.0.mlp.gate_proj.weight".into(),
+            conv(&m.gate_up.weight.narrow(0, 0, f)?)?,
+        );
+        map.insert(
+            "layers.0.mlp.up_proj.weight".into(),
+            conv(&m.gate_up.weight.narrow(0, f, f)?)?,
+        );
+        map.insert(
+            "layers.0.mlp.down_proj.weight".into(),
+            conv(&m.down.weight)?,
+        );
+        map.insert(
+            "layers.0.post_attention_layernorm.weight".into(),
+            conv(&self.layer.post_norm.weight)?,
+        );
+        let _ = h;
+        let path = dir.join("model.safetensors");
+        let map: HashMap<String, Tensor> = map
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.contiguous()?)))
+            .collect::<Result<_>>()?;
+        candle_core::safetensors::save(&map, &path)
+            .map_err(|e| EngineError::malformed(&path, format!("cannot write: {e}")))?;
+        Ok(())
+    }
+
+    fn cpu(&self) -> bool {
+        use_cpu_kernels(&self.device)
+    }
+
+    /// A preallocated single-layer cache.
+    pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        KvCache::new(1, self.cfg.kv_dim(), capacity, &self.device, self.cpu())
+    }
+
+    /// Runs the head on `m` pairs: `embeds` [m, H] (the target's embedding of each pair's
+    /// token) and `features` [m, H]. Writes the head cache at `cache.len()..` and advances it.
+    /// Returns the predicted features [m, H].
+    pub fn forward(
+        &self,
+        cache: &mut KvCache,
+        embeds: &Tensor,
+        features: &Tensor,
+        positions: &[usize],
+        vis: &Visibility,
+    ) -> Result<Tensor> {
+        let m = embeds.dim(0)?;
+        cache.reserve(m)?;
+        let start = cache.len();
+        let rope = self.rope.at(positions);
+        let x = Tensor::cat(&[embeds, features], 1)?;
+        let h = self.cfg.hidden_size;
+        let out = if self.cpu() {
+            let x = x.flatten_all()?.to_vec1::<f32>()?;
+            let x = self.fc.forward_cpu(&x, m)?;
+            let y = self
+                .layer
+                .forward_cpu(x, m, &rope, &mut cache.layers[0], start, vis)?;
+            Tensor::from_vec(y, (m, h), &self.device)?
+        } else {
+            let x = self.fc.forward(&x)?;
+            self.layer
+                .forward(&x, &rope, &mut cache.layers[0], start, vis)?
+        };
+        cache.advance(m);
+        Ok(out)
+    }
+}
+
+/// normal(0, 0.02) matrices, unit norm weights, zero biases, under published tensor names.
+fn random_tensors(c: &ModelConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
+    let mut rng = Rng::new(seed);
+    let mut normal = |rows: usize, cols: usize| -> Result<Tensor> {
+        let n = rows * cols;
+        let mut v = Vec::with_capacity(n);
+        while v.len() < n {
+            // Box-Muller.
+            let u1 = rng.uniform().max(1e-300);
+            let u2 = rng.uniform();
+            let r = (-2.0 * u1.ln()).sqrt();
+            v.push((0.02 * r * (2.0 * std::f64::consts::PI * u2).cos()) as f32);
+            v.push((0.02 * r * (2.0 * std::f64::consts::PI * u2).sin()) as f32);
+        }
+        v.truncate(n);
+        Ok(Tensor::from_vec(v, (rows, cols), &Device::Cpu)?)
+    };
+    let (h, f, qd, kvd) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
+    let mut m = HashMap::new();
+    m.insert("fc.weight".to_string(), normal(h, 2 * h)?);
+    m.insert(
+        "fc.bias".to_string(),
+        Tensor::zeros(h, DType::F32, &Device::Cpu)?,
+    );
+    let p = "layers.0.self_attn";
+    m.insert(format!("{p}.q_proj.weight"), normal(qd, h)?);
+    m.insert(format!("{p}.k_proj.weight"), normal(kvd, h)?);
+    m.insert(format!("{p}.v_proj.weight"), normal(kvd, h)?);
+    m.insert(format!("{p}.o_proj.weight"), normal(h, qd)?);
+    if c.attention_bias {
+        for (n, d) in [("q_proj", qd), ("k_proj", kvd), ("v_proj", kvd)] {
+            m.insert(
+                format!("{p}.{n}.bias"),
+                Tensor::zeros(d, DType::F32, &Device::Cpu)?,
+            );
+        }
+    }
+    m.insert("layers.0.mlp.gate_proj.weight".into(), normal(f, h)?);
+    m.insert("layers.0.mlp.up_proj.weight".into(), normal(f, h)?);
+    m.insert("layers.0.mlp.down_proj.weight".into(), normal(h, f)?);
+    m.insert(
+        "layers.0.post_attention_layernorm.weight".into(),
+        Tensor::ones(h, DType::F32, &Device::Cpu)?,
+    );
+    Ok(m)
+}

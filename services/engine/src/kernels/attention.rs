@@ -1,0 +1,217 @@
+//! Tree attention on the CPU, batch-invariant by construction.
+//!
+//! Invariant: a query attends to exactly the slots in its visibility list, in that order: the
+//! committed prefix `0..prefix`, then its own extra slots (its tree ancestors root-first, then
+//! itself). A draft-tree node whose ancestors are the tokens a sequential decoder would have
+//! produced therefore computes the very same scores, softmax and weighted sum, bit for bit, as
+//! that decoder; masked slots are skipped, not multiplied by zero. This is the tree attention
+//! of SpecInfer (Miao et al., 2023) and EAGLE (Li et al., 2024) without a dense mask.
+
+use rayon::prelude::*;
+
+use super::dot::dot;
+
+/// Which cache slots each new query may see.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Visibility {
+    /// Every query sees slots `0..prefix`.
+    pub prefix: usize,
+    /// Per query, the further slots it sees, in order (its ancestors, then itself).
+    pub extra: Vec<Vec<u32>>,
+}
+
+impl Visibility {
+    /// Plain causal attention for `m` new tokens written at slots `start..start + m`.
+    pub fn causal(start: usize, m: usize) -> Self {
+        Visibility {
+            prefix: start,
+            extra: (0..m)
+                .map(|i| (start as u32..=(start + i) as u32).collect())
+                .collect(),
+        }
+    }
+
+    /// Tree attention for `parents.len()` new tokens written at `start..`: `parents[i]` is the
+    /// index (among the new tokens) of node i's parent, or -1 when it hangs off the prefix.
+    /// Parents must precede their children.
+    pub fn tree(start: usize, parents: &[i32]) -> Self {
+        let mut extra: Vec<Vec<u32>> = Vec::with_capacity(parents.len());
+        for (i, &p) in parents.iter().enumerate() {
+            let mut v = if p >= 0 {
+                assert!((p as usize) < i, "tree parents must precede children");
+                extra[p as usize].clone()
+            } else {
+                Vec::new()
+            };
+            v.push((start + i) as u32);
+            extra.push(v);
+        }
+        Visibility {
+            prefix: start,
+            extra,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.extra.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.extra.is_empty()
+    }
+}
+
+pub struct AttnShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+fn one_head(
+    q: &[f32],
+    kv_stride: usize,
+    g_off: usize,
+    hd: usize,
+    k_cache: &[f32],
+    v_cache: &[f32],
+    prefix: usize,
+    extra: &[u32],
+    scale: f32,
+    out: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    scores.clear();
+    let slots = (0..prefix).chain(extra.iter().map(|&s| s as usize));
+    let mut max = f32::NEG_INFINITY;
+    for s in slots.clone() {
+        let k = &k_cache[s * kv_stride + g_off..s * kv_stride + g_off + hd];
+        let sc = dot(q, k) * scale;
+        max = max.max(sc);
+        scores.push(sc);
+    }
+    let mut sum = 0f32;
+    for sc in scores.iter_mut() {
+        *sc = (*sc - max).exp();
+        sum += *sc;
+    }
+    out.fill(0.0);
+    for (p, s) in scores.iter().zip(slots) {
+        let v = &v_cache[s * kv_stride + g_off..s * kv_stride + g_off + hd];
+        for (o, vi) in out.iter_mut().zip(v) {
+            *o = p.mul_add(*vi, *o);
+        }
+    }
+    let inv = 1.0 / sum;
+    for o in out.iter_mut() {
+        *o *= inv;
+    }
+}
+
+/// `q` is [m, n_heads, head_dim]; the caches are [slots, n_kv_heads, head_dim] and already hold
+/// the new tokens' keys and values. Returns [m, n_heads * head_dim].
+pub fn attention(
+    q: &[f32],
+    shape: &AttnShape,
+    k_cache: &[f32],
+    v_cache: &[f32],
+    vis: &Visibility,
+) -> Vec<f32> {
+    let (nh, nkv, hd) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
+    let m = vis.len();
+    assert_eq!(
+        q.len(),
+        m * nh * hd,
+        "attention: q is not [m, heads, head_dim]"
+    );
+    let group = nh / nkv;
+    let kv_stride = nkv * hd;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut out = vec![0f32; m * nh * hd];
+    let run = |(idx, o): (usize, &mut [f32]), scores: &mut Vec<f32>| {
+        let (i, h) = (idx / nh, idx % nh);
+        let g = h / group;
+        one_head(
+            &q[idx * hd..(idx + 1) * hd],
+            kv_stride,
+            g * hd,
+            hd,
+            k_cache,
+            v_cache,
+            vis.prefix,
+            &vis.extra[i],
+            scale,
+            o,
+            scores,
+        );
+    };
+    let work: usize = m * nh * (vis.prefix + vis.extra.last().map_or(0, |e| e.len()));
+    if work * hd < 1 << 16 {
+        let mut scores = Vec::new();
+        out.chunks_exact_mut(hd)
+            .enumerate()
+            .for_each(|x| run(x, &mut scores));
+    } else {
+        out.par_chunks_exact_mut(hd)
+            .enumerate()
+            .for_each_init(Vec::new, |scores, x| run(x, scores));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tree_visibility_lists_ancestors_root_first() {
+        // 0 is the root, 1 and 2 its children, 3 a child of 2.
+        let v = Visibility::tree(10, &[-1, 0, 0, 2]);
+        assert_eq!(v.prefix, 10);
+        assert_eq!(
+            v.extra,
+            vec![vec![10], vec![10, 11], vec![10, 12], vec![10, 12, 13]]
+        );
+        let c = Visibility::causal(5, 3);
+        assert_eq!(c.extra, vec![vec![5], vec![5, 6], vec![5, 6, 7]]);
+    }
+
+    #[test]
+    fn tree_node_equals_sequential_decode_bitwise() {
+        let shape = AttnShape {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 8,
+        };
+        let slot = 2 * 8;
+        let f = |i: usize| ((i as f32) * 0.731).sin();
+        // Sequential: slots 0..6 hold tokens a0..a5; query for a5 sees 0..=5.
+        let k_seq: Vec<f32> = (0..6 * slot).map(f).collect();
+        let v_seq: Vec<f32> = (0..6 * slot).map(|i| f(i + 99)).collect();
+        let q: Vec<f32> = (0..4 * 8).map(|i| f(i + 7)).collect();
+        let seq = attention(&q, &shape, &k_seq, &v_seq, &Visibility::causal(5, 1));
+        // Tree: prefix 0..3, then new slots 3.. = [a3, x, a4, y, a5] with parents
+        // [-1, 0, 0, 1, 2]: a5's ancestors are a3, a4.
+        let mut k_tree = k_seq[..3 * slot].to_vec();
+        let mut v_tree = v_seq[..3 * slot].to_vec();
+        let junk: Vec<f32> = (0..slot).map(|i| f(i + 1234)).collect();
+        for src in [Some(3), None, Some(4), None, Some(5)] {
+            match src {
+                Some(s) => {
+                    k_tree.extend_from_slice(&k_seq[s * slot..(s + 1) * slot]);
+                    v_tree.extend_from_slice(&v_seq[s * slot..(s + 1) * slot]);
+                }
+                None => {
+                    k_tree.extend_from_slice(&junk);
+                    v_tree.extend_from_slice(&junk);
+                }
+            }
+        }
+        let vis = Visibility::tree(3, &[-1, 0, 0, 1, 2]);
+        let mut q_tree = vec![0f32; 5 * 4 * 8];
+        q_tree[4 * 32..].copy_from_slice(&q);
+        let tree = attention(&q_tree, &shape, &k_tree, &v_tree, &vis);
+        for (a, b) in seq.iter().zip(&tree[4 * 32..]) {
+            assert_eq!(a.to_bits(), b.to_bits());
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! Preallocated per-sequence KV cache with tree appends and compaction.
+//!
+//! Invariant: slots `0..len` hold, in position order, the keys and values of the committed
+//! tokens. A forward pass writes its new tokens (a chain or a draft tree) at `len..len + m`
+//! and advances `len`; after verification, [`KvCache::compact`] moves the accepted path's
+//! slots down so they sit contiguously after the prefix, exactly where sequential decoding
+//! would have written them, and drops the rest. Memory is allocated once, up front.
+
+use candle_core::{Device, Tensor};
+
+use crate::error::{EngineError, Result};
+
+/// One layer's keys and values, [capacity, kv_dim] each.
+#[derive(Debug)]
+pub enum LayerKv {
+    Cpu { k: Vec<f32>, v: Vec<f32> },
+    Device { k: Tensor, v: Tensor },
+}
+
+#[derive(Debug)]
+pub struct KvCache {
+    pub layers: Vec<LayerKv>,
+    len: usize,
+    capacity: usize,
+    kv_dim: usize,
+}
+
+impl KvCache {
+    pub fn new(
+        num_layers: usize,
+        kv_dim: usize,
+        capacity: usize,
+        device: &Device,
+        cpu_kernels: bool,
+    ) -> Result<Self> {
+        let layers = (0..num_layers)
+            .map(|_| {
+                Ok(if cpu_kernels {
+                    LayerKv::Cpu {
+                        k: vec![0.0; capacity * kv_dim],
+                        v: vec![0.0; capacity * kv_dim],
+                    }
+                } else {
+                    LayerKv::Device {
+                        k: Tensor::zeros((capacity, kv_dim), candle_core::DType::F32, device)?,
+                        v: Tensor::zeros((capacity, kv_dim), candle_core::DType::F32, device)?,
+                    }
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache {
+            layers,
+            len: 0,
+            capacity,
+            kv_dim,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.kv_dim
+    }
+
+    /// Bytes held by this cache.
+    pub fn bytes(&self) -> usize {
+        self.layers.len() * 2 * self.capacity * self.kv_dim * 4
+    }
+
+    /// Checks that `m` more tokens fit.
+    pub fn reserve(&self, m: usize) -> Result<()> {
+        if self.len + m > self.capacity {
+            return Err(EngineError::ContextOverflow {
+                needed: self.len + m,
+                limit: self.capacity,
+            });
+        }
+        Ok(())
+    }
+
+    /// Marks `m` slots written by the last forward pass as used.
+    pub fn advance(&mut self, m: usize) {
+        assert!(self.len + m <= self.capacity);
+        self.len += m;
+    }
+
+    /// Forgets every slot from `len` on.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Keeps, of the slots appended since `start`, those at offsets `keep` (strictly
+    /// increasing), moved to `start..start + keep.len()`; drops the rest.
+    pub fn compact(&mut self, start: usize, keep: &[usize]) -> Result<()> {
+        assert!(start <= self.len);
+        for w in keep.windows(2) {
+            assert!(w[0] < w[1], "compaction offsets must increase");
+        }
+        if let Some(&last) = keep.last() {
+            assert!(start + last < self.len, "compaction offset past the end");
+        }
+        let d = self.kv_dim;
+        for layer in self.layers.iter_mut() {
+            match layer {
+                LayerKv::Cpu { k, v } => {
+                    for (j, &off) in keep.iter().enumerate() {
+                        let (src, dst) = (start + off, start + j);
+                        if src != dst {
+                            k.copy_within(src * d..(src + 1) * d, dst * d);
+                            v.copy_within(src * d..(src + 1) * d, dst * d);
+                        }
+                    }
+                }
+                LayerKv::Device { k, v } => {
+                    if keep.is_empty() {
+                        continue;
+                    }
+                    let idx: Vec<u32> = keep.iter().map(|&o| (start + o) as u32).collect();
+                    let idx = Tensor::new(idx.as_slice(), k.device())?;
+                    let kk = k.index_select(&idx, 0)?;
+                    let vv = v.index_select(&idx, 0)?;
+                    k.slice_set(&kk, 0, start)?;
+                    v.slice_set(&vv, 0, start)?;
+                }
+            }
+        }
+        self.len = start + keep.len();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fill(c: &mut KvCache, from: usize, vals: &[f32]) {
+        for l in c.layers.iter_mut() {
+            if let LayerKv::Cpu { k, v } = l {
+                for (i, x) in vals.iter().enumerate() {
+                    k[(from + i) * 2] = *x;
+                    k[(from + i) * 2 + 1] = -*x;
+                    v[(from + i) * 2] = *x * 10.0;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn compaction_keeps_the_accepted_path() {
+        let mut c = KvCache::new(2, 2, 16, &Device::Cpu, true).unwrap();
+        fill(&mut c, 0, &[1.0, 2.0, 3.0]);
+        c.advance(3);
+        // A tree of 5 nodes appended after the prefix; the accepted path is nodes 0, 2, 4.
+        fill(&mut c, 3, &[10.0, 11.0, 12.0, 13.0, 14.0]);
+        c.advance(5);
+        c.compact(3, &[0, 2, 4]).unwrap();
+        assert_eq!(c.len(), 6);
+        if let LayerKv::Cpu { k, v } = &c.layers[1] {
+            let firsts: Vec<f32> = (0..6).map(|i| k[i * 2]).collect();
+            assert_eq!(firsts, vec![1.0, 2.0, 3.0, 10.0, 12.0, 14.0]);
+            assert_eq!(k[5 * 2 + 1], -14.0);
+            assert_eq!(v[4 * 2], 120.0);
+        } else {
+            unreachable!()
+        }
+        assert!(c.reserve(10).is_ok());
+        assert!(matches!(
+            c.reserve(11),
+            Err(EngineError::ContextOverflow {
+                needed: 17,
+                limit: 16
+            })
+        ));
+    }
+
+    #[test]
+    fn device_path_compacts_like_the_cpu_path() {
+        let mut c = KvCache::new(1, 2, 8, &Device::Cpu, false).unwrap();
+        if let LayerKv::Device { k, .. } = &c.layers[0] {
+            let rows =
+                Tensor::new(&[[0f32, 0.], [1., 1.], [2., 2.], [3., 3.]], &Device::Cpu).unwrap();
+            k.slice_set(&rows, 0, 0).unwrap();
+        }
+        c.advance(4);
+        c.compact(1, &[2]).unwrap();
+        assert_eq!(c.len(), 2);
+        if let LayerKv::Device { k, .. } = &c.layers[0] {
+            let got: Vec<Vec<f32>> = k.narrow(0, 0, 2).unwrap().to_vec2().unwrap();
+            assert_eq!(got, vec![vec![0., 0.], vec![3., 3.]]);
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! Grouped-query self-attention (Ainslie et al., 2023) over a [`KvCache`] layer, with tree
+//! visibility (see `kernels::attention`).
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::{Linear, RopeAt};
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::kernels::attention::{attention, AttnShape, Visibility};
+use crate::kv_cache::LayerKv;
+use crate::loader::Weights;
+
+#[derive(Clone, Debug)]
+pub struct Attention {
+    /// q, k and v projections fused along the output dimension.
+    pub qkv: Linear,
+    pub o: Linear,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl Attention {
+    /// Loads `q_proj`, `k_proj`, `v_proj`, `o_proj` under `w` (HF names). `in_dim` is the
+    /// width of the layer's input (the hidden size, or more for EAGLE-3 heads).
+    pub fn load(w: &Weights, cfg: &ModelConfig, in_dim: usize) -> Result<Self> {
+        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+        let b = cfg.attention_bias;
+        let q = Linear::load(w, "q_proj", in_dim, qd, b)?;
+        let k = Linear::load(w, "k_proj", in_dim, kvd, b)?;
+        let v = Linear::load(w, "v_proj", in_dim, kvd, b)?;
+        let o = Linear::load(w, "o_proj", qd, cfg.hidden_size, false)?;
+        Ok(Attention {
+            qkv: Linear::fuse(&[q, k, v])?,
+            o,
+            n_heads: cfg.num_heads,
+            n_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+        })
+    }
+
+    fn dims(&self) -> (usize, usize) {
+        (
+            self.n_heads * self.head_dim,
+            self.n_kv_heads * self.head_dim,
+        )
+    }
+
+    /// CPU path. `x` is [m, in_dim]; the new keys/values go to slots `start..start + m`.
+    pub fn forward_cpu(
+        &self,
+        x: &[f32],
+        m: usize,
+        rope: &RopeAt,
+        kv: &mut LayerKv,
+        start: usize,
+        vis: &Visibility,
+    ) -> Result<Vec<f32>> {
+        let (qd, kvd) = self.dims();
+        let qkv = self.qkv.forward_cpu(x, m)?;
+        let width = qd + 2 * kvd;
+        let mut q = Vec::with_capacity(m * qd);
+        let mut k = Vec::with_capacity(m * kvd);
+        let mut v = Vec::with_capacity(m * kvd);
+        for row in qkv.chunks_exact(width) {
+            q.extend_from_slice(&row[..qd]);
+            k.extend_from_slice(&row[qd..qd + kvd]);
+            v.extend_from_slice(&row[qd + kvd..]);
+        }
+        rope.apply_cpu(&mut q, self.n_heads);
+        rope.apply_cpu(&mut k, self.n_kv_heads);
+        let LayerKv::Cpu { k: kc, v: vc } = kv else {
+            unreachable!("CPU kernels with a device cache")
+        };
+        kc[start * kvd..(start + m) * kvd].copy_from_slice(&k);
+        vc[start * kvd..(start + m) * kvd].copy_from_slice(&v);
+        let shape = AttnShape {
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+        };
+        let ctx = attention(&q, &shape, kc, vc, vis);
+        self.o.forward_cpu(&ctx, m)
+    }
+
+    /// Device-generic path with a dense mask built from `vis`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RopeAt,
+        kv: &mut LayerKv,
+        start: usize,
+        vis: &Visibility,
+    ) -> Result<Tensor> {
+        let device = x.device().clone();
+        let (qd, kvd) = self.dims();
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let m = x.dim(0)?;
+        let qkv = self.qkv.forward(x)?;
+        let q = qkv.narrow(1, 0, qd)?.reshape((m, nh, hd))?;
+        let k = qkv.narrow(1, qd, kvd)?.reshape((m, nkv, hd))?;
+        let v = qkv.narrow(1, qd + kvd, kvd)?.contiguous()?;
+        let q = rope.apply(&q, &device)?;
+        let k = rope.apply(&k, &device)?.reshape((m, kvd))?;
+        let LayerKv::Device { k: kc, v: vc } = kv else {
+            unreachable!("device path with a CPU cache")
+        };
+        kc.slice_set(&k, 0, start)?;
+        vc.slice_set(&v, 0, start)?;
+        let total = start + m;
+        let group = nh / nkv;
+        let expand = |c: &Tensor| -> Result<Tensor> {
+            Ok(c.narrow(0, 0, total)?
+                .reshape((total, nkv, 1, hd))?
+                .broadcast_as((total, nkv, group, hd))?
+                .reshape((total, nh, hd))?
+                .transpose(0, 1)?
+                .contiguous()?)
+        };
+        let keys = expand(kc)?; // [nh, T, hd]
+        let values = expand(vc)?;
+        let q = q.transpose(0, 1)?.contiguous()?; // [nh, m, hd]
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&keys.t()?)? * scale)?; // [nh, m, T]
+        let mask = dense_mask(vis, total, &device)?;
+        let scores = scores.broadcast_add(&mask)?;
+        let max = scores.max_keepdim(D::Minus1)?;
+        let e = scores.broadcast_sub(&max)?.exp()?;
+        let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+        let ctx = p.matmul(&values)?.transpose(0, 1)?.reshape((m, qd))?;
+        self.o.forward(&ctx)
+    }
+}
+
+/// [m, total] additive mask: 0 where visible, -inf elsewhere.
+fn dense_mask(vis: &Visibility, total: usize, device: &Device) -> Result<Tensor> {
+    let m = vis.len();
+    let mut mask = vec![f32::NEG_INFINITY; m * total];
+    for (i, extra) in vis.extra.iter().enumerate() {
+        mask[i * total..i * total + vis.prefix].fill(0.0);
+        for &s in extra {
+            mask[i * total + s as usize] = 0.0;
+        }
+    }
+    Ok(Tensor::from_vec(mask, (m, total), device)?.to_dtype(DType::F32)?)
+}

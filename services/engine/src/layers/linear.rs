@@ -1,0 +1,108 @@
+//! A linear layer `y = x W^T + b` with W in the engine dtype and b in f32.
+
+use candle_core::{DType, Tensor};
+use half::{bf16, f16};
+
+use crate::error::{EngineError, Result};
+use crate::kernels::{self, with_cpu_slice};
+use crate::loader::Weights;
+
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub in_dim: usize,
+    pub out_dim: usize,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out_dim, in_dim) = weight.dims2()?;
+        if let Some(b) = &bias {
+            if b.dims() != [out_dim] {
+                return Err(EngineError::Config(format!(
+                    "bias of shape {:?} for a [{out_dim}, {in_dim}] weight",
+                    b.dims()
+                )));
+            }
+        }
+        Ok(Linear {
+            weight,
+            bias,
+            in_dim,
+            out_dim,
+        })
+    }
+
+    /// Loads `{name}.weight` [out, in] and, when `bias`, `{name}.bias` [out].
+    pub fn load(
+        w: &Weights,
+        name: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let w = w.pp(name);
+        let weight = w.get("weight", &[out_dim, in_dim])?;
+        let bias = if bias {
+            Some(w.get_f32("bias", &[out_dim])?)
+        } else {
+            None
+        };
+        Linear::new(weight, bias)
+    }
+
+    /// Concatenates layers along their outputs (q|k|v, gate|up), for one kernel call.
+    pub fn fuse(parts: &[Linear]) -> Result<Self> {
+        let ws: Vec<&Tensor> = parts.iter().map(|l| &l.weight).collect();
+        let weight = Tensor::cat(&ws, 0)?;
+        let bias = if parts.iter().any(|l| l.bias.is_some()) {
+            let bs = parts
+                .iter()
+                .map(|l| match &l.bias {
+                    Some(b) => Ok(b.clone()),
+                    None => Ok(Tensor::zeros(l.out_dim, DType::F32, l.weight.device())?),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Some(Tensor::cat(&bs, 0)?)
+        } else {
+            None
+        };
+        Linear::new(weight, bias)
+    }
+
+    /// CPU path: `x` is [m, in_dim] row-major.
+    pub fn forward_cpu(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        let (k, n) = (self.in_dim, self.out_dim);
+        let run = |bias: Option<&[f32]>| -> Result<Vec<f32>> {
+            match self.weight.dtype() {
+                DType::F32 => with_cpu_slice::<f32, _>(&self.weight, |w| {
+                    kernels::linear::linear(x, m, k, w, n, bias)
+                }),
+                DType::BF16 => with_cpu_slice::<bf16, _>(&self.weight, |w| {
+                    kernels::linear::linear(x, m, k, w, n, bias)
+                }),
+                DType::F16 => with_cpu_slice::<f16, _>(&self.weight, |w| {
+                    kernels::linear::linear(x, m, k, w, n, bias)
+                }),
+                other => Err(EngineError::Config(format!(
+                    "unsupported weight dtype {other:?}"
+                ))),
+            }
+        };
+        match &self.bias {
+            Some(b) => with_cpu_slice::<f32, _>(b, |b| run(Some(b)))?,
+            None => run(None),
+        }
+    }
+
+    /// Device-generic path: `x` is [m, in_dim] f32.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.weight.to_dtype(DType::F32)?;
+        let y = x.matmul(&w.t()?)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}

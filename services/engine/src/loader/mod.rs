@@ -1,0 +1,177 @@
+//! Weight loading. Every format is presented to the model code through [`WeightSource`] under
+//! Hugging Face tensor names (`model.layers.3.self_attn.q_proj.weight`), so the model files read
+//! like their HF counterparts whatever the file on disk.
+
+pub mod gguf;
+pub mod safetensors;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{EngineError, Result};
+
+/// A store of named tensors. `get` returns the tensor in HF layout, on the CPU, in whatever
+/// dtype the file holds (quantized GGUF tensors are dequantized to f32).
+pub trait WeightSource: Send + Sync {
+    fn get(&self, name: &str) -> Result<Option<Tensor>>;
+    /// Where these weights come from, for error messages.
+    fn describe(&self) -> String;
+}
+
+/// A view of a [`WeightSource`] that checks shapes and converts to the engine's dtype and
+/// device, in the spirit of candle's `VarBuilder`.
+#[derive(Clone)]
+pub struct Weights<'a> {
+    src: &'a dyn WeightSource,
+    prefix: String,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl<'a> Weights<'a> {
+    pub fn new(src: &'a dyn WeightSource, dtype: DType, device: Device) -> Self {
+        Weights {
+            src,
+            prefix: String::new(),
+            dtype,
+            device,
+        }
+    }
+
+    /// A view under `prefix.` (like `VarBuilder::pp`).
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        };
+        Weights {
+            prefix,
+            ..self.clone()
+        }
+    }
+
+    fn full(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+
+    fn fetch(&self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
+        let full = self.full(name);
+        let Some(t) = self.src.get(&full)? else {
+            return Ok(None);
+        };
+        if t.dims() != shape {
+            return Err(EngineError::Shape {
+                name: full,
+                expected: shape.to_vec(),
+                found: t.dims().to_vec(),
+            });
+        }
+        Ok(Some(t))
+    }
+
+    fn missing(&self, name: &str) -> EngineError {
+        EngineError::MissingTensor {
+            name: self.full(name),
+            source_desc: self.src.describe(),
+        }
+    }
+
+    /// A matrix in the engine dtype.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.get_opt(name, shape)?.ok_or_else(|| self.missing(name))
+    }
+
+    pub fn get_opt(&self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
+        self.fetch(name, shape)?
+            .map(|t| Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?))
+            .transpose()
+    }
+
+    /// A vector (norm weight, bias) kept in f32.
+    pub fn get_f32(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.get_f32_opt(name, shape)?
+            .ok_or_else(|| self.missing(name))
+    }
+
+    pub fn get_f32_opt(&self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
+        self.fetch(name, shape)?
+            .map(|t| Ok(t.to_dtype(DType::F32)?.to_device(&self.device)?))
+            .transpose()
+    }
+
+    pub fn describe(&self) -> String {
+        self.src.describe()
+    }
+}
+
+/// An opened model: its weights, config and tokenizer.
+pub struct OpenedModel {
+    pub source: Box<dyn WeightSource>,
+    pub config: crate::config::ModelConfig,
+    pub tokenizer: crate::tokenizer::Tokenizer,
+}
+
+/// Opens a model from a `.gguf` file, a directory holding one `.gguf` file, or a Hugging Face
+/// directory (`config.json`, safetensors, `tokenizer.json`).
+pub fn open_model(path: &std::path::Path) -> Result<OpenedModel> {
+    use crate::config::HfConfig;
+    if !path.exists() {
+        return Err(EngineError::MissingFile {
+            path: path.to_path_buf(),
+            what: "a model (.gguf file or Hugging Face directory)".into(),
+        });
+    }
+    let gguf_path = if path.is_file() {
+        Some(path.to_path_buf())
+    } else if path.join("config.json").exists() {
+        None
+    } else {
+        let mut found: Vec<std::path::PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| EngineError::io(path, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+            .collect();
+        found.sort();
+        match found.len() {
+            1 => Some(found.remove(0)),
+            0 => {
+                return Err(EngineError::MissingFile {
+                    path: path.to_path_buf(),
+                    what: "config.json or a .gguf file".into(),
+                })
+            }
+            _ => {
+                return Err(EngineError::Config(format!(
+                    "{} holds several .gguf files; name one",
+                    path.display()
+                )))
+            }
+        }
+    };
+    match gguf_path {
+        Some(p) => {
+            let g = gguf::GgufFile::open(&p)?;
+            let config = g.config()?;
+            let tokenizer = crate::tokenizer::Tokenizer::from_gguf(&g.content, &p)?;
+            Ok(OpenedModel {
+                source: Box::new(g),
+                config,
+                tokenizer,
+            })
+        }
+        None => {
+            let config = HfConfig::from_file(&path.join("config.json"))?.into_config()?;
+            let source = safetensors::SafetensorsSource::open(path)?;
+            let tokenizer = crate::tokenizer::Tokenizer::from_hf_dir(path)?;
+            Ok(OpenedModel {
+                source: Box::new(source),
+                config,
+                tokenizer,
+            })
+        }
+    }
+}

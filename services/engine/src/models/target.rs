@@ -1,0 +1,205 @@
+//! A decoder-only target model (LLaMA-2/3, Vicuna, SmolLM2, Mistral, Qwen2) with an explicit
+//! KV cache and tree-shaped inputs.
+//!
+//! Invariant: `forward` returns, for every new token, the same bits whether that token comes
+//! alone, in a prompt, or as a node of a draft tree with the same ancestors (see
+//! `crate::kernels`). Features are the last decoder layer's output after the final norm: the
+//! vector the LM head reads, which is what published EAGLE heads were trained on (HF
+//! `hidden_states[-1]`).
+
+use candle_core::{DType, Device, Tensor};
+use half::{bf16, f16};
+
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::kernels::{attention::Visibility, with_cpu_slice};
+use crate::kv_cache::KvCache;
+use crate::layers::{use_cpu_kernels, DecoderLayer, Linear, RmsNorm, Rope};
+use crate::loader::{WeightSource, Weights};
+
+pub struct TargetModel {
+    pub cfg: ModelConfig,
+    /// [vocab, hidden] in the engine dtype; also the LM head when tied.
+    pub embed: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    pub lm_head: Linear,
+    pub rope: Rope,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl TargetModel {
+    /// Loads from HF-named weights. `progress(i, n)` is called after each layer.
+    pub fn load(
+        src: &dyn WeightSource,
+        cfg: ModelConfig,
+        dtype: DType,
+        device: &Device,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let w = Weights::new(src, dtype, device.clone());
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let embed = w.get("model.embed_tokens.weight", &[v, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            layers.push(DecoderLayer::load(
+                &w.pp(format!("model.layers.{i}")),
+                &cfg,
+                true,
+            )?);
+            progress(i + 1, cfg.num_layers);
+        }
+        let norm = RmsNorm::load(&w.pp("model"), "norm", h, cfg.rms_norm_eps)?;
+        let lm_head = match w.get_opt("lm_head.weight", &[v, h])? {
+            Some(t) if !cfg.tie_word_embeddings => Linear::new(t, None)?,
+            _ => Linear::new(embed.clone(), None)?,
+        };
+        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling.as_ref());
+        Ok(TargetModel {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    fn cpu(&self) -> bool {
+        use_cpu_kernels(&self.device)
+    }
+
+    /// A preallocated cache for `capacity` tokens.
+    pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        KvCache::new(
+            self.cfg.num_layers,
+            self.cfg.kv_dim(),
+            capacity,
+            &self.device,
+            self.cpu(),
+        )
+    }
+
+    /// Token embeddings, [m, hidden] f32.
+    pub fn embed_tokens(&self, tokens: &[u32]) -> Result<Tensor> {
+        embed_rows(&self.embed, tokens, self.cfg.vocab_size, &self.device)
+    }
+
+    /// Runs the new `tokens` (at `positions`, attending as `vis` says) through the model,
+    /// writing their keys/values at `cache.len()..` and advancing the cache. Returns the
+    /// features [m, hidden] in f32.
+    pub fn forward(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        positions: &[usize],
+        vis: &Visibility,
+    ) -> Result<Tensor> {
+        let m = tokens.len();
+        if m == 0 || positions.len() != m || vis.len() != m || vis.prefix != cache.len() {
+            return Err(EngineError::InvalidRequest(format!(
+                "forward: {m} tokens, {} positions, {} visibility rows, prefix {} vs cache {}",
+                positions.len(),
+                vis.len(),
+                vis.prefix,
+                cache.len()
+            )));
+        }
+        cache.reserve(m)?;
+        if let Some(&p) = positions.iter().max() {
+            if p >= self.cfg.max_position_embeddings {
+                return Err(EngineError::ContextOverflow {
+                    needed: p + 1,
+                    limit: self.cfg.max_position_embeddings,
+                });
+            }
+        }
+        let start = cache.len();
+        let rope = self.rope.at(positions);
+        let x = self.embed_tokens(tokens)?;
+        let h = self.cfg.hidden_size;
+        let out = if self.cpu() {
+            let mut x = x.flatten_all()?.to_vec1::<f32>()?;
+            for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+                x = layer.forward_cpu(x, m, &rope, kv, start, vis)?;
+            }
+            let x = self.norm.forward_cpu(&x)?;
+            Tensor::from_vec(x, (m, h), &self.device)?
+        } else {
+            let mut x = x;
+            for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+                x = layer.forward(&x, &rope, kv, start, vis)?;
+            }
+            self.norm.forward(&x)?
+        };
+        cache.advance(m);
+        Ok(out)
+    }
+
+    /// LM head over features [m, hidden] -> logits [m, vocab] f32.
+    pub fn logits(&self, features: &Tensor) -> Result<Tensor> {
+        lm_head(&self.lm_head, features, self.cpu())
+    }
+}
+
+/// Applies an LM head (CPU kernel or generic) to [m, hidden] f32 features.
+pub fn lm_head(head: &Linear, features: &Tensor, cpu: bool) -> Result<Tensor> {
+    let m = features.dim(0)?;
+    if cpu {
+        let x = features.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let y = head.forward_cpu(&x, m)?;
+        Ok(Tensor::from_vec(y, (m, head.out_dim), features.device())?)
+    } else {
+        head.forward(features)
+    }
+}
+
+/// Gathers rows of an embedding table into [m, hidden] f32, checking ids.
+pub fn embed_rows(table: &Tensor, tokens: &[u32], vocab: usize, device: &Device) -> Result<Tensor> {
+    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(EngineError::InvalidRequest(format!(
+            "token id {bad} is outside the vocabulary of {vocab}"
+        )));
+    }
+    let h = table.dim(1)?;
+    if device.is_cpu() {
+        let mut out = Vec::with_capacity(tokens.len() * h);
+        match table.dtype() {
+            DType::F32 => with_cpu_slice::<f32, _>(table, |t| {
+                for &id in tokens {
+                    out.extend_from_slice(&t[id as usize * h..(id as usize + 1) * h]);
+                }
+            })?,
+            DType::BF16 => with_cpu_slice::<bf16, _>(table, |t| {
+                for &id in tokens {
+                    out.extend(
+                        t[id as usize * h..(id as usize + 1) * h]
+                            .iter()
+                            .map(|v| v.to_f32()),
+                    );
+                }
+            })?,
+            DType::F16 => with_cpu_slice::<f16, _>(table, |t| {
+                for &id in tokens {
+                    out.extend(
+                        t[id as usize * h..(id as usize + 1) * h]
+                            .iter()
+                            .map(|v| v.to_f32()),
+                    );
+                }
+            })?,
+            other => {
+                return Err(EngineError::Config(format!(
+                    "unsupported embedding dtype {other:?}"
+                )))
+            }
+        }
+        return Ok(Tensor::from_vec(out, (tokens.len(), h), device)?);
+    }
+    let ids = Tensor::new(tokens, device)?;
+    Ok(table.index_select(&ids, 0)?.to_dtype(DType::F32)?)
+}

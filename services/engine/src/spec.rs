@@ -1,0 +1,186 @@
+//! Speculation settings and the automatic tree size (`total_token = -1`).
+//!
+//! EAGLE-2 observes that the draft's cumulative confidence approximates the chance a node is
+//! accepted. So the expected tokens per step for a tree of n nodes is about
+//! 1 + sum of exp(score) over the n - 1 best nodes, and with t(n), the measured cost of
+//! verifying n tokens on this hardware, the best size is the n that maximises
+//! (1 + sum exp(score)) / t(n). With `total_token = -1` this is chosen afresh at every step.
+
+use crate::error::{EngineError, Result};
+use crate::tree::StaticShape;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum TreeShape {
+    /// EAGLE-2 dynamic trees.
+    Dynamic,
+    /// EAGLE-1 static trees.
+    Static(StaticShape),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SpecConfig {
+    /// Nodes per verified tree, root included; -1 chooses it from measured costs.
+    pub total_token: i32,
+    /// Maximum draft depth (tokens beyond the root).
+    pub depth: usize,
+    /// Candidates per expansion.
+    pub top_k: usize,
+    /// Children per expanded node when sampling (T > 0).
+    pub sample_branch: usize,
+    pub shape: TreeShape,
+}
+
+impl Default for SpecConfig {
+    fn default() -> Self {
+        SpecConfig {
+            total_token: -1,
+            depth: 6,
+            top_k: 8,
+            sample_branch: 2,
+            shape: TreeShape::Dynamic,
+        }
+    }
+}
+
+/// Largest tree the automatic sizing considers.
+pub const AUTO_MAX_TOKENS: usize = 64;
+
+impl SpecConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.total_token != -1 && !(2..=512).contains(&self.total_token) {
+            return Err(EngineError::InvalidRequest(format!(
+                "total_token must be -1 (automatic) or in 2..=512, got {}",
+                self.total_token
+            )));
+        }
+        if !(1..=32).contains(&self.depth) {
+            return Err(EngineError::InvalidRequest(format!(
+                "depth must be in 1..=32, got {}",
+                self.depth
+            )));
+        }
+        if !(1..=64).contains(&self.top_k) {
+            return Err(EngineError::InvalidRequest(format!(
+                "draft top_k must be in 1..=64, got {}",
+                self.top_k
+            )));
+        }
+        if let TreeShape::Static(s) = &self.shape {
+            s.check().map_err(EngineError::InvalidRequest)?;
+        }
+        Ok(())
+    }
+
+    /// Non-root nodes a tree may hold (the fixed size, or the automatic maximum).
+    pub fn node_budget(&self) -> usize {
+        if self.total_token < 0 {
+            AUTO_MAX_TOKENS - 1
+        } else {
+            self.total_token as usize - 1
+        }
+    }
+
+    /// Head-cache slots one draft may use beyond the committed pairs.
+    pub fn draft_slots(&self) -> usize {
+        match &self.shape {
+            TreeShape::Dynamic => self.top_k * self.depth + 1,
+            TreeShape::Static(s) => s.paths.len() + 1,
+        }
+    }
+}
+
+/// Measured cost of one target forward over n new tokens, for a few n.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CostProfile {
+    /// (tokens, seconds), increasing in tokens.
+    pub points: Vec<(usize, f64)>,
+}
+
+impl CostProfile {
+    /// Cost of n tokens, linearly interpolated (and extrapolated past the last point).
+    pub fn cost(&self, n: usize) -> f64 {
+        let p = &self.points;
+        if p.is_empty() {
+            return n as f64;
+        }
+        if n <= p[0].0 {
+            return p[0].1;
+        }
+        for w in p.windows(2) {
+            let ((a, ta), (b, tb)) = (w[0], w[1]);
+            if n <= b {
+                return ta + (tb - ta) * (n - a) as f64 / (b - a) as f64;
+            }
+        }
+        let (a, ta) = p[p.len() - 2.min(p.len())];
+        let (b, tb) = p[p.len() - 1];
+        if b == a {
+            return tb;
+        }
+        tb + (tb - ta) / (b - a) as f64 * (n - b) as f64
+    }
+
+    /// How many non-root nodes to keep, given candidate scores sorted best first.
+    pub fn best_keep(&self, sorted_scores: &[f32], max_nodes: usize) -> usize {
+        let mut best = (0usize, 1.0 / self.cost(1));
+        let mut expected = 1.0f64;
+        for (i, s) in sorted_scores.iter().take(max_nodes).enumerate() {
+            expected += (*s as f64).exp();
+            let rate = expected / self.cost(i + 2);
+            if rate > best.1 {
+                best = (i + 1, rate);
+            }
+        }
+        best.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cost_interpolates_and_extrapolates() {
+        let c = CostProfile {
+            points: vec![(1, 1.0), (9, 2.0), (17, 4.0)],
+        };
+        assert_eq!(c.cost(1), 1.0);
+        assert_eq!(c.cost(5), 1.5);
+        assert_eq!(c.cost(13), 3.0);
+        assert_eq!(c.cost(25), 6.0);
+    }
+
+    #[test]
+    fn best_keep_trades_acceptance_for_cost() {
+        // Flat cost: keep everything that adds expected tokens.
+        let flat = CostProfile {
+            points: vec![(1, 1.0), (64, 1.0)],
+        };
+        let scores = [-0.1f32, -0.5, -1.0, -3.0];
+        assert_eq!(flat.best_keep(&scores, 10), 4);
+        // Linear cost: each node costs a whole token, so no node pays for itself.
+        let linear = CostProfile {
+            points: vec![(1, 1.0), (64, 64.0)],
+        };
+        assert_eq!(linear.best_keep(&scores, 10), 0);
+        // Cheap first nodes, then steep.
+        let knee = CostProfile {
+            points: vec![(1, 1.0), (3, 1.05), (4, 3.0)],
+        };
+        assert_eq!(knee.best_keep(&scores, 10), 2);
+    }
+
+    #[test]
+    fn validation_names_the_bad_field() {
+        let bad = SpecConfig {
+            total_token: 1,
+            ..Default::default()
+        };
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("total_token"));
+        assert!(SpecConfig::default().validate().is_ok());
+    }
+}

@@ -1,0 +1,51 @@
+//! Shared helpers for the engine's integration tests: finding the real model, loading it once.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{DType, Device};
+use eagle_engine::head::EagleHead;
+use eagle_engine::{Engine, LoadOptions};
+
+pub const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The SmolLM2-135M GGUF: `$EAGLE_TEST_GGUF`, else the fetched copy under `$EAGLE_HOME`.
+/// Panics with the command to run when it is missing: these tests must never pass vacuously.
+pub fn smollm2_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("EAGLE_TEST_GGUF") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("EAGLE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("eagle")))
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/eagle")
+        });
+    let p = home.join("models/smollm2-135m").join(SMOLLM2_FILE);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo run --release -p eagle-cli -- fetch smollm2-135m` first",
+        p.display()
+    );
+    p
+}
+
+/// SmolLM2-135M with a random head, loaded once per test binary (f32 weights).
+pub fn smollm2_engine() -> Arc<Engine> {
+    static ENGINE: OnceLock<Arc<Engine>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| {
+            let opts = LoadOptions {
+                model: smollm2_path(),
+                head: None,
+                dtype: DType::F32,
+                device: Device::Cpu,
+            };
+            let mut e = Engine::load(&opts, &mut |_, _| {}).expect("load SmolLM2");
+            let head = EagleHead::init_random(&e.target.cfg, 7, DType::F32, &Device::Cpu).unwrap();
+            e.drafter = Some(eagle_engine::draft::Drafter::new(Arc::new(head), &e.target));
+            Arc::new(e)
+        })
+        .clone()
+}
