@@ -14,7 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 
 use crate::generate::{prompt_ids, SamplingArgs, SpecArgs};
-use crate::runtime::load_engine;
+use crate::runtime::{load_engine, HeadPolicy};
 use crate::ModelArgs;
 
 #[derive(Args, Debug)]
@@ -91,7 +91,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         bail!("{} holds no prompts", a.prompts.display());
     }
     let spec = a.spec.config()?;
-    let engine = load_engine(&a.model, true)?;
+    let engine = load_engine(&a.model, HeadPolicy::Require)?;
     if spec.total_token < 0 {
         // Measure the verification cost profile before timing anything.
         engine.cost_profile()?;

@@ -11,7 +11,7 @@ use eagle_engine::tokenizer::IncrementalDecoder;
 use eagle_engine::tree::StaticShape;
 use eagle_engine::{Engine, GenerateRequest, Mode, SamplingParams};
 
-use crate::runtime::load_engine;
+use crate::runtime::{load_engine, HeadPolicy};
 use crate::ModelArgs;
 
 /// Sampling settings.
@@ -135,7 +135,7 @@ pub fn prompt_ids(engine: &Engine, text: &str, raw: bool) -> Result<Vec<u32>> {
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    let mode: Mode = a.mode.parse().map_err(anyhow::Error::msg)?;
+    let mut mode: Mode = a.mode.parse().map_err(anyhow::Error::msg)?;
     let text = match (&a.prompt, &a.prompt_file) {
         (Some(p), _) => p.clone(),
         (None, Some(f)) => {
@@ -144,7 +144,15 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         _ => unreachable!("clap requires one"),
     };
     let spec = a.spec.config()?;
-    let engine = load_engine(&a.model, mode == Mode::Eagle)?;
+    let policy = if mode == Mode::Eagle {
+        HeadPolicy::Prefer
+    } else {
+        HeadPolicy::None
+    };
+    let engine = load_engine(&a.model, policy)?;
+    if engine.drafter.is_none() {
+        mode = Mode::Vanilla;
+    }
     let req = GenerateRequest {
         prompt: prompt_ids(&engine, &text, a.raw)?,
         max_new_tokens: a.sampling.max_new_tokens,
@@ -175,6 +183,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         }
         let tail = dec.finish()?;
         println!("{tail}");
+        let _ = std::io::stdout().flush();
         out
     };
     let decode_s = (out.wall_s - out.prefill_s).max(1e-9);
@@ -191,7 +200,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             "tokens_per_s": tps,
             "prefill_s": out.prefill_s,
             "finish_reason": out.finish,
-            "mode": a.mode,
+            "mode": if mode == Mode::Eagle { "eagle" } else { "vanilla" },
             "fallback_steps": out.fallback_steps,
         });
         println!("{v}");

@@ -38,7 +38,7 @@ pub fn run(cmd: HeadCommand) -> Result<()> {
             seed,
             dtype,
         } => {
-            let path = models::resolve_model(&model)?;
+            let path = crate::runtime::resolve_or_fetch(&model)?;
             let opened =
                 open_model(&path).with_context(|| format!("opening {}", path.display()))?;
             let dtype = parse_dtype(&dtype)?;

@@ -26,22 +26,59 @@ pub fn default_head(model: &str) -> Option<PathBuf> {
     dir.join("config.json").exists().then_some(dir)
 }
 
-/// Loads the model (and head, when `want_head`). Errors if a head is wanted and none exists.
-pub fn load_engine(args: &ModelArgs, want_head: bool) -> Result<Engine> {
-    let model = models::resolve_model(&args.model)?;
-    let head = match (&args.head, want_head) {
-        (Some(h), _) => Some(h.clone()),
-        (None, true) => Some(default_head(&args.model).ok_or_else(|| {
-            anyhow::anyhow!(
-                "no EAGLE head is installed for {:?} (looked in {}). Pass --head DIR, or write a \
-                 random one with `eagle head init --model {} --out DIR` (it accepts almost nothing; \
-                 it is for testing), or use --mode vanilla",
-                args.model,
-                models::eagle_home().join("heads").join(&args.model).display(),
-                args.model
-            )
-        })?),
-        (None, false) => None,
+/// What to do when EAGLE mode finds no head.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum HeadPolicy {
+    /// Vanilla decoding: load no head.
+    None,
+    /// Load the head; without one, warn and decode without speculation.
+    Prefer,
+    /// Load the head or fail.
+    Require,
+}
+
+fn no_head_message(model: &str) -> String {
+    format!(
+        "no EAGLE head is installed for {model:?} (looked in {}). Pass --head DIR, or write a \
+         random one with `eagle head init --model {model} --out DIR` (it accepts almost nothing; \
+         it is for testing)",
+        models::eagle_home().join("heads").join(model).display(),
+    )
+}
+
+/// A registry name that is not installed yet is fetched first.
+pub fn resolve_or_fetch(model: &str) -> Result<PathBuf> {
+    if let Some(spec) = models::find(model) {
+        let home = models::eagle_home();
+        if !spec.path_in(&home).exists() && !std::path::Path::new(model).exists() {
+            eprintln!("{} is not installed yet: fetching it", spec.name);
+            return crate::fetch::fetch(spec, &home, false);
+        }
+    }
+    models::resolve_model(model)
+}
+
+/// Loads the model, and the head as `policy` says. Returns the engine and whether a head is
+/// loaded.
+pub fn load_engine(args: &ModelArgs, policy: HeadPolicy) -> Result<Engine> {
+    let model = resolve_or_fetch(&args.model)?;
+    let head = match (&args.head, policy) {
+        (Some(h), p) if p != HeadPolicy::None => Some(h.clone()),
+        (_, HeadPolicy::None) => None,
+        (None, HeadPolicy::Require) => Some(
+            default_head(&args.model)
+                .ok_or_else(|| anyhow::anyhow!(no_head_message(&args.model)))?,
+        ),
+        (None, HeadPolicy::Prefer) => {
+            let h = default_head(&args.model);
+            if h.is_none() {
+                eprintln!(
+                    "warning: {}. Decoding without speculation (same output, no speed-up).",
+                    no_head_message(&args.model)
+                );
+            }
+            h
+        }
     };
     let opts = LoadOptions {
         model: model.clone(),

@@ -25,7 +25,7 @@ use crate::layers::{use_cpu_kernels, Linear};
 use crate::models::target::{embed_rows, lm_head};
 use crate::models::TargetModel;
 use crate::sampling::{log_softmax, sample_without_replacement, top_k, warp, Rng, SamplingParams};
-use crate::spec::{SpecConfig, TreeShape};
+use crate::spec::{SpecConfig, TreeBudget, TreeShape};
 use crate::tree::{rerank, Candidate, DraftTree};
 
 /// The head plus what it borrows from the target: the token embedding and the LM head.
@@ -166,8 +166,8 @@ impl Drafter {
     }
 
     /// Builds a draft tree rooted at `root` (the last committed token, whose pair must be the
-    /// last one pushed). `keep` chooses how many non-root nodes to keep from the scores sorted
-    /// best first (greedy dynamic trees only); otherwise `cfg.total_token - 1` are kept.
+    /// last one pushed). `budget` sizes greedy dynamic trees; sampled and static trees use
+    /// `cfg.total_token` as given.
     pub fn draft(
         &self,
         sess: &mut DraftSession,
@@ -175,7 +175,7 @@ impl Drafter {
         cfg: &SpecConfig,
         sampling: &SamplingParams,
         rng: &mut Rng,
-        keep: &dyn Fn(&[f32]) -> usize,
+        budget: &TreeBudget,
     ) -> Result<(DraftTree, DraftStats)> {
         if sess.pending_tokens.last() != Some(&root) {
             return Err(EngineError::InvalidRequest(
@@ -186,7 +186,7 @@ impl Drafter {
         let committed = sess.cache.len();
         let result = match (&cfg.shape, sampling.is_greedy()) {
             (TreeShape::Dynamic, true) => {
-                self.dynamic_greedy(sess, root, root_hidden, committed, cfg, keep)
+                self.dynamic_greedy(sess, root, root_hidden, committed, cfg, budget)
             }
             (TreeShape::Dynamic, false) => {
                 self.dynamic_sampled(sess, root, root_hidden, committed, cfg, sampling, rng)
@@ -208,7 +208,7 @@ impl Drafter {
         root_hidden: Tensor,
         committed: usize,
         cfg: &SpecConfig,
-        keep: &dyn Fn(&[f32]) -> usize,
+        budget: &TreeBudget,
     ) -> Result<(DraftTree, DraftStats)> {
         let k = cfg.top_k.max(1);
         let mut stats = DraftStats {
@@ -240,6 +240,13 @@ impl Drafter {
             })
             .collect();
         for depth in 1..cfg.depth {
+            let best = frontier
+                .iter()
+                .map(|(ci, _)| cands[*ci].score)
+                .fold(f32::NEG_INFINITY, f32::max);
+            if !budget.worth_expanding(best) {
+                break;
+            }
             let mut opens: Vec<Open> = frontier.iter().map(|(_, o)| o.clone()).collect();
             let hidden = self.run_nodes(sess, &mut opens, committed, committed - 1 + depth)?;
             stats.head_passes += 1;
@@ -284,7 +291,7 @@ impl Drafter {
         stats.scored = cands.len();
         let mut scores: Vec<f32> = cands.iter().map(|c| c.score).collect();
         scores.sort_by(|a, b| b.total_cmp(a));
-        let n = keep(&scores).min(cands.len());
+        let n = budget.keep(&scores);
         Ok((rerank(root, &cands, n), stats))
     }
 

@@ -22,7 +22,7 @@ use crate::loader::open_model;
 use crate::models::TargetModel;
 use crate::sampling::{argmax, sample, warp, Rng, SamplingParams};
 use crate::session::TargetSession;
-use crate::spec::{CostProfile, SpecConfig, AUTO_MAX_TOKENS};
+use crate::spec::{CostProfile, SpecConfig, TreeBudget, AUTO_MAX_TOKENS};
 use crate::tokenizer::Tokenizer;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,8 +184,15 @@ impl Engine {
         req: &GenerateRequest,
         on_tokens: &mut dyn FnMut(&[u32]) -> bool,
     ) -> Result<GenerateOutput> {
-        let t0 = Instant::now();
         self.validate(req)?;
+        // The one-time cost calibration is an engine cost, like loading: not timed here.
+        let profile =
+            if req.mode == Mode::Eagle && self.drafter.is_some() && req.spec.total_token < 0 {
+                Some(self.cost_profile()?)
+            } else {
+                None
+            };
+        let t0 = Instant::now();
         let target = &*self.target;
         let spec = &req.spec;
         let mut rng = Rng::new(req.sampling.seed);
@@ -248,24 +255,13 @@ impl Engine {
             ds.push(&shifted, &feats)?;
             draft_sess = Some(ds);
         }
-        let profile = if drafter.is_some() && spec.total_token < 0 {
-            Some(self.cost_profile()?)
-        } else {
-            None
-        };
-        let fixed_keep = spec.node_budget();
-        let keep = |scores: &[f32]| -> usize {
-            match &profile {
-                Some(p) => p.best_keep(scores, AUTO_MAX_TOKENS - 1),
-                None => fixed_keep,
-            }
-        };
+        let budget = TreeBudget::for_spec(spec, profile);
 
         let mut going = going;
         while going {
             let drafted = match (drafter, draft_sess.as_mut()) {
                 (Some(d), Some(ds)) => {
-                    match d.draft(ds, last, spec, &req.sampling, &mut rng, &keep) {
+                    match d.draft(ds, last, spec, &req.sampling, &mut rng, &budget) {
                         Ok((tree, _)) => Some(tree),
                         Err(e) => {
                             tracing::warn!(error = %e, "drafting failed; decoding this step plainly");
@@ -340,7 +336,7 @@ pub fn measure_costs(target: &TargetModel) -> Result<CostProfile> {
     sess.prefill(target, &prefix)?;
     let base = sess.cache.len();
     let mut points = Vec::new();
-    for n in [1usize, 2, 4, 8, 12, 16, 24, 32, 48, AUTO_MAX_TOKENS] {
+    for n in [1usize, 2, 4, 8, 16, 32, AUTO_MAX_TOKENS] {
         let mut tree = crate::tree::DraftTree::root(prefix[0]);
         for i in 1..n {
             tree.push(i - 1, prefix[i % prefix.len()]);

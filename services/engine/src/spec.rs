@@ -89,6 +89,41 @@ impl SpecConfig {
     }
 }
 
+/// How big a greedy dynamic tree may grow.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TreeBudget {
+    /// Keep this many non-root nodes.
+    Fixed(usize),
+    /// Choose per step from the measured costs (`total_token = -1`).
+    Auto(CostProfile),
+}
+
+impl TreeBudget {
+    pub fn for_spec(spec: &SpecConfig, profile: Option<CostProfile>) -> Self {
+        match (spec.total_token < 0, profile) {
+            (true, Some(p)) => TreeBudget::Auto(p),
+            _ => TreeBudget::Fixed(spec.node_budget()),
+        }
+    }
+
+    /// Non-root nodes to keep, given candidate scores sorted best first.
+    pub fn keep(&self, sorted_scores: &[f32]) -> usize {
+        match self {
+            TreeBudget::Fixed(n) => (*n).min(sorted_scores.len()),
+            TreeBudget::Auto(p) => p.best_keep(sorted_scores, AUTO_MAX_TOKENS - 1),
+        }
+    }
+
+    /// Whether a frontier whose best cumulative log-probability is `best` can still add a node
+    /// worth its verification cost. Fixed budgets always expand, as EAGLE-2 does.
+    pub fn worth_expanding(&self, best: f32) -> bool {
+        match self {
+            TreeBudget::Fixed(_) => true,
+            TreeBudget::Auto(p) => (best as f64).exp() >= p.marginal_token_cost(),
+        }
+    }
+}
+
 /// Measured cost of one target forward over n new tokens, for a few n.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CostProfile {
@@ -118,6 +153,12 @@ impl CostProfile {
             return tb;
         }
         tb + (tb - ta) / (b - a) as f64 * (n - b) as f64
+    }
+
+    /// The cost of one more verified token, as a fraction of a one-token step (the average
+    /// slope over the first 16 tokens).
+    pub fn marginal_token_cost(&self) -> f64 {
+        ((self.cost(16) - self.cost(1)) / 15.0 / self.cost(1)).max(0.0)
     }
 
     /// How many non-root nodes to keep, given candidate scores sorted best first.

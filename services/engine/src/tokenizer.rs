@@ -408,6 +408,37 @@ impl Tokenizer {
         })
     }
 
+    /// Writes `tokenizer.json` and `tokenizer_config.json` (bos/eos tokens, `add_bos_token`
+    /// and the chat template when it is the model's own) so that [`Tokenizer::from_hf_dir`]
+    /// reads back the same tokenizer.
+    pub fn save_hf(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
+        let tok_path = dir.join("tokenizer.json");
+        self.inner
+            .save(&tok_path, false)
+            .map_err(|e| tok_err("writing tokenizer.json", e))?;
+        let name = |id: Option<u32>| id.and_then(|i| self.inner.id_to_token(i));
+        let mut config = serde_json::json!({
+            "bos_token": name(self.bos_id),
+            "eos_token": name(self.eos_ids.first().copied()),
+            "add_bos_token": self.add_bos,
+        });
+        if let ChatTemplate::Jinja(t) = &self.chat_template {
+            config["chat_template"] = serde_json::Value::String(t.clone());
+        }
+        let cfg_path = dir.join("tokenizer_config.json");
+        let text = serde_json::to_string_pretty(&config)
+            .map_err(|e| tok_err("tokenizer_config.json", e))?;
+        std::fs::write(&cfg_path, text).map_err(|e| EngineError::io(&cfg_path, e))?;
+        let extra: Vec<u32> = self.eos_ids.iter().skip(1).copied().collect();
+        if !extra.is_empty() {
+            let gen_path = dir.join("generation_config.json");
+            let text = serde_json::json!({ "eos_token_id": self.eos_ids }).to_string();
+            std::fs::write(&gen_path, text).map_err(|e| EngineError::io(&gen_path, e))?;
+        }
+        Ok(())
+    }
+
     /// Hugging Face layout: `tokenizer.json` (required), `tokenizer_config.json` (chat
     /// template, `bos_token`, `eos_token`, `add_bos_token`), `generation_config.json`
     /// (`eos_token_id`, a number or a list, added to the EOS set) and `chat_template.jinja` /

@@ -17,7 +17,7 @@ use eagle_engine::loader::WeightSource;
 use eagle_engine::models::TargetModel;
 use eagle_engine::sampling::{sample, warp, Rng, SamplingParams};
 use eagle_engine::session::TargetSession;
-use eagle_engine::spec::{SpecConfig, TreeShape};
+use eagle_engine::spec::{SpecConfig, TreeBudget, TreeShape};
 use eagle_engine::tree::StaticShape;
 use eagle_engine::verify::{AcceptRule, Recursive};
 use eagle_engine::Result;

@@ -21,10 +21,27 @@ pub use rotary::{Rope, RopeAt};
 
 use candle_core::Device;
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// 0: not decided yet (read `EAGLE_GENERIC_KERNELS`), 1: CPU kernels, 2: generic ops.
+static KERNELS: AtomicU8 = AtomicU8::new(0);
+
 /// Whether the CPU kernels serve this device.
 pub fn use_cpu_kernels(device: &Device) -> bool {
-    use std::sync::OnceLock;
-    static GENERIC: OnceLock<bool> = OnceLock::new();
-    let generic = *GENERIC.get_or_init(|| std::env::var_os("EAGLE_GENERIC_KERNELS").is_some());
-    device.is_cpu() && !generic
+    let mut k = KERNELS.load(Ordering::Relaxed);
+    if k == 0 {
+        k = if std::env::var_os("EAGLE_GENERIC_KERNELS").is_some() {
+            2
+        } else {
+            1
+        };
+        KERNELS.store(k, Ordering::Relaxed);
+    }
+    device.is_cpu() && k == 1
+}
+
+/// Routes CPU work through the generic candle-op path (true) or the CPU kernels (false).
+/// Caches must be created after the switch; tests use this to compare the two paths.
+pub fn force_generic_kernels(on: bool) {
+    KERNELS.store(if on { 2 } else { 1 }, Ordering::Relaxed);
 }

@@ -1,0 +1,328 @@
+//! Loaders: the Hugging Face layout (config.json, sharded safetensors with an index,
+//! tokenizer.json) gives bit-identical logits and the same tokens as the GGUF it was exported
+//! from; and broken inputs (truncated GGUF, garbage, wrong tensor shape, missing or malformed
+//! head files, unknown architecture) give clear errors, never a panic.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use eagle_engine::head::EagleHead;
+use eagle_engine::kernels::attention::Visibility;
+use eagle_engine::loader::gguf::GgufFile;
+use eagle_engine::loader::{open_model, WeightSource};
+use eagle_engine::models::TargetModel;
+use eagle_engine::EngineError;
+
+fn scratch(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("eagle-loaders-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn hf_names(layers: usize) -> Vec<String> {
+    let mut names = vec![
+        "model.embed_tokens.weight".to_string(),
+        "model.norm.weight".to_string(),
+    ];
+    for i in 0..layers {
+        for n in [
+            "input_layernorm.weight",
+            "post_attention_layernorm.weight",
+            "self_attn.q_proj.weight",
+            "self_attn.k_proj.weight",
+            "self_attn.v_proj.weight",
+            "self_attn.o_proj.weight",
+            "mlp.gate_proj.weight",
+            "mlp.up_proj.weight",
+            "mlp.down_proj.weight",
+        ] {
+            names.push(format!("model.layers.{i}.{n}"));
+        }
+    }
+    names
+}
+
+/// Exports the GGUF model to an HF directory with two safetensors shards and an index.
+fn export_hf(gguf: &Path, dir: &Path) {
+    let g = GgufFile::open(gguf).unwrap();
+    let cfg = g.config().unwrap();
+    let names = hf_names(cfg.num_layers);
+    let (a, b) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (shard, part) in [
+        ("model-00001-of-00002.safetensors", a),
+        ("model-00002-of-00002.safetensors", b),
+    ] {
+        let mut m: HashMap<String, Tensor> = HashMap::new();
+        for n in part {
+            m.insert(n.clone(), g.get(n).unwrap().unwrap());
+            weight_map.insert(n.clone(), serde_json::json!(shard));
+        }
+        candle_core::safetensors::save(&m, dir.join(shard)).unwrap();
+    }
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::json!({ "metadata": {}, "weight_map": weight_map }).to_string(),
+    )
+    .unwrap();
+    let config = serde_json::json!({
+        "model_type": "llama",
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": true,
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let tok = eagle_engine::tokenizer::Tokenizer::from_gguf(&g.content, gguf).unwrap();
+    tok.save_hf(dir).unwrap();
+}
+
+fn last_logits(model: &TargetModel, tokens: &[u32]) -> Vec<f32> {
+    let mut cache = model.new_cache(tokens.len()).unwrap();
+    let pos: Vec<usize> = (0..tokens.len()).collect();
+    let f = model
+        .forward(
+            &mut cache,
+            tokens,
+            &pos,
+            &Visibility::causal(0, tokens.len()),
+        )
+        .unwrap();
+    model
+        .logits(&f.narrow(0, tokens.len() - 1, 1).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+#[test]
+fn hf_layout_matches_the_gguf_it_came_from() {
+    let gguf = common::smollm2_path();
+    let dir = scratch("hf");
+    export_hf(&gguf, &dir);
+    let from_gguf = open_model(&gguf).unwrap();
+    let from_hf = open_model(&dir).unwrap();
+    assert_eq!(from_gguf.config, from_hf.config);
+    let msgs = [eagle_engine::chat::Message::new(
+        "user",
+        "Hello there! 123 héllo 🦅",
+    )];
+    let ids = from_gguf.tokenizer.encode_chat(&msgs).unwrap();
+    assert_eq!(ids, from_hf.tokenizer.encode_chat(&msgs).unwrap());
+    assert_eq!(from_gguf.tokenizer.eos_ids(), from_hf.tokenizer.eos_ids());
+    let a = TargetModel::load(
+        from_gguf.source.as_ref(),
+        from_gguf.config,
+        DType::F32,
+        &Device::Cpu,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let b = TargetModel::load(
+        from_hf.source.as_ref(),
+        from_hf.config,
+        DType::F32,
+        &Device::Cpu,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let la = last_logits(&a, &ids);
+    let lb = last_logits(&b, &ids);
+    assert!(la.iter().zip(&lb).all(|(x, y)| x.to_bits() == y.to_bits()));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn truncated_or_garbage_gguf_is_a_clear_error() {
+    let gguf = common::smollm2_path();
+    let dir = scratch("trunc");
+    let bytes = std::fs::read(&gguf).unwrap();
+    let cut = dir.join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+    let err = open_model(&cut)
+        .err()
+        .expect("a truncated file must not load");
+    assert!(matches!(err, EngineError::Malformed { .. }), "{err}");
+    assert!(err.to_string().contains("truncated"), "{err}");
+    let header_only = dir.join("header.gguf");
+    std::fs::write(&header_only, &bytes[..1000]).unwrap();
+    let err = open_model(&header_only).err().unwrap();
+    assert!(matches!(err, EngineError::Malformed { .. }), "{err}");
+    let garbage = dir.join("garbage.gguf");
+    std::fs::write(&garbage, b"this is not a model at all").unwrap();
+    let err = open_model(&garbage).err().unwrap();
+    assert!(err.to_string().contains("GGUF"), "{err}");
+    let missing = open_model(&dir.join("nope.gguf")).err().unwrap();
+    assert!(
+        matches!(missing, EngineError::MissingFile { .. }),
+        "{missing}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+struct Map(HashMap<String, Tensor>);
+impl WeightSource for Map {
+    fn get(&self, name: &str) -> eagle_engine::Result<Option<Tensor>> {
+        Ok(self.0.get(name).cloned())
+    }
+    fn describe(&self) -> String {
+        "a test map".into()
+    }
+}
+
+#[test]
+fn wrong_tensor_shape_names_the_tensor() {
+    let gguf = common::smollm2_path();
+    let g = GgufFile::open(&gguf).unwrap();
+    let cfg = g.config().unwrap();
+    let mut small = cfg.clone();
+    small.num_layers = 1;
+    let mut m = HashMap::new();
+    for n in hf_names(1) {
+        m.insert(n.clone(), g.get(&n).unwrap().unwrap());
+    }
+    m.insert(
+        "model.layers.0.self_attn.k_proj.weight".into(),
+        Tensor::zeros(
+            (cfg.kv_dim() + 1, cfg.hidden_size),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap(),
+    );
+    let err = TargetModel::load(
+        &Map(m.clone()),
+        small.clone(),
+        DType::F32,
+        &Device::Cpu,
+        &mut |_, _| {},
+    )
+    .err()
+    .unwrap();
+    match &err {
+        EngineError::Shape {
+            name,
+            expected,
+            found,
+        } => {
+            assert_eq!(name, "model.layers.0.self_attn.k_proj.weight");
+            assert_eq!(expected, &vec![cfg.kv_dim(), cfg.hidden_size]);
+            assert_eq!(found, &vec![cfg.kv_dim() + 1, cfg.hidden_size]);
+        }
+        e => panic!("expected a shape error, got {e}"),
+    }
+    m.remove("model.norm.weight");
+    m.insert(
+        "model.layers.0.self_attn.k_proj.weight".into(),
+        Tensor::zeros((cfg.kv_dim(), cfg.hidden_size), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let err = TargetModel::load(&Map(m), small, DType::F32, &Device::Cpu, &mut |_, _| {})
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("model.norm.weight"), "{err}");
+}
+
+#[test]
+fn head_files_missing_or_malformed_are_clear_errors() {
+    let gguf = common::smollm2_path();
+    let cfg = GgufFile::open(&gguf).unwrap().config().unwrap();
+    let dir = scratch("head");
+    // No directory.
+    let err = EagleHead::load(&dir.join("absent"), &cfg, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(matches!(err, EngineError::MissingFile { .. }), "{err}");
+    // A good head round-trips bit-identically.
+    let head = EagleHead::init_random(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
+    head.save(&dir, DType::F32).unwrap();
+    let back = EagleHead::load(&dir, &cfg, DType::F32, &Device::Cpu).unwrap();
+    let a = head
+        .fc
+        .weight
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let b = back
+        .fc
+        .weight
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(a, b);
+    // Weights missing.
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    let err = EagleHead::load(&dir, &cfg, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string()
+            .contains("model.safetensors or pytorch_model.bin"),
+        "{err}"
+    );
+    // Corrupt weights.
+    std::fs::write(
+        dir.join("model.safetensors"),
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}",
+    )
+    .unwrap();
+    let err = EagleHead::load(&dir, &cfg, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(matches!(err, EngineError::Malformed { .. }), "{err}");
+    // Malformed config.
+    std::fs::write(dir.join("config.json"), b"{\"hidden_size\": ").unwrap();
+    let err = EagleHead::load(&dir, &cfg, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("config.json"), "{err}");
+    // A head for another target.
+    let mut other = cfg.clone();
+    other.hidden_size = 64;
+    other.intermediate_size = 128;
+    other.num_heads = 4;
+    other.num_kv_heads = 2;
+    other.head_dim = 16;
+    EagleHead::init_random(&other, 1, DType::F32, &Device::Cpu)
+        .unwrap()
+        .save(&dir, DType::F32)
+        .unwrap();
+    let err = EagleHead::load(&dir, &cfg, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("the target has hidden 576"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn unknown_architecture_is_named() {
+    let dir = scratch("arch");
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"model_type": "gpt_neox", "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "vocab_size": 10}"#,
+    )
+    .unwrap();
+    let err = open_model(&dir).err().unwrap();
+    assert!(
+        matches!(err, EngineError::UnsupportedArch(ref a) if a == "gpt_neox"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
