@@ -636,10 +636,6 @@ mod tests {
         zw.finish().unwrap();
     }
 
-    fn leak<T>(v: Vec<T>) -> &'static [T] {
-        Box::leak(v.into_boxed_slice())
-    }
-
     struct Fixture {
         home: PathBuf,
         part1: Vec<u8>,

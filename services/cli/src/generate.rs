@@ -21,10 +21,10 @@ pub struct SamplingArgs {
     #[arg(long, default_value_t = 128)]
     pub max_new_tokens: usize,
     /// 0 decodes greedily; above 0 samples.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f32,
     /// Nucleus sampling mass in (0, 1].
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f32,
     /// Sample from the k most likely tokens only (0: all).
     #[arg(long, default_value_t = 0)]

@@ -63,8 +63,8 @@ pub fn resolve_or_fetch(model: &str) -> Result<PathBuf> {
 pub fn load_engine(args: &ModelArgs, policy: HeadPolicy) -> Result<Engine> {
     let model = resolve_or_fetch(&args.model)?;
     let head = match (&args.head, policy) {
-        (Some(h), p) if p != HeadPolicy::None => Some(h.clone()),
         (_, HeadPolicy::None) => None,
+        (Some(h), _) => Some(h.clone()),
         (None, HeadPolicy::Require) => Some(
             default_head(&args.model)
                 .ok_or_else(|| anyhow::anyhow!(no_head_message(&args.model)))?,

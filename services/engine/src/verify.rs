@@ -191,7 +191,7 @@ mod tests {
         let b = t.push(0, 4);
         let c = t.push(a, 5);
         t.push(b, 6);
-        let logits = vec![
+        let logits = [
             one_hot(10, 4),
             one_hot(10, 5),
             one_hot(10, 6),

@@ -134,7 +134,14 @@ fn eagle_run(
     ds.push(&shifted, &feats).unwrap();
     while out.len() < POSITIONS {
         let (tree, _) = drafter
-            .draft(&mut ds, last, spec, params, &mut rng, &|_| usize::MAX)
+            .draft(
+                &mut ds,
+                last,
+                spec,
+                params,
+                &mut rng,
+                &TreeBudget::Fixed(spec.node_budget()),
+            )
             .unwrap();
         let v = sess
             .verify_with_rule(target, &tree, params, &mut rng, rule)

@@ -67,6 +67,7 @@ pub struct AttnShape {
     pub head_dim: usize,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn one_head(
     q: &[f32],
     kv_stride: usize,

@@ -140,13 +140,12 @@ fn isa() -> Isa {
     *ISA.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::env::var_os("EAGLE_PORTABLE_KERNELS").is_none() {
-                if is_x86_feature_detected!("avx2")
-                    && is_x86_feature_detected!("fma")
-                    && is_x86_feature_detected!("f16c")
-                {
-                    return Isa::Avx2;
-                }
+            if std::env::var_os("EAGLE_PORTABLE_KERNELS").is_none()
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
+                return Isa::Avx2;
             }
         }
         Isa::Portable

@@ -141,7 +141,7 @@ impl GgufFile {
 /// rows must be un-permuted.
 fn gguf_name(hf: &str) -> Option<(String, Option<Rows>)> {
     #[derive(Clone, Copy)]
-    enum K {
+    enum Kind {
         Plain(&'static str),
         Q(&'static str),
         K(&'static str),
@@ -160,28 +160,28 @@ fn gguf_name(hf: &str) -> Option<(String, Option<Rows>)> {
     let (idx, tail) = rest.split_once('.')?;
     let idx: usize = idx.parse().ok()?;
     let map = [
-        ("input_layernorm.weight", K::Plain("attn_norm.weight")),
+        ("input_layernorm.weight", Kind::Plain("attn_norm.weight")),
         (
             "post_attention_layernorm.weight",
-            K::Plain("ffn_norm.weight"),
+            Kind::Plain("ffn_norm.weight"),
         ),
-        ("self_attn.q_proj.weight", K::Q("attn_q.weight")),
-        ("self_attn.q_proj.bias", K::Q("attn_q.bias")),
-        ("self_attn.k_proj.weight", K::K("attn_k.weight")),
-        ("self_attn.k_proj.bias", K::K("attn_k.bias")),
-        ("self_attn.v_proj.weight", K::Plain("attn_v.weight")),
-        ("self_attn.v_proj.bias", K::Plain("attn_v.bias")),
-        ("self_attn.o_proj.weight", K::Plain("attn_output.weight")),
-        ("mlp.gate_proj.weight", K::Plain("ffn_gate.weight")),
-        ("mlp.up_proj.weight", K::Plain("ffn_up.weight")),
-        ("mlp.down_proj.weight", K::Plain("ffn_down.weight")),
+        ("self_attn.q_proj.weight", Kind::Q("attn_q.weight")),
+        ("self_attn.q_proj.bias", Kind::Q("attn_q.bias")),
+        ("self_attn.k_proj.weight", Kind::K("attn_k.weight")),
+        ("self_attn.k_proj.bias", Kind::K("attn_k.bias")),
+        ("self_attn.v_proj.weight", Kind::Plain("attn_v.weight")),
+        ("self_attn.v_proj.bias", Kind::Plain("attn_v.bias")),
+        ("self_attn.o_proj.weight", Kind::Plain("attn_output.weight")),
+        ("mlp.gate_proj.weight", Kind::Plain("ffn_gate.weight")),
+        ("mlp.up_proj.weight", Kind::Plain("ffn_up.weight")),
+        ("mlp.down_proj.weight", Kind::Plain("ffn_down.weight")),
     ];
     for (h, k) in map {
         if tail == h {
             return Some(match k {
-                K::Plain(g) => (format!("blk.{idx}.{g}"), None),
-                K::Q(g) => (format!("blk.{idx}.{g}"), Some(Rows::Q)),
-                K::K(g) => (format!("blk.{idx}.{g}"), Some(Rows::K)),
+                Kind::Plain(g) => (format!("blk.{idx}.{g}"), None),
+                Kind::Q(g) => (format!("blk.{idx}.{g}"), Some(Rows::Q)),
+                Kind::K(g) => (format!("blk.{idx}.{g}"), Some(Rows::K)),
             });
         }
     }
