@@ -98,8 +98,10 @@ fn one_head(
     out.fill(0.0);
     for (p, s) in scores.iter().zip(slots) {
         let v = &v_cache[s * kv_stride + g_off..s * kv_stride + g_off + hd];
+        // Plain multiply-then-add (not `mul_add`, which is a library call without FMA
+        // hardware): the order is fixed either way, which is all batch invariance needs.
         for (o, vi) in out.iter_mut().zip(v) {
-            *o = p.mul_add(*vi, *o);
+            *o += p * vi;
         }
     }
     let inv = 1.0 / sum;

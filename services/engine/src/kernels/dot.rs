@@ -1,13 +1,15 @@
 //! Fixed-order dot products.
 //!
-//! Invariant: `dot_rows::<R>` gives, for each of its R rows, exactly the bits that
-//! `dot_rows::<1>` gives for that row alone: 16 lane accumulators filled with fused
-//! multiply-adds in index order, then summed by a fixed pairwise tree. Several rows share each
-//! weight load (register blocking) without changing any row's arithmetic.
+//! Invariant: every (row, column) pair is reduced the same way whatever block it is computed
+//! in: 8 lane accumulators filled with fused multiply-adds in index order (element i goes to
+//! lane i mod 8), then summed by a fixed pairwise tree. `dot_block::<R, C>` computes R x C such
+//! dot products at once, sharing loads (register blocking), and gives for each pair exactly the
+//! bits `dot` gives. `mul_add` is exactly rounded with or without FMA hardware, so the SIMD and
+//! portable paths agree bit for bit too.
 
 use half::{bf16, f16};
 
-pub const LANES: usize = 16;
+pub const LANES: usize = 8;
 
 /// A weight element that converts exactly to f32.
 pub trait WeightElem: Copy + Send + Sync + 'static {
@@ -50,50 +52,49 @@ fn reduce_lanes(acc: &[f32; LANES]) -> f32 {
     a[0]
 }
 
+/// Portable reference: the arithmetic every path must reproduce.
 #[inline(always)]
-fn dot_rows_body<W: WeightElem, const R: usize>(xs: [&[f32]; R], w: &[W], out: &mut [f32; R]) {
-    let k = w.len();
-    let mut acc = [[0f32; LANES]; R];
-    let full = k / LANES * LANES;
+fn dot_block_body<W: WeightElem, const R: usize, const C: usize>(
+    xs: [&[f32]; R],
+    ws: [&[W]; C],
+    out: &mut [[f32; C]; R],
+) {
+    let k = ws[0].len();
+    let mut acc = [[[0f32; LANES]; C]; R];
     let mut base = 0;
-    while base < full {
-        let mut wc = [0f32; LANES];
-        for l in 0..LANES {
-            wc[l] = w[base + l].to_f32();
-        }
-        for r in 0..R {
-            let x = &xs[r][base..base + LANES];
+    while base + LANES <= k {
+        for c in 0..C {
+            let mut wc = [0f32; LANES];
             for l in 0..LANES {
-                acc[r][l] = x[l].mul_add(wc[l], acc[r][l]);
+                wc[l] = ws[c][base + l].to_f32();
+            }
+            for r in 0..R {
+                for l in 0..LANES {
+                    acc[r][c][l] = xs[r][base + l].mul_add(wc[l], acc[r][c][l]);
+                }
             }
         }
         base += LANES;
     }
-    for (l, i) in (full..k).enumerate() {
-        let wi = w[i].to_f32();
-        for r in 0..R {
-            acc[r][l] = xs[r][i].mul_add(wi, acc[r][l]);
-        }
-    }
     for r in 0..R {
-        out[r] = reduce_lanes(&acc[r]);
+        for c in 0..C {
+            for (l, i) in (base..k).enumerate() {
+                acc[r][c][l] = xs[r][i].mul_add(ws[c][i].to_f32(), acc[r][c][l]);
+            }
+            out[r][c] = reduce_lanes(&acc[r][c]);
+        }
     }
 }
 
-/// The same arithmetic as `dot_rows_body`, with AVX2 registers: lanes 0-7 of the 16 live in
-/// one register, lanes 8-15 in another; every lane gets the same fused multiply-adds in the
-/// same order, so the bits match the portable path exactly.
+/// The same arithmetic with AVX2 registers: one 8-lane register per (row, column) pair.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_rows_avx2<W: WeightElem, const R: usize>(
+unsafe fn dot_block_avx2<W: WeightElem, const R: usize, const C: usize>(
     xs: [&[f32]; R],
-    w: &[W],
-    out: &mut [f32; R],
+    ws: [&[W]; C],
+    out: &mut [[f32; C]; R],
 ) {
     use std::arch::x86_64::*;
-    let k = w.len();
-    let full = k / LANES * LANES;
-    let wp = w.as_ptr();
     #[inline(always)]
     unsafe fn load8<W: WeightElem>(p: *const W) -> __m256 {
         match W::KIND {
@@ -105,26 +106,32 @@ unsafe fn dot_rows_avx2<W: WeightElem, const R: usize>(
             _ => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
         }
     }
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    let k = ws[0].len();
+    let full = k / LANES * LANES;
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
     let mut base = 0;
     while base < full {
-        let w0 = load8(wp.add(base));
-        let w1 = load8(wp.add(base + 8));
+        let mut w = [_mm256_setzero_ps(); C];
+        for c in 0..C {
+            w[c] = load8(ws[c].as_ptr().add(base));
+        }
         for r in 0..R {
-            let xp = xs[r].as_ptr().add(base);
-            acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xp), w0, acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(8)), w1, acc[r][1]);
+            let x = _mm256_loadu_ps(xs[r].as_ptr().add(base));
+            for c in 0..C {
+                acc[r][c] = _mm256_fmadd_ps(x, w[c], acc[r][c]);
+            }
         }
         base += LANES;
     }
     for r in 0..R {
-        let mut lanes = [0f32; LANES];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r][0]);
-        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[r][1]);
-        for (l, i) in (full..k).enumerate() {
-            lanes[l] = xs[r][i].mul_add(w[i].to_f32(), lanes[l]);
+        for c in 0..C {
+            let mut lanes = [0f32; LANES];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r][c]);
+            for (l, i) in (full..k).enumerate() {
+                lanes[l] = xs[r][i].mul_add(ws[c][i].to_f32(), lanes[l]);
+            }
+            out[r][c] = reduce_lanes(&lanes);
         }
-        out[r] = reduce_lanes(&lanes);
     }
 }
 
@@ -152,26 +159,34 @@ fn isa() -> Isa {
     })
 }
 
-/// Dot products of R activation rows with one weight row. All slices have the weight's length.
+/// R x C dot products: `out[r][c] = xs[r] . ws[c]`. All slices have the same length.
 #[inline]
-pub fn dot_rows<W: WeightElem, const R: usize>(xs: [&[f32]; R], w: &[W], out: &mut [f32; R]) {
+pub fn dot_block<W: WeightElem, const R: usize, const C: usize>(
+    xs: [&[f32]; R],
+    ws: [&[W]; C],
+    out: &mut [[f32; C]; R],
+) {
+    let k = ws[0].len();
     for x in xs.iter() {
-        assert_eq!(x.len(), w.len(), "dot: length mismatch");
+        assert_eq!(x.len(), k, "dot: length mismatch");
+    }
+    for w in ws.iter() {
+        assert_eq!(w.len(), k, "dot: length mismatch");
     }
     match isa() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the features were detected at run time.
-        Isa::Avx2 => unsafe { dot_rows_avx2(xs, w, out) },
-        _ => dot_rows_body(xs, w, out),
+        // SAFETY: the features were detected at run time; lengths were checked above.
+        Isa::Avx2 => unsafe { dot_block_avx2(xs, ws, out) },
+        _ => dot_block_body(xs, ws, out),
     }
 }
 
 /// One fixed-order dot product.
 #[inline]
 pub fn dot<W: WeightElem>(x: &[f32], w: &[W]) -> f32 {
-    let mut out = [0f32; 1];
-    dot_rows([x], w, &mut out);
-    out[0]
+    let mut out = [[0f32; 1]; 1];
+    dot_block([x], [w], &mut out);
+    out[0][0]
 }
 
 #[cfg(test)]
@@ -179,7 +194,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn blocked_rows_equal_single_rows_bitwise() {
+    fn blocks_equal_single_products_bitwise() {
         let k = 77;
         let rows: Vec<Vec<f32>> = (0..4)
             .map(|r| {
@@ -188,18 +203,26 @@ mod tests {
                     .collect()
             })
             .collect();
-        let w: Vec<f32> = (0..k).map(|i| (i as f32 * 0.37).cos()).collect();
-        let mut out4 = [0f32; 4];
-        dot_rows([&rows[0], &rows[1], &rows[2], &rows[3]], &w, &mut out4);
+        let cols: Vec<Vec<f32>> = (0..3)
+            .map(|c| (0..k).map(|i| ((i + c * 5) as f32 * 0.37).cos()).collect())
+            .collect();
+        let mut out = [[0f32; 3]; 4];
+        dot_block(
+            [&rows[0], &rows[1], &rows[2], &rows[3]],
+            [&cols[0], &cols[1], &cols[2]],
+            &mut out,
+        );
         for r in 0..4 {
-            assert_eq!(out4[r].to_bits(), dot(&rows[r], &w).to_bits());
+            for c in 0..3 {
+                assert_eq!(out[r][c].to_bits(), dot(&rows[r], &cols[c]).to_bits());
+            }
         }
         let exact: f64 = rows[0]
             .iter()
-            .zip(&w)
+            .zip(&cols[0])
             .map(|(a, b)| *a as f64 * *b as f64)
             .sum();
-        assert!((out4[0] as f64 - exact).abs() < 1e-2 * exact.abs().max(1.0));
+        assert!((out[0][0] as f64 - exact).abs() < 1e-2 * exact.abs().max(1.0));
     }
 
     #[test]
@@ -213,13 +236,13 @@ mod tests {
                 .collect();
             let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
             let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
-            let mut o = [0f32; 1];
-            dot_rows_body([&x], &w, &mut o);
-            assert_eq!(o[0].to_bits(), dot(&x, &w).to_bits(), "f32 k={k}");
-            dot_rows_body([&x], &wb, &mut o);
-            assert_eq!(o[0].to_bits(), dot(&x, &wb).to_bits(), "bf16 k={k}");
-            dot_rows_body([&x], &wh, &mut o);
-            assert_eq!(o[0].to_bits(), dot(&x, &wh).to_bits(), "f16 k={k}");
+            let mut o = [[0f32; 1]; 1];
+            dot_block_body([&x], [&w], &mut o);
+            assert_eq!(o[0][0].to_bits(), dot(&x, &w).to_bits(), "f32 k={k}");
+            dot_block_body([&x], [&wb], &mut o);
+            assert_eq!(o[0][0].to_bits(), dot(&x, &wb).to_bits(), "bf16 k={k}");
+            dot_block_body([&x], [&wh], &mut o);
+            assert_eq!(o[0][0].to_bits(), dot(&x, &wh).to_bits(), "f16 k={k}");
         }
     }
 

@@ -6,37 +6,79 @@
 
 use rayon::prelude::*;
 
-use super::dot::{dot_rows, WeightElem};
+use super::dot::{dot_block, WeightElem};
 
 /// Columns per parallel task; large enough to amortise scheduling, small enough to balance.
-const COLS_PER_TASK: usize = 64;
+const COLS_PER_TASK: usize = 24;
+
+/// Rows per register block, and columns per register block (4 x 3 accumulators + 3 weight
+/// registers fit AVX2's 16).
+const ROWS: usize = 4;
+const COLS: usize = 3;
+
+#[inline]
+fn block<W: WeightElem, const R: usize, const C: usize>(
+    x: &[f32],
+    k: usize,
+    i: usize,
+    w: &[W],
+    c: usize,
+    m: usize,
+    out_t: &mut [f32],
+) {
+    let xs: [&[f32]; R] = std::array::from_fn(|r| &x[(i + r) * k..(i + r + 1) * k]);
+    let ws: [&[W]; C] = std::array::from_fn(|j| &w[(c + j) * k..(c + j + 1) * k]);
+    let mut o = [[0f32; C]; R];
+    dot_block(xs, ws, &mut o);
+    for (r, row) in o.iter().enumerate() {
+        for (j, v) in row.iter().enumerate() {
+            out_t[(c + j) * m + i + r] = *v;
+        }
+    }
+}
+
+/// Dispatches a block of `r` (1..=4) rows by `cc` (1..=3) columns to its monomorphised kernel.
+#[allow(clippy::too_many_arguments)]
+fn block_dyn<W: WeightElem>(
+    x: &[f32],
+    k: usize,
+    i: usize,
+    r: usize,
+    w: &[W],
+    c: usize,
+    cc: usize,
+    m: usize,
+    out_t: &mut [f32],
+) {
+    match (r, cc) {
+        (4, 3) => block::<W, 4, 3>(x, k, i, w, c, m, out_t),
+        (4, 2) => block::<W, 4, 2>(x, k, i, w, c, m, out_t),
+        (4, 1) => block::<W, 4, 1>(x, k, i, w, c, m, out_t),
+        (3, 3) => block::<W, 3, 3>(x, k, i, w, c, m, out_t),
+        (3, 2) => block::<W, 3, 2>(x, k, i, w, c, m, out_t),
+        (3, 1) => block::<W, 3, 1>(x, k, i, w, c, m, out_t),
+        (2, 3) => block::<W, 2, 3>(x, k, i, w, c, m, out_t),
+        (2, 2) => block::<W, 2, 2>(x, k, i, w, c, m, out_t),
+        (2, 1) => block::<W, 2, 1>(x, k, i, w, c, m, out_t),
+        (1, 3) => block::<W, 1, 3>(x, k, i, w, c, m, out_t),
+        (1, 2) => block::<W, 1, 2>(x, k, i, w, c, m, out_t),
+        _ => block::<W, 1, 1>(x, k, i, w, c, m, out_t),
+    }
+}
 
 fn column_block<W: WeightElem>(x: &[f32], m: usize, k: usize, w_rows: &[W], out_t: &mut [f32]) {
     // out_t is [cols][m]: column-major within this block.
-    for (c, w) in w_rows.chunks_exact(k).enumerate() {
-        let out_col = &mut out_t[c * m..(c + 1) * m];
-        let mut i = 0;
-        while i + 4 <= m {
-            let mut o = [0f32; 4];
-            dot_rows(
-                [
-                    &x[i * k..(i + 1) * k],
-                    &x[(i + 1) * k..(i + 2) * k],
-                    &x[(i + 2) * k..(i + 3) * k],
-                    &x[(i + 3) * k..(i + 4) * k],
-                ],
-                w,
-                &mut o,
-            );
-            out_col[i..i + 4].copy_from_slice(&o);
-            i += 4;
+    let n = w_rows.len() / k;
+    let mut i = 0;
+    while i < m {
+        let r = ROWS.min(m - i);
+        let mut c = 0;
+        while c < n {
+            let cc = COLS.min(n - c);
+            block_dyn(x, k, i, r, w_rows, c, cc, m, out_t);
+            c += cc;
         }
-        while i < m {
-            let mut o = [0f32; 1];
-            dot_rows([&x[i * k..(i + 1) * k]], w, &mut o);
-            out_col[i] = o[0];
-            i += 1;
-        }
+        i += r;
     }
 }
 
