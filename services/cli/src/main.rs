@@ -68,6 +68,9 @@ pub struct ModelArgs {
     /// Weight dtype for the engine: f32, bf16 or f16.
     #[arg(long, env = "EAGLE_DTYPE", default_value = "f32")]
     pub dtype: String,
+    /// Device: cpu, or cuda / cuda:N (needs a build with `--features cuda`).
+    #[arg(long, env = "EAGLE_DEVICE", default_value = "cpu")]
+    pub device: String,
     /// Chat template override: chatml, vicuna, llama2 or llama3 (default: the model's own).
     #[arg(long, env = "EAGLE_CHAT_TEMPLATE")]
     pub chat_template: Option<String>,

@@ -20,6 +20,24 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
     })
 }
 
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        d if d == "cuda" || d.starts_with("cuda:") => {
+            let ordinal: usize = d
+                .strip_prefix("cuda:")
+                .unwrap_or("0")
+                .parse()
+                .context("cuda:N")?;
+            if !cfg!(feature = "cuda") {
+                bail!("this eagle was built without CUDA: rebuild with scripts/build-cuda.sh");
+            }
+            Device::new_cuda(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))
+        }
+        o => bail!("unknown device {o:?}: use cpu, cuda or cuda:N"),
+    }
+}
+
 /// The default head for a model: `$EAGLE_HOME/heads/<name>` when it holds a config.json.
 pub fn default_head(model: &str) -> Option<PathBuf> {
     let dir = models::eagle_home().join("heads").join(model);
@@ -84,7 +102,7 @@ pub fn load_engine(args: &ModelArgs, policy: HeadPolicy) -> Result<Engine> {
         model: model.clone(),
         head,
         dtype: parse_dtype(&args.dtype)?,
-        device: Device::Cpu,
+        device: parse_device(&args.device)?,
     };
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} layers")

@@ -346,8 +346,9 @@ pub fn measure_costs(target: &TargetModel) -> Result<CostProfile> {
             let t = Instant::now();
             let vis = crate::kernels::attention::Visibility::tree(base, &tree.parents);
             let f = target.forward(&mut sess.cache, &tree.tokens, &tree.positions(base), &vis)?;
-            // Greedy verification reads the LM head at a couple of nodes.
-            target.logits(&f.narrow(0, 0, 1)?)?;
+            // Greedy verification reads the LM head at a node; reading the logits back also
+            // waits for an asynchronous device.
+            target.logits(&f.narrow(0, 0, 1)?)?.to_vec2::<f32>()?;
             best = best.min(t.elapsed().as_secs_f64());
             sess.cache.truncate(base);
         }

@@ -326,3 +326,74 @@ fn unknown_architecture_is_named() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The flattened f32 values of every weight of a head.
+fn head_weights(head: &EagleHead) -> Vec<(&'static str, Vec<f32>)> {
+    let mut out = vec![];
+    let mut push = |name: &'static str, t: &Tensor| {
+        let v = t
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        out.push((name, v));
+    };
+    push("fc.weight", &head.fc.weight);
+    push("fc.bias", head.fc.bias.as_ref().expect("fc.bias"));
+    push("layer.attn.qkv.weight", &head.layer.attn.qkv.weight);
+    push("layer.attn.o.weight", &head.layer.attn.o.weight);
+    push("layer.mlp.gate_up.weight", &head.layer.mlp.gate_up.weight);
+    push("layer.mlp.down.weight", &head.layer.mlp.down.weight);
+    push("layer.post_norm.weight", &head.layer.post_norm.weight);
+    out
+}
+
+#[test]
+fn pytorch_bin_head_loads_like_safetensors() {
+    let cfg = GgufFile::open(&common::smollm2_path())
+        .unwrap()
+        .config()
+        .unwrap();
+    let dir = scratch("pytorch-bin");
+    let head = EagleHead::init_random(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
+    head.save(&dir, DType::F16).unwrap();
+    let from_st = EagleHead::load(&dir, &cfg, DType::F32, &Device::Cpu).unwrap();
+    // Convert model.safetensors to a torch.save-style pytorch_model.bin, without PyTorch.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/make_pytorch_bin.py");
+    let st = dir.join("model.safetensors");
+    let bin = dir.join("pytorch_model.bin");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(&st)
+        .arg(&bin)
+        .output()
+        .expect("python3 must be installed to run this test");
+    assert!(
+        out.status.success(),
+        "{} failed: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_file(&st).unwrap();
+    let from_bin = EagleHead::load(&dir, &cfg, DType::F32, &Device::Cpu).unwrap();
+    let (a, b) = (head_weights(&from_st), head_weights(&from_bin));
+    assert_eq!(a.len(), b.len());
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        assert!(!x.is_empty(), "{name} is empty");
+        assert_eq!(
+            x, y,
+            "{name} differs between safetensors and pytorch_model.bin"
+        );
+    }
+    // The F16 round trip kept the random weights (not all zeros).
+    assert!(a[0].1.iter().any(|v| *v != 0.0));
+    // A corrupt pytorch_model.bin is an error naming the file, not a panic.
+    std::fs::write(&bin, b"PK\x03\x04 not really a zip").unwrap();
+    let err = EagleHead::load(&dir, &cfg, DType::F32, &Device::Cpu)
+        .err()
+        .expect("a corrupt pytorch_model.bin must not load");
+    assert!(err.to_string().contains("pytorch_model.bin"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -101,6 +101,70 @@ fn logits_match_candle_quantized_llama() {
     }
 }
 
+/// Qwen2 (q/k/v biases, unpermuted rotate-half rotary, separate LM head): our logits on
+/// Qwen2.5-Coder-0.5B track candle-transformers' `quantized_qwen2` (same tolerance as above).
+#[test]
+fn qwen2_logits_match_candle_quantized_qwen2() {
+    use candle_transformers::models::quantized_qwen2::ModelWeights as Qwen2;
+    use eagle_engine::loader::open_model;
+    use eagle_engine::models::TargetModel;
+
+    let path = common::fetched("qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b-instruct.gguf");
+    let opened = open_model(&path).unwrap();
+    assert_eq!(opened.config.arch, eagle_engine::config::Arch::Qwen2);
+    assert!(opened.config.attention_bias && !opened.config.tie_word_embeddings);
+    let msgs = [eagle_engine::chat::Message::new(
+        "user",
+        "Write a function that adds two numbers.",
+    )];
+    let prompt = opened.tokenizer.encode_chat(&msgs).unwrap();
+    let target = TargetModel::load(
+        opened.source.as_ref(),
+        opened.config,
+        candle_core::DType::F32,
+        &Device::Cpu,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let mut file = std::fs::File::open(&path).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let mut reference = Qwen2::from_gguf(content, &mut file, &Device::Cpu).unwrap();
+    let x = Tensor::new(prompt.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let ref_logits: Vec<f32> = reference
+        .forward(&x, 0)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let mut cache = target.new_cache(prompt.len()).unwrap();
+    let positions: Vec<usize> = (0..prompt.len()).collect();
+    let f = target
+        .forward(
+            &mut cache,
+            &prompt,
+            &positions,
+            &Visibility::causal(0, prompt.len()),
+        )
+        .unwrap();
+    let ours: Vec<f32> = target
+        .logits(&f.narrow(0, prompt.len() - 1, 1).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let c = corr(&ours, &ref_logits);
+    let t_ours: Vec<u32> = top_k(&ours, 5).into_iter().map(|x| x.0).collect();
+    let t_ref: Vec<u32> = top_k(&ref_logits, 5).into_iter().map(|x| x.0).collect();
+    eprintln!("qwen2: corr {c:.5}, top5 {t_ours:?} vs {t_ref:?}");
+    assert!(c > 0.995, "correlation {c}");
+    assert!(t_ours.iter().filter(|t| t_ref.contains(t)).count() >= 3);
+}
+
 fn prompts() -> Vec<Vec<u32>> {
     vec![
         vec![

@@ -96,10 +96,12 @@ impl Linear {
         }
     }
 
-    /// Device-generic path: `x` is [m, in_dim] f32.
+    /// Device-generic path: `x` is [m, in_dim] f32; the product runs in the weight dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.weight.to_dtype(DType::F32)?;
-        let y = x.matmul(&w.t()?)?;
+        let y = x
+            .to_dtype(self.weight.dtype())?
+            .matmul(&self.weight.t()?)?
+            .to_dtype(DType::F32)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

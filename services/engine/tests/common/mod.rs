@@ -31,6 +31,24 @@ pub fn smollm2_path() -> PathBuf {
     p
 }
 
+/// A fetched registry model's file under `$EAGLE_HOME/models/<name>/<file>`; panics with the
+/// fetch command when missing.
+pub fn fetched(name: &str, file: &str) -> PathBuf {
+    let home = std::env::var_os("EAGLE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("eagle")))
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/eagle")
+        });
+    let p = home.join("models").join(name).join(file);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo run --release -p eagle-cli -- fetch {name}` first",
+        p.display()
+    );
+    p
+}
+
 /// SmolLM2-135M with a random head, loaded once per test binary (f32 weights).
 pub fn smollm2_engine() -> Arc<Engine> {
     static ENGINE: OnceLock<Arc<Engine>> = OnceLock::new();
