@@ -7,6 +7,23 @@ use eagle_engine::kernels::linear::linear;
 use half::bf16;
 
 fn main() {
+    // A weight set larger than the caches, read once per call: the memory-bandwidth ceiling
+    // of one decode step (SmolLM2's tied LM head, [49152, 576]).
+    let (k, n) = (576usize, 49152usize);
+    let w: Vec<bf16> = (0..n * k).map(|i| bf16::from_f32((i % 7) as f32)).collect();
+    let x = vec![0.5f32; k];
+    linear(&x, 1, k, &w, n, None);
+    let t = Instant::now();
+    for _ in 0..20 {
+        std::hint::black_box(linear(&x, 1, k, &w, n, None));
+    }
+    let s = t.elapsed().as_secs_f64() / 20.0;
+    println!(
+        "lm head [49152, 576] bf16, m=1: {:.3} ms, {:.1} GB/s streamed",
+        s * 1e3,
+        (n * k * 2) as f64 / s / 1e9
+    );
+
     let (k, n) = (576usize, 1536 * 2);
     let w32: Vec<f32> = (0..n * k)
         .map(|i| ((i % 97) as f32 - 48.0) / 100.0)

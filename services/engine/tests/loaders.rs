@@ -23,34 +23,11 @@ fn scratch(tag: &str) -> PathBuf {
     d
 }
 
-fn hf_names(layers: usize) -> Vec<String> {
-    let mut names = vec![
-        "model.embed_tokens.weight".to_string(),
-        "model.norm.weight".to_string(),
-    ];
-    for i in 0..layers {
-        for n in [
-            "input_layernorm.weight",
-            "post_attention_layernorm.weight",
-            "self_attn.q_proj.weight",
-            "self_attn.k_proj.weight",
-            "self_attn.v_proj.weight",
-            "self_attn.o_proj.weight",
-            "mlp.gate_proj.weight",
-            "mlp.up_proj.weight",
-            "mlp.down_proj.weight",
-        ] {
-            names.push(format!("model.layers.{i}.{n}"));
-        }
-    }
-    names
-}
-
 /// Exports the GGUF model to an HF directory with two safetensors shards and an index.
 fn export_hf(gguf: &Path, dir: &Path) {
     let g = GgufFile::open(gguf).unwrap();
     let cfg = g.config().unwrap();
-    let names = hf_names(cfg.num_layers);
+    let names = common::hf_names(cfg.num_layers);
     let (a, b) = names.split_at(names.len() / 2);
     let mut weight_map = serde_json::Map::new();
     for (shard, part) in [
@@ -190,7 +167,7 @@ fn wrong_tensor_shape_names_the_tensor() {
     let mut small = cfg.clone();
     small.num_layers = 1;
     let mut m = HashMap::new();
-    for n in hf_names(1) {
+    for n in common::hf_names(1) {
         m.insert(n.clone(), g.get(&n).unwrap().unwrap());
     }
     m.insert(

@@ -187,25 +187,7 @@ fn logits_match_candle_f32_llama_on_the_same_weights() {
     let engine = common::smollm2_engine();
     let cfg = &engine.target.cfg;
     let g = GgufFile::open(&path).unwrap();
-    let mut names = vec![
-        "model.embed_tokens.weight".to_string(),
-        "model.norm.weight".to_string(),
-    ];
-    for i in 0..cfg.num_layers {
-        for n in [
-            "input_layernorm.weight",
-            "post_attention_layernorm.weight",
-            "self_attn.q_proj.weight",
-            "self_attn.k_proj.weight",
-            "self_attn.v_proj.weight",
-            "self_attn.o_proj.weight",
-            "mlp.gate_proj.weight",
-            "mlp.up_proj.weight",
-            "mlp.down_proj.weight",
-        ] {
-            names.push(format!("model.layers.{i}.{n}"));
-        }
-    }
+    let names = common::hf_names(cfg.num_layers);
     let mut map: HashMap<String, Tensor> = HashMap::new();
     for n in names {
         map.insert(n.clone(), g.get(&n).unwrap().unwrap());

@@ -12,6 +12,7 @@ use half::{bf16, f16};
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
+use crate::kernels::dot::WeightElem;
 use crate::kernels::{attention::Visibility, with_cpu_slice};
 use crate::kv_cache::KvCache;
 use crate::layers::{use_cpu_kernels, DecoderLayer, Linear, RmsNorm, Rope};
@@ -167,37 +168,27 @@ pub fn embed_rows(table: &Tensor, tokens: &[u32], vocab: usize, device: &Device)
     }
     let h = table.dim(1)?;
     if device.is_cpu() {
-        let mut out = Vec::with_capacity(tokens.len() * h);
-        match table.dtype() {
-            DType::F32 => with_cpu_slice::<f32, _>(table, |t| {
-                for &id in tokens {
-                    out.extend_from_slice(&t[id as usize * h..(id as usize + 1) * h]);
-                }
-            })?,
-            DType::BF16 => with_cpu_slice::<bf16, _>(table, |t| {
-                for &id in tokens {
-                    out.extend(
-                        t[id as usize * h..(id as usize + 1) * h]
-                            .iter()
-                            .map(|v| v.to_f32()),
-                    );
-                }
-            })?,
-            DType::F16 => with_cpu_slice::<f16, _>(table, |t| {
-                for &id in tokens {
-                    out.extend(
-                        t[id as usize * h..(id as usize + 1) * h]
-                            .iter()
-                            .map(|v| v.to_f32()),
-                    );
-                }
-            })?,
+        fn gather<T: WeightElem>(t: &[T], tokens: &[u32], h: usize) -> Vec<f32> {
+            let mut out = Vec::with_capacity(tokens.len() * h);
+            for &id in tokens {
+                out.extend(
+                    t[id as usize * h..(id as usize + 1) * h]
+                        .iter()
+                        .map(|v| v.to_f32()),
+                );
+            }
+            out
+        }
+        let out = match table.dtype() {
+            DType::F32 => with_cpu_slice::<f32, _>(table, |t| gather(t, tokens, h))?,
+            DType::BF16 => with_cpu_slice::<bf16, _>(table, |t| gather(t, tokens, h))?,
+            DType::F16 => with_cpu_slice::<f16, _>(table, |t| gather(t, tokens, h))?,
             other => {
                 return Err(EngineError::Config(format!(
                     "unsupported embedding dtype {other:?}"
                 )))
             }
-        }
+        };
         return Ok(Tensor::from_vec(out, (tokens.len(), h), device)?);
     }
     let ids = Tensor::new(tokens, device)?;

@@ -13,22 +13,34 @@ pub const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 /// The SmolLM2-135M GGUF: `$EAGLE_TEST_GGUF`, else the fetched copy under `$EAGLE_HOME`.
 /// Panics with the command to run when it is missing: these tests must never pass vacuously.
 pub fn smollm2_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("EAGLE_TEST_GGUF") {
-        return PathBuf::from(p);
+    match std::env::var_os("EAGLE_TEST_GGUF") {
+        Some(p) => PathBuf::from(p),
+        None => fetched("smollm2-135m", SMOLLM2_FILE),
     }
-    let home = std::env::var_os("EAGLE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("eagle")))
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/eagle")
-        });
-    let p = home.join("models/smollm2-135m").join(SMOLLM2_FILE);
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo run --release -p eagle-cli -- fetch smollm2-135m` first",
-        p.display()
-    );
-    p
+}
+
+/// The HF names of a LLaMA-style model's tensors (the tied LM head excluded).
+pub fn hf_names(layers: usize) -> Vec<String> {
+    let mut names = vec![
+        "model.embed_tokens.weight".to_string(),
+        "model.norm.weight".to_string(),
+    ];
+    for i in 0..layers {
+        for n in [
+            "input_layernorm.weight",
+            "post_attention_layernorm.weight",
+            "self_attn.q_proj.weight",
+            "self_attn.k_proj.weight",
+            "self_attn.v_proj.weight",
+            "self_attn.o_proj.weight",
+            "mlp.gate_proj.weight",
+            "mlp.up_proj.weight",
+            "mlp.down_proj.weight",
+        ] {
+            names.push(format!("model.layers.{i}.{n}"));
+        }
+    }
+    names
 }
 
 /// A fetched registry model's file under `$EAGLE_HOME/models/<name>/<file>`; panics with the
