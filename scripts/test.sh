@@ -5,6 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --workspace
-./target/release/eagle fetch smollm2-135m >/dev/null
-./target/release/eagle fetch qwen2.5-coder-0.5b >/dev/null
+cargo run --release -q -p eagle-cli -- fetch smollm2-135m >/dev/null
+cargo run --release -q -p eagle-cli -- fetch qwen2.5-coder-0.5b >/dev/null
 cargo test --release --workspace -- --test-threads 2 "$@"
