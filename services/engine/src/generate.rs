@@ -258,9 +258,17 @@ impl Engine {
         let budget = TreeBudget::for_spec(spec, profile);
 
         let mut going = going;
+        // A tree's deepest node sits `depth` positions past the prefix: near the end of the
+        // model's context, steps decode plainly instead.
+        let max_pos = target.cfg.max_position_embeddings;
+        let tree_depth = match &spec.shape {
+            crate::spec::TreeShape::Dynamic => spec.depth,
+            crate::spec::TreeShape::Static(s) => s.max_depth(),
+        };
         while going {
+            let room = sess.cache.len() + tree_depth < max_pos;
             let drafted = match (drafter, draft_sess.as_mut()) {
-                (Some(d), Some(ds)) => {
+                (Some(d), Some(ds)) if room => {
                     match d.draft(ds, last, spec, &req.sampling, &mut rng, &budget) {
                         Ok((tree, _)) => Some(tree),
                         Err(e) => {

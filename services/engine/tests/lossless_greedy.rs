@@ -188,3 +188,47 @@ fn verification_with_an_oracle_draft_accepts_and_stays_exact() {
         "the oracle test should accept long paths"
     );
 }
+
+/// Near the end of the model's context a tree would reach past the last position: those steps
+/// decode plainly, and the output still equals vanilla up to the very last position.
+#[test]
+fn eagle_runs_to_the_end_of_the_context() {
+    let opened = eagle_engine::loader::open_model(&common::smollm2_path()).unwrap();
+    let mut cfg = opened.config.clone();
+    let prompt = opened
+        .tokenizer
+        .encode_chat(&[eagle_engine::chat::Message::new(
+            "user",
+            "Tell me a long story.",
+        )])
+        .unwrap();
+    cfg.max_position_embeddings = prompt.len() + 40;
+    let target = eagle_engine::models::TargetModel::load(
+        opened.source.as_ref(),
+        cfg,
+        DType::BF16,
+        &Device::Cpu,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let head = EagleHead::init_random(&target.cfg, 1, DType::BF16, &Device::Cpu).unwrap();
+    let e = Engine::from_parts(target, Some(head), opened.tokenizer);
+    let spec = SpecConfig {
+        total_token: 8,
+        depth: 6,
+        top_k: 4,
+        ..Default::default()
+    };
+    let mut req = request(&e, "Tell me a long story.", Mode::Vanilla, spec.clone());
+    req.max_new_tokens = 40;
+    let vanilla = e.generate(&req).unwrap();
+    req.mode = Mode::Eagle;
+    let eagle = e.generate(&req).unwrap();
+    assert_eq!(vanilla.tokens, eagle.tokens);
+    req.max_new_tokens = 41;
+    let err = e.generate(&req).unwrap_err();
+    assert!(
+        matches!(err, eagle_engine::EngineError::ContextOverflow { .. }),
+        "{err}"
+    );
+}
