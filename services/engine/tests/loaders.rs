@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use eagle_engine::head::EagleHead;
-use eagle_engine::kernels::attention::Visibility;
 use eagle_engine::loader::gguf::GgufFile;
 use eagle_engine::loader::{open_model, WeightSource};
 use eagle_engine::models::TargetModel;
@@ -64,26 +63,6 @@ fn export_hf(gguf: &Path, dir: &Path) {
     tok.save_hf(dir).unwrap();
 }
 
-fn last_logits(model: &TargetModel, tokens: &[u32]) -> Vec<f32> {
-    let mut cache = model.new_cache(tokens.len()).unwrap();
-    let pos: Vec<usize> = (0..tokens.len()).collect();
-    let f = model
-        .forward(
-            &mut cache,
-            tokens,
-            &pos,
-            &Visibility::causal(0, tokens.len()),
-        )
-        .unwrap();
-    model
-        .logits(&f.narrow(0, tokens.len() - 1, 1).unwrap())
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
 #[test]
 fn hf_layout_matches_the_gguf_it_came_from() {
     let gguf = common::smollm2_path();
@@ -115,8 +94,8 @@ fn hf_layout_matches_the_gguf_it_came_from() {
         &mut |_, _| {},
     )
     .unwrap();
-    let la = last_logits(&a, &ids);
-    let lb = last_logits(&b, &ids);
+    let la = common::last_logits(&a, &ids);
+    let lb = common::last_logits(&b, &ids);
     assert!(la.iter().zip(&lb).all(|(x, y)| x.to_bits() == y.to_bits()));
     std::fs::remove_dir_all(&dir).unwrap();
 }

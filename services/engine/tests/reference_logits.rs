@@ -12,7 +12,6 @@ mod common;
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
-use eagle_engine::kernels::attention::Visibility;
 use eagle_engine::sampling::top_k;
 
 fn corr(a: &[f32], b: &[f32]) -> f64 {
@@ -62,25 +61,7 @@ fn logits_match_candle_quantized_llama() {
             .to_vec1()
             .unwrap();
 
-        let target = &engine.target;
-        let mut cache = target.new_cache(prompt.len()).unwrap();
-        let positions: Vec<usize> = (0..prompt.len()).collect();
-        let f = target
-            .forward(
-                &mut cache,
-                &prompt,
-                &positions,
-                &Visibility::causal(0, prompt.len()),
-            )
-            .unwrap();
-        let last = f.narrow(0, prompt.len() - 1, 1).unwrap();
-        let ours: Vec<f32> = target
-            .logits(&last)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let ours = common::last_logits(&engine.target, &prompt);
 
         let c = corr(&ours, &ref_logits);
         let t_ours: Vec<u32> = top_k(&ours, 5).into_iter().map(|x| x.0).collect();
@@ -140,23 +121,7 @@ fn qwen2_logits_match_candle_quantized_qwen2() {
         .unwrap()
         .to_vec1()
         .unwrap();
-    let mut cache = target.new_cache(prompt.len()).unwrap();
-    let positions: Vec<usize> = (0..prompt.len()).collect();
-    let f = target
-        .forward(
-            &mut cache,
-            &prompt,
-            &positions,
-            &Visibility::causal(0, prompt.len()),
-        )
-        .unwrap();
-    let ours: Vec<f32> = target
-        .logits(&f.narrow(0, prompt.len() - 1, 1).unwrap())
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let ours = common::last_logits(&target, &prompt);
     let c = corr(&ours, &ref_logits);
     let t_ours: Vec<u32> = top_k(&ours, 5).into_iter().map(|x| x.0).collect();
     let t_ref: Vec<u32> = top_k(&ref_logits, 5).into_iter().map(|x| x.0).collect();
@@ -225,24 +190,7 @@ fn logits_match_candle_f32_llama_on_the_same_weights() {
             .unwrap()
             .to_vec1()
             .unwrap();
-        let target = &engine.target;
-        let mut kv = target.new_cache(prompt.len()).unwrap();
-        let positions: Vec<usize> = (0..prompt.len()).collect();
-        let f = target
-            .forward(
-                &mut kv,
-                &prompt,
-                &positions,
-                &Visibility::causal(0, prompt.len()),
-            )
-            .unwrap();
-        let ours: Vec<f32> = target
-            .logits(&f.narrow(0, prompt.len() - 1, 1).unwrap())
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let ours = common::last_logits(&engine.target, &prompt);
         let max_diff = ours
             .iter()
             .zip(&ref_logits)

@@ -19,6 +19,28 @@ pub fn smollm2_path() -> PathBuf {
     }
 }
 
+/// The target's logits at the last of `tokens`, run from an empty cache.
+pub fn last_logits(model: &eagle_engine::models::TargetModel, tokens: &[u32]) -> Vec<f32> {
+    use eagle_engine::kernels::attention::Visibility;
+    let mut cache = model.new_cache(tokens.len()).unwrap();
+    let pos: Vec<usize> = (0..tokens.len()).collect();
+    let f = model
+        .forward(
+            &mut cache,
+            tokens,
+            &pos,
+            &Visibility::causal(0, tokens.len()),
+        )
+        .unwrap();
+    model
+        .logits(&f.narrow(0, tokens.len() - 1, 1).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 /// The HF names of a LLaMA-style model's tensors (the tied LM head excluded).
 pub fn hf_names(layers: usize) -> Vec<String> {
     let mut names = vec![
