@@ -163,7 +163,6 @@ impl EagleHead {
         std::fs::write(&cfg_path, serde_json::to_string_pretty(&config).unwrap())
             .map_err(|e| EngineError::io(&cfg_path, e))?;
         let mut map: HashMap<String, Tensor> = HashMap::new();
-        let h = c.hidden_size;
         let (qd, kvd) = (c.q_dim(), c.kv_dim());
         let conv =
             |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(&Device::Cpu)?) };
@@ -212,7 +211,6 @@ impl EagleHead {
             "layers.0.post_attention_layernorm.weight".into(),
             conv(&self.layer.post_norm.weight)?,
         );
-        let _ = h;
         let path = dir.join("model.safetensors");
         let map: HashMap<String, Tensor> = map
             .into_iter()

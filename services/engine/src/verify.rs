@@ -189,7 +189,7 @@ mod tests {
         let mut t = DraftTree::root(9);
         let a = t.push(0, 3);
         let b = t.push(0, 4);
-        let c = t.push(a, 5);
+        t.push(a, 5);
         t.push(b, 6);
         let logits = [
             one_hot(10, 4),
@@ -203,7 +203,6 @@ mod tests {
         assert_eq!(v.accepted, vec![b, 4]);
         assert_eq!(v.tokens, vec![4, 6, 1]);
         assert_eq!(v.kept_nodes(), vec![0, b, 4]);
-        let _ = c;
         // Nothing matches at the root: only the bonus.
         let v = verify_greedy(&t, &mut |_| Ok(one_hot(10, 8))).unwrap();
         assert_eq!(v.tokens, vec![8]);
