@@ -240,12 +240,8 @@ impl Engine {
 
         let drafter = match (req.mode, &self.drafter) {
             (Mode::Eagle, Some(d)) => Some(d),
-            (Mode::Eagle, None) => {
-                return Err(EngineError::InvalidRequest(
-                    "EAGLE mode needs a head: load one with --head (or `eagle head init`)".into(),
-                ))
-            }
-            (Mode::Vanilla, _) => None,
+            // `validate` refused EAGLE mode without a head.
+            (Mode::Eagle, None) | (Mode::Vanilla, _) => None,
         };
         let mut draft_sess: Option<DraftSession> = None;
         if let (Some(d), true) = (drafter, going) {
@@ -319,6 +315,11 @@ impl Engine {
         }
         req.sampling.validate()?;
         req.spec.validate()?;
+        if req.mode == Mode::Eagle && self.drafter.is_none() {
+            return Err(EngineError::InvalidRequest(
+                "EAGLE mode needs a head: load one with --head (or `eagle head init`)".into(),
+            ));
+        }
         let limit = self.target.cfg.max_position_embeddings;
         let needed = req.prompt.len() + req.max_new_tokens;
         if needed > limit {

@@ -106,6 +106,26 @@ fn bad_requests_are_refused() {
         .unwrap_err()
         .to_string()
         .contains("temperature"));
+    let no_head = eagle_engine::Engine::from_parts(
+        eagle_engine::models::TargetModel::load(
+            eagle_engine::loader::open_model(&common::smollm2_path())
+                .unwrap()
+                .source
+                .as_ref(),
+            e.target.cfg.clone(),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+            &mut |_, _| {},
+        )
+        .unwrap(),
+        None,
+        e.tokenizer.clone(),
+    );
+    assert!(no_head
+        .generate(&request(&e, "hi"))
+        .unwrap_err()
+        .to_string()
+        .contains("needs a head"));
     let mut bad_spec = request(&e, "hi");
     bad_spec.spec.depth = 0;
     assert!(e
