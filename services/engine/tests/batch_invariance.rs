@@ -5,7 +5,7 @@
 
 mod common;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use eagle_engine::layers::force_generic_kernels;
 use eagle_engine::loader::open_model;
 use eagle_engine::models::TargetModel;
@@ -15,14 +15,7 @@ use eagle_engine::tree::DraftTree;
 
 fn load(dtype: DType) -> TargetModel {
     let m = open_model(&common::smollm2_path()).unwrap();
-    TargetModel::load(
-        m.source.as_ref(),
-        m.config,
-        dtype,
-        &Device::Cpu,
-        &mut |_, _| {},
-    )
-    .unwrap()
+    common::load_target(&m, m.config.clone(), dtype)
 }
 
 /// The kernel switch is process-wide: these tests take turns.

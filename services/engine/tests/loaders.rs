@@ -78,22 +78,8 @@ fn hf_layout_matches_the_gguf_it_came_from() {
     let ids = from_gguf.tokenizer.encode_chat(&msgs).unwrap();
     assert_eq!(ids, from_hf.tokenizer.encode_chat(&msgs).unwrap());
     assert_eq!(from_gguf.tokenizer.eos_ids(), from_hf.tokenizer.eos_ids());
-    let a = TargetModel::load(
-        from_gguf.source.as_ref(),
-        from_gguf.config,
-        DType::F32,
-        &Device::Cpu,
-        &mut |_, _| {},
-    )
-    .unwrap();
-    let b = TargetModel::load(
-        from_hf.source.as_ref(),
-        from_hf.config,
-        DType::F32,
-        &Device::Cpu,
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let a = common::load_target(&from_gguf, from_gguf.config.clone(), DType::F32);
+    let b = common::load_target(&from_hf, from_hf.config.clone(), DType::F32);
     let la = common::last_logits(&a, &ids);
     let lb = common::last_logits(&b, &ids);
     assert!(la.iter().zip(&lb).all(|(x, y)| x.to_bits() == y.to_bits()));

@@ -203,14 +203,7 @@ fn eagle_runs_to_the_end_of_the_context() {
         )])
         .unwrap();
     cfg.max_position_embeddings = prompt.len() + 40;
-    let target = eagle_engine::models::TargetModel::load(
-        opened.source.as_ref(),
-        cfg,
-        DType::BF16,
-        &Device::Cpu,
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let target = common::load_target(&opened, cfg, DType::BF16);
     let head = EagleHead::init_random(&target.cfg, 1, DType::BF16, &Device::Cpu).unwrap();
     let e = Engine::from_parts(target, Some(head), opened.tokenizer);
     let spec = SpecConfig {

@@ -63,22 +63,11 @@ fn logits_match_candle_quantized_llama() {
 
         let ours = common::last_logits(&engine.target, &prompt);
 
-        let c = corr(&ours, &ref_logits);
-        let t_ours: Vec<u32> = top_k(&ours, 5).into_iter().map(|x| x.0).collect();
-        let t_ref: Vec<u32> = top_k(&ref_logits, 5).into_iter().map(|x| x.0).collect();
-        let max_diff = ours
-            .iter()
-            .zip(&ref_logits)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        eprintln!("prompt of {} tokens: corr {c:.5}, max |diff| {max_diff:.3}, top5 {t_ours:?} vs {t_ref:?}", prompt.len());
-        assert!(c > 0.995, "correlation {c}");
-        let mut a = t_ours.clone();
-        let mut b = t_ref.clone();
-        a.sort();
-        b.sort();
-        let common = a.iter().filter(|x| b.contains(x)).count();
-        assert!(common >= 3, "top-5 sets differ: {t_ours:?} vs {t_ref:?}");
+        assert_tracks(
+            &ours,
+            &ref_logits,
+            &format!("prompt of {} tokens", prompt.len()),
+        );
     }
 }
 
@@ -88,7 +77,6 @@ fn logits_match_candle_quantized_llama() {
 fn qwen2_logits_match_candle_quantized_qwen2() {
     use candle_transformers::models::quantized_qwen2::ModelWeights as Qwen2;
     use eagle_engine::loader::open_model;
-    use eagle_engine::models::TargetModel;
 
     let path = common::fetched("qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b-instruct.gguf");
     let opened = open_model(&path).unwrap();
@@ -99,14 +87,7 @@ fn qwen2_logits_match_candle_quantized_qwen2() {
         "Write a function that adds two numbers.",
     )];
     let prompt = opened.tokenizer.encode_chat(&msgs).unwrap();
-    let target = TargetModel::load(
-        opened.source.as_ref(),
-        opened.config,
-        candle_core::DType::F32,
-        &Device::Cpu,
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let target = common::load_target(&opened, opened.config.clone(), candle_core::DType::F32);
     let mut file = std::fs::File::open(&path).unwrap();
     let content = gguf_file::Content::read(&mut file).unwrap();
     let mut reference = Qwen2::from_gguf(content, &mut file, &Device::Cpu).unwrap();
@@ -122,12 +103,27 @@ fn qwen2_logits_match_candle_quantized_qwen2() {
         .to_vec1()
         .unwrap();
     let ours = common::last_logits(&target, &prompt);
-    let c = corr(&ours, &ref_logits);
-    let t_ours: Vec<u32> = top_k(&ours, 5).into_iter().map(|x| x.0).collect();
-    let t_ref: Vec<u32> = top_k(&ref_logits, 5).into_iter().map(|x| x.0).collect();
-    eprintln!("qwen2: corr {c:.5}, top5 {t_ours:?} vs {t_ref:?}");
-    assert!(c > 0.995, "correlation {c}");
-    assert!(t_ours.iter().filter(|t| t_ref.contains(t)).count() >= 3);
+    assert_tracks(&ours, &ref_logits, "qwen2");
+}
+
+/// Our logits track a quantized-activation reference: correlation above 0.995 and top-5 sets
+/// sharing at least 3 tokens.
+fn assert_tracks(ours: &[f32], reference: &[f32], label: &str) {
+    let c = corr(ours, reference);
+    let t_ours: Vec<u32> = top_k(ours, 5).into_iter().map(|x| x.0).collect();
+    let t_ref: Vec<u32> = top_k(reference, 5).into_iter().map(|x| x.0).collect();
+    let max_diff = ours
+        .iter()
+        .zip(reference)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("{label}: corr {c:.5}, max |diff| {max_diff:.3}, top5 {t_ours:?} vs {t_ref:?}");
+    assert!(c > 0.995, "{label}: correlation {c}");
+    let shared = t_ours.iter().filter(|t| t_ref.contains(t)).count();
+    assert!(
+        shared >= 3,
+        "{label}: top-5 sets differ: {t_ours:?} vs {t_ref:?}"
+    );
 }
 
 fn prompts() -> Vec<Vec<u32>> {

@@ -107,17 +107,11 @@ fn bad_requests_are_refused() {
         .to_string()
         .contains("temperature"));
     let no_head = eagle_engine::Engine::from_parts(
-        eagle_engine::models::TargetModel::load(
-            eagle_engine::loader::open_model(&common::smollm2_path())
-                .unwrap()
-                .source
-                .as_ref(),
+        common::load_target(
+            &eagle_engine::loader::open_model(&common::smollm2_path()).unwrap(),
             e.target.cfg.clone(),
             candle_core::DType::F32,
-            &candle_core::Device::Cpu,
-            &mut |_, _| {},
-        )
-        .unwrap(),
+        ),
         None,
         e.tokenizer.clone(),
     );

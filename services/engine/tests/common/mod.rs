@@ -19,6 +19,22 @@ pub fn smollm2_path() -> PathBuf {
     }
 }
 
+/// Loads the target of an opened model on the CPU with `cfg` (the opened config, or a variant).
+pub fn load_target(
+    opened: &eagle_engine::loader::OpenedModel,
+    cfg: eagle_engine::config::ModelConfig,
+    dtype: DType,
+) -> eagle_engine::models::TargetModel {
+    eagle_engine::models::TargetModel::load(
+        opened.source.as_ref(),
+        cfg,
+        dtype,
+        &Device::Cpu,
+        &mut |_, _| {},
+    )
+    .unwrap()
+}
+
 /// The target's logits at the last of `tokens`, run from an empty cache.
 pub fn last_logits(model: &eagle_engine::models::TargetModel, tokens: &[u32]) -> Vec<f32> {
     use eagle_engine::kernels::attention::Visibility;
