@@ -3,6 +3,8 @@
 //! parses the command line.
 
 mod bench;
+mod client;
+mod cluster;
 mod fetch;
 mod generate;
 mod head;
@@ -48,6 +50,13 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Run vanilla and EAGLE decoding on a prompt set and compare speed and output.
     Bench(bench::BenchArgs),
+    /// Run a local cluster: coordinator, draft service and workers as separate processes.
+    Cluster {
+        #[command(subcommand)]
+        command: cluster::ClusterCommand,
+    },
+    /// Call a cluster's Generate / StreamGenerate API.
+    Client(client::ClientArgs),
     /// Manage EAGLE draft heads.
     Head {
         #[command(subcommand)]
@@ -90,6 +99,8 @@ fn main() {
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Head { command } => head::run(command),
+        Command::Cluster { command } => cluster::run(command),
+        Command::Client(a) => client::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

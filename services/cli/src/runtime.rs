@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use eagle_engine::chat::ChatTemplate;
 use eagle_engine::{Engine, LoadOptions};
@@ -12,30 +12,11 @@ use crate::models;
 use crate::ModelArgs;
 
 pub fn parse_dtype(s: &str) -> Result<DType> {
-    Ok(match s {
-        "f32" => DType::F32,
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        o => bail!("unknown dtype {o:?}: use f32, bf16 or f16"),
-    })
+    Ok(eagle_engine::device::parse_dtype(s)?)
 }
 
 pub fn parse_device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        d if d == "cuda" || d.starts_with("cuda:") => {
-            let ordinal: usize = d
-                .strip_prefix("cuda:")
-                .unwrap_or("0")
-                .parse()
-                .context("cuda:N")?;
-            if !cfg!(feature = "cuda") {
-                bail!("this eagle was built without CUDA: rebuild with scripts/build-cuda.sh");
-            }
-            Device::new_cuda(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))
-        }
-        o => bail!("unknown device {o:?}: use cpu, cuda or cuda:N"),
-    }
+    eagle_engine::device::parse_device(s).with_context(|| format!("opening device {s}"))
 }
 
 /// The default head for a model: `$EAGLE_HOME/heads/<name>` when it holds a config.json.
@@ -76,11 +57,9 @@ pub fn resolve_or_fetch(model: &str) -> Result<PathBuf> {
     models::resolve_model(model)
 }
 
-/// Loads the model, and the head as `policy` says. Returns the engine and whether a head is
-/// loaded.
-pub fn load_engine(args: &ModelArgs, policy: HeadPolicy) -> Result<Engine> {
-    let model = resolve_or_fetch(&args.model)?;
-    let head = match (&args.head, policy) {
+/// The head directory `args` and `policy` call for, if any.
+pub fn resolve_head(args: &ModelArgs, policy: HeadPolicy) -> Result<Option<PathBuf>> {
+    Ok(match (&args.head, policy) {
         (_, HeadPolicy::None) => None,
         (Some(h), _) => Some(h.clone()),
         (None, HeadPolicy::Require) => Some(
@@ -97,7 +76,14 @@ pub fn load_engine(args: &ModelArgs, policy: HeadPolicy) -> Result<Engine> {
             }
             h
         }
-    };
+    })
+}
+
+/// Loads the model, and the head as `policy` says. Returns the engine and whether a head is
+/// loaded.
+pub fn load_engine(args: &ModelArgs, policy: HeadPolicy) -> Result<Engine> {
+    let model = resolve_or_fetch(&args.model)?;
+    let head = resolve_head(args, policy)?;
     let opts = LoadOptions {
         model: model.clone(),
         head,

@@ -15,13 +15,15 @@
 
 use std::sync::Arc;
 
-use candle_core::{IndexOp, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 
+use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::head::EagleHead;
 use crate::kernels::attention::Visibility;
 use crate::kv_cache::KvCache;
 use crate::layers::{use_cpu_kernels, Linear};
+use crate::loader::{WeightSource, Weights};
 use crate::models::target::{embed_rows, lm_head};
 use crate::models::TargetModel;
 use crate::sampling::{log_softmax, sample_without_replacement, top_k, warp, Rng, SamplingParams};
@@ -94,6 +96,36 @@ impl Drafter {
             lm_head: target.lm_head.clone(),
             vocab: target.cfg.vocab_size,
         }
+    }
+
+    /// A drafter for a process that holds no target (the cluster's draft service): loads only
+    /// the target's token embedding and LM head from its weights, then the head from `head_dir`.
+    pub fn load(
+        src: &dyn WeightSource,
+        cfg: &ModelConfig,
+        head_dir: &std::path::Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let w = Weights::new(src, dtype, device.clone());
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let embed = w.get("model.embed_tokens.weight", &[v, h])?;
+        let lm_head = match w.get_opt("lm_head.weight", &[v, h])? {
+            Some(t) if !cfg.tie_word_embeddings => Linear::new(t, None)?,
+            _ => Linear::new(embed.clone(), None)?,
+        };
+        let head = EagleHead::load(head_dir, cfg, dtype, device)?;
+        Ok(Drafter {
+            head: Arc::new(head),
+            embed,
+            lm_head,
+            vocab: v,
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab
     }
 
     /// A session whose head cache holds `capacity` slots: committed pairs plus a draft.

@@ -20,7 +20,7 @@ use crate::error::{EngineError, Result};
 use crate::head::EagleHead;
 use crate::loader::open_model;
 use crate::models::TargetModel;
-use crate::sampling::{argmax, sample, warp, Rng, SamplingParams};
+use crate::sampling::{choose, Rng, SamplingParams};
 use crate::session::TargetSession;
 use crate::spec::{CostProfile, SpecConfig, TreeBudget, AUTO_MAX_TOKENS};
 use crate::tokenizer::Tokenizer;
@@ -202,13 +202,7 @@ impl Engine {
         let mut out = GenerateOutput::default();
         let eos = self.tokenizer.eos_ids().to_vec();
 
-        let choose = |logits: &[f32], rng: &mut Rng| -> u32 {
-            if req.sampling.is_greedy() {
-                argmax(logits)
-            } else {
-                sample(&warp(logits, &req.sampling), rng)
-            }
-        };
+        let choose = |logits: &[f32], rng: &mut Rng| choose(logits, &req.sampling, rng);
         // Emits tokens, applying EOS and the length limit. Returns false when generation ends.
         let emit =
             |out: &mut GenerateOutput, toks: &[u32], on: &mut dyn FnMut(&[u32]) -> bool| -> bool {

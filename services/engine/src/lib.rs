@@ -6,6 +6,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod device;
 pub mod draft;
 pub mod error;
 pub mod generate;

@@ -200,6 +200,16 @@ fn apply_top_p(probs: &mut [f32], top_p: f32) {
     }
 }
 
+/// The next token from the target's logits, as vanilla decoding picks it: the argmax at
+/// T = 0, otherwise a draw from the warped distribution.
+pub fn choose(logits: &[f32], params: &SamplingParams, rng: &mut Rng) -> u32 {
+    if params.is_greedy() {
+        argmax(logits)
+    } else {
+        sample(&warp(logits, params), rng)
+    }
+}
+
 /// Draws an index from `probs` (need not be normalised) by inverse CDF in index order.
 pub fn sample(probs: &[f32], rng: &mut Rng) -> u32 {
     let total: f64 = probs.iter().map(|&p| p as f64).sum();

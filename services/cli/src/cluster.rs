@@ -1,0 +1,354 @@
+//! `eagle cluster up` / `eagle cluster demo`: a local cluster on loopback, one process per
+//! service (coordinator, draft service, N verification workers), started from the binaries
+//! next to this one.
+//!
+//! Children die with this process (PR_SET_PDEATHSIG on Linux); on SIGINT or SIGTERM they are
+//! stopped gracefully, the coordinator first so that it stops taking requests. If any child
+//! exits on its own, the whole cluster is stopped and the command fails.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::client::ClientArgs;
+use crate::runtime::{resolve_head, resolve_or_fetch, HeadPolicy};
+use crate::{models, ModelArgs};
+
+#[derive(Subcommand)]
+pub enum ClusterCommand {
+    /// Start a local cluster and serve until SIGINT/SIGTERM. Prints `ready ADDR` on stdout
+    /// once the coordinator accepts requests.
+    Up(UpArgs),
+    /// Start a local cluster, answer one prompt through it (streamed), and shut it down.
+    Demo {
+        #[command(flatten)]
+        up: UpArgs,
+        /// The prompt, sent as a chat message.
+        #[arg(
+            long,
+            default_value = "What is the capital of France? Answer in one paragraph."
+        )]
+        prompt: String,
+        #[arg(long, default_value_t = 96)]
+        max_new_tokens: u32,
+    },
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The coordinator's port on 127.0.0.1 (0 picks a free one).
+    #[arg(long, env = "EAGLE_PORT", default_value_t = 50051)]
+    pub port: u16,
+    /// Verification workers (each holds the whole target).
+    #[arg(long, env = "EAGLE_WORKERS", default_value_t = 1)]
+    pub workers: usize,
+    /// Start no draft service: every request decodes plainly.
+    #[arg(long)]
+    pub no_draft: bool,
+    /// Requests generating at once.
+    #[arg(long, env = "EAGLE_MAX_RUNNING", default_value_t = 16)]
+    pub max_running: usize,
+    /// Requests waiting for a slot; past this, RESOURCE_EXHAUSTED.
+    #[arg(long, env = "EAGLE_MAX_WAITING", default_value_t = 64)]
+    pub max_waiting: usize,
+}
+
+pub fn run(cmd: ClusterCommand) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        match cmd {
+            ClusterCommand::Up(a) => {
+                let mut c = Cluster::start(&a).await?;
+                println!("ready {}", c.addr);
+                let outcome = tokio::select! {
+                    _ = eagle_proto::serve::shutdown_signal() => Ok(()),
+                    e = c.watch() => Err(e),
+                };
+                c.stop().await;
+                outcome
+            }
+            ClusterCommand::Demo {
+                up,
+                prompt,
+                max_new_tokens,
+            } => {
+                let up = UpArgs { port: 0, ..up };
+                let mut c = Cluster::start(&up).await?;
+                eprintln!("cluster ready at {}", c.addr);
+                let args = ClientArgs {
+                    addr: c.addr.clone(),
+                    prompt,
+                    chat: true,
+                    system: None,
+                    stream: true,
+                    model: String::new(),
+                    max_new_tokens,
+                    temperature: 0.0,
+                    top_p: 1.0,
+                    top_k: 0,
+                    seed: 0,
+                    stop: Vec::new(),
+                    no_speculation: false,
+                    total_token: None,
+                    json: false,
+                };
+                let r = tokio::select! {
+                    r = crate::client::call(&args) => r,
+                    e = c.watch() => Err(e),
+                };
+                c.stop().await;
+                r
+            }
+        }
+    })
+}
+
+/// The name the cluster serves its model under: the registry name, or the file's stem.
+fn model_name(arg: &str) -> String {
+    if models::find(arg).is_some() {
+        return arg.to_string();
+    }
+    Path::new(arg)
+        .file_stem()
+        .map_or_else(|| arg.to_string(), |s| s.to_string_lossy().to_string())
+}
+
+/// A service binary installed next to this one.
+fn sibling(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let p = exe.with_file_name(name);
+    if !p.exists() {
+        bail!(
+            "{} is missing next to {} (build the workspace: cargo build --release)",
+            name,
+            exe.display()
+        );
+    }
+    Ok(p)
+}
+
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+pub struct Cluster {
+    pub addr: String,
+    procs: Vec<Proc>,
+}
+
+/// Starts `bin` with `args`, waits for its `listening ADDR` line; returns the address.
+async fn spawn(name: String, bin: PathBuf, args: Vec<String>) -> Result<(Proc, String)> {
+    let mut cmd = Command::new(&bin);
+    cmd.args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl is async-signal-safe and touches only this (child) process.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let wait = async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(addr) = line.strip_prefix("listening ") {
+                return Ok::<_, anyhow::Error>(Some(addr.trim().to_string()));
+            }
+        }
+        Ok(None)
+    };
+    let addr = match tokio::time::timeout(Duration::from_secs(600), wait).await {
+        Ok(Ok(Some(a))) => a,
+        Ok(Ok(None)) | Ok(Err(_)) => {
+            let status = child.wait().await?;
+            bail!("{name} exited before listening ({status}); its log is above")
+        }
+        Err(_) => bail!("{name} did not start listening within 10 minutes"),
+    };
+    // Keep draining its stdout so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((Proc { name, child }, addr))
+}
+
+impl Cluster {
+    pub async fn start(a: &UpArgs) -> Result<Self> {
+        if a.workers == 0 {
+            bail!("--workers must be at least 1");
+        }
+        let m = &a.model;
+        let model = resolve_or_fetch(&m.model)?;
+        let policy = if a.no_draft {
+            HeadPolicy::None
+        } else {
+            HeadPolicy::Prefer
+        };
+        let head = resolve_head(m, policy)?;
+        let name = model_name(&m.model);
+        let model_s = model.display().to_string();
+        let common = |extra: &[String]| -> Vec<String> {
+            let mut v = vec![
+                "--model".into(),
+                model_s.clone(),
+                "--model-name".into(),
+                name.clone(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+            ];
+            v.extend_from_slice(extra);
+            v
+        };
+        let dev = vec![
+            "--dtype".to_string(),
+            m.dtype.clone(),
+            "--device".to_string(),
+            m.device.clone(),
+        ];
+        let mut cluster = Cluster {
+            addr: String::new(),
+            procs: Vec::new(),
+        };
+        // Workers and the draft service load in parallel.
+        let worker_bin = sibling("eagle-worker")?;
+        let starts: Vec<_> = (0..a.workers)
+            .map(|i| {
+                tokio::spawn(spawn(
+                    format!("worker {i}"),
+                    worker_bin.clone(),
+                    common(&dev),
+                ))
+            })
+            .collect();
+        let draft = match &head {
+            Some(h) => {
+                let mut extra = dev.clone();
+                extra.extend(["--head".to_string(), h.display().to_string()]);
+                let bin = sibling("eagle-draft")?;
+                Some(tokio::spawn(spawn(
+                    "draft service".into(),
+                    bin,
+                    common(&extra),
+                )))
+            }
+            None => None,
+        };
+        eprintln!(
+            "starting {} worker(s){} for {name}",
+            a.workers,
+            if head.is_some() {
+                " and a draft service"
+            } else {
+                ""
+            }
+        );
+        let mut worker_addrs = Vec::new();
+        let mut first_err = None;
+        for w in starts {
+            match w.await.map_err(anyhow::Error::from).and_then(|r| r) {
+                Ok((p, addr)) => {
+                    cluster.procs.push(p);
+                    worker_addrs.push(addr);
+                }
+                Err(e) => first_err = first_err.or(Some(e)),
+            }
+        }
+        let draft = match draft {
+            Some(d) => Some(d.await.map_err(anyhow::Error::from).and_then(|r| r)),
+            None => None,
+        };
+        let draft_addr = match draft {
+            Some(Ok((p, addr))) => {
+                cluster.procs.push(p);
+                Some(addr)
+            }
+            Some(Err(e)) => {
+                first_err = first_err.or(Some(e));
+                None
+            }
+            None => None,
+        };
+        if let Some(e) = first_err {
+            cluster.stop().await;
+            return Err(e);
+        }
+        let mut extra = vec![
+            "--max-running".to_string(),
+            a.max_running.to_string(),
+            "--max-waiting".to_string(),
+            a.max_waiting.to_string(),
+        ];
+        for w in &worker_addrs {
+            extra.extend(["--worker".to_string(), w.clone()]);
+        }
+        if let Some(d) = &draft_addr {
+            extra.extend(["--draft".to_string(), d.clone()]);
+        }
+        if let Some(t) = &m.chat_template {
+            extra.extend(["--chat-template".to_string(), t.clone()]);
+        }
+        let mut args = common(&extra);
+        let listen = args
+            .iter()
+            .position(|x| x == "127.0.0.1:0")
+            .expect("listen arg");
+        args[listen] = format!("127.0.0.1:{}", a.port);
+        match spawn("coordinator".into(), sibling("eagle-coordinator")?, args).await {
+            Ok((p, addr)) => {
+                cluster.procs.push(p);
+                cluster.addr = addr;
+                Ok(cluster)
+            }
+            Err(e) => {
+                cluster.stop().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Resolves when a child exits on its own, with what happened.
+    pub async fn watch(&mut self) -> anyhow::Error {
+        loop {
+            for p in &mut self.procs {
+                if let Ok(Some(status)) = p.child.try_wait() {
+                    return anyhow!("{} exited unexpectedly ({status})", p.name);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Stops every child: SIGTERM, the coordinator first; SIGKILL after 10 s.
+    pub async fn stop(&mut self) {
+        for p in self.procs.iter_mut().rev() {
+            if let Some(pid) = p.child.id() {
+                // SAFETY: sending a signal to our own child process.
+                unsafe {
+                    libc::kill(pid as i32, libc::SIGTERM);
+                }
+            }
+            match tokio::time::timeout(Duration::from_secs(10), p.child.wait()).await {
+                Ok(_) => {}
+                Err(_) => {
+                    eprintln!("{} did not stop in 10 s; killing it", p.name);
+                    let _ = p.child.kill().await;
+                }
+            }
+        }
+        self.procs.clear();
+    }
+}

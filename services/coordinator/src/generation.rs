@@ -1,0 +1,468 @@
+//! One request's step loop across the services: prefill on the worker, then repeatedly draft
+//! a tree on the draft service and verify it on the worker, streaming accepted text.
+//!
+//! Invariants:
+//! - The emitted tokens are exactly the worker's choices: drafts only propose, so the output is
+//!   what the in-process engine gives (token for token at T = 0).
+//! - Draft trouble never fails a request: a draft call that errors or misses its deadline turns
+//!   that step into a plain decode on the worker; after `draft_retry` the session is reopened
+//!   on the draft side with every committed (token, feature) pair, and speculation resumes.
+//! - However the request ends (done, failed, cancelled by the client), its sessions are
+//!   released on the worker and the draft service.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use eagle_engine::spec::SpecConfig;
+use eagle_proto::common::{Features, SessionRef};
+use eagle_proto::draft::{DraftRequest, OpenRequest};
+use eagle_proto::v1::FinishReason;
+use eagle_proto::wire::{sampling_to_wire, spec_to_wire};
+use eagle_proto::worker::worker_client::WorkerClient;
+use eagle_proto::worker::{DecodeRequest, PrefillRequest, Step, VerifyRequest};
+use eagle_trace::outgoing;
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+use tonic::Status;
+use tracing::Instrument;
+
+use crate::backends::{worker_error, Backends};
+use crate::request::Job;
+use crate::text::TextStream;
+
+/// What the step loop sends to the client side.
+#[derive(Debug)]
+pub enum Event {
+    /// Newly accepted tokens and the text that became final with them.
+    Delta {
+        text: String,
+        token_ids: Vec<u32>,
+    },
+    Done(Summary),
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    pub finish: FinishReason,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    /// Target passes, the prefill included.
+    pub steps: usize,
+    pub fallback_steps: usize,
+    pub prefill_ms: f64,
+    pub queue_ms: f64,
+    pub wall_ms: f64,
+}
+
+impl Summary {
+    pub fn mean_accepted(&self) -> f64 {
+        if self.steps == 0 {
+            0.0
+        } else {
+            self.generated_tokens as f64 / self.steps as f64
+        }
+    }
+}
+
+pub type Events = mpsc::Sender<Result<Event, Status>>;
+
+/// The draft side of one request.
+enum DraftState {
+    /// No speculation (not asked for, or no draft service).
+    Off,
+    /// Open under this session id; history chunks from `committed` on are not yet sent.
+    Open { sid: String, committed: usize },
+    /// Lost or never opened; try again at `retry_at`.
+    Down { retry_at: Instant, attempt: u32 },
+}
+
+/// Runs a job to the end, sending events; then releases its sessions.
+pub async fn run(b: Arc<Backends>, job: Job, id: String, tx: Events, queue_ms: f64) {
+    let lease = b.workers.lease();
+    tracing::Span::current().record("worker", lease.addr.as_str());
+    let mut run = Run {
+        worker: lease.client.clone(),
+        b: b.clone(),
+        job,
+        id: id.clone(),
+        history: Vec::new(),
+        draft: DraftState::Off,
+        summary: Summary {
+            queue_ms,
+            ..Default::default()
+        },
+        tokens: Vec::new(),
+    };
+    let result = run.drive(&tx).await;
+    let draft_sid = match &run.draft {
+        DraftState::Open { sid, .. } => Some(sid.clone()),
+        _ => None,
+    };
+    release(&b, &run.worker, &id, draft_sid).await;
+    drop(lease);
+    match result {
+        Ok(()) => {
+            let _ = tx.send(Ok(Event::Done(run.summary))).await;
+        }
+        Err(e) => {
+            tracing::warn!(session = %id, error = %e.message(), "request failed");
+            let _ = tx.send(Err(e)).await;
+        }
+    }
+}
+
+async fn release(
+    b: &Backends,
+    worker: &WorkerClient<Channel>,
+    id: &str,
+    draft_sid: Option<String>,
+) {
+    let t = b.timeouts.draft;
+    let mut w = worker.clone();
+    let worker = w.release(outgoing(
+        SessionRef {
+            session_id: id.into(),
+        },
+        t,
+    ));
+    match (draft_sid, b.draft.clone()) {
+        (Some(sid), Some(mut d)) => {
+            let draft = d.close(outgoing(SessionRef { session_id: sid }, t));
+            let (a, _) = tokio::join!(worker, draft);
+            if let Err(e) = a {
+                tracing::warn!(session = %id, error = %e.message(), "worker release failed; the session will idle out");
+            }
+        }
+        _ => {
+            if let Err(e) = worker.await {
+                tracing::warn!(session = %id, error = %e.message(), "worker release failed; the session will idle out");
+            }
+        }
+    }
+}
+
+struct Run {
+    b: Arc<Backends>,
+    worker: WorkerClient<Channel>,
+    job: Job,
+    id: String,
+    /// Every committed (tokens, features) chunk, in order: what reopening the draft side needs.
+    history: Vec<(Vec<u32>, Features)>,
+    draft: DraftState,
+    summary: Summary,
+    tokens: Vec<u32>,
+}
+
+impl Run {
+    fn spec(&self) -> Option<&SpecConfig> {
+        self.job.spec.as_ref()
+    }
+
+    async fn drive(&mut self, tx: &Events) -> Result<(), Status> {
+        let t0 = Instant::now();
+        let b = self.b.clone();
+        let job = self.job.clone();
+        self.summary.prompt_tokens = job.prompt.len();
+        let tree_room = self.spec().map_or(0, |s| s.node_budget() + 1);
+        let capacity = job.prompt.len() + job.max_new_tokens + tree_room + 1;
+        let mut text = TextStream::new(&b.tokenizer, job.stop.clone());
+
+        let step = async {
+            self.worker
+                .clone()
+                .prefill(outgoing(
+                    PrefillRequest {
+                        session_id: self.id.clone(),
+                        tokens: job.prompt.clone(),
+                        capacity: capacity as u32,
+                        sampling: Some(sampling_to_wire(&job.sampling)),
+                    },
+                    b.timeouts.worker,
+                ))
+                .await
+                .map_err(|e| worker_error("prefill", e))
+        }
+        .instrument(tracing::info_span!("prefill", tokens = job.prompt.len()))
+        .await?
+        .into_inner();
+        self.summary.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let (toks, feats) = split_step(step, Some(job.prompt.len()))?;
+        let mut last = toks[0];
+        let mut shifted = job.prompt[1..].to_vec();
+        shifted.push(last);
+        self.history.push((shifted, feats));
+        let mut going = self.accept(&toks, &mut text, tx).await;
+        let mut run_len = job.prompt.len();
+
+        if going && self.spec().is_some() && b.draft.is_some() {
+            self.draft = DraftState::Down {
+                retry_at: Instant::now(),
+                attempt: 0,
+            };
+        }
+        let depth = self.spec().map_or(0, |s| s.depth);
+        while going {
+            if tx.is_closed() {
+                self.summary.finish = FinishReason::Cancelled;
+                break;
+            }
+            let room = run_len + depth < b.max_context;
+            let tree = if room {
+                self.draft_tree(last).await
+            } else {
+                None
+            };
+            let step = match tree {
+                Some(tree) => {
+                    let n = tree.tokens.len();
+                    async {
+                        self.worker
+                            .clone()
+                            .verify(outgoing(
+                                VerifyRequest {
+                                    session_id: self.id.clone(),
+                                    tree: Some(tree),
+                                },
+                                b.timeouts.worker,
+                            ))
+                            .await
+                            .map_err(|e| worker_error("verify", e))
+                    }
+                    .instrument(tracing::info_span!("verify", nodes = n))
+                    .await?
+                }
+                None => {
+                    if !matches!(self.draft, DraftState::Off) {
+                        self.summary.fallback_steps += 1;
+                    }
+                    async {
+                        self.worker
+                            .clone()
+                            .decode(outgoing(
+                                DecodeRequest {
+                                    session_id: self.id.clone(),
+                                    token: last,
+                                },
+                                b.timeouts.worker,
+                            ))
+                            .await
+                            .map_err(|e| worker_error("decode", e))
+                    }
+                    .instrument(tracing::info_span!("decode"))
+                    .await?
+                }
+            }
+            .into_inner();
+            let (toks, feats) = split_step(step, None)?;
+            // The root (the previous last token) and the accepted path were run.
+            run_len += toks.len();
+            last = *toks.last().expect("split_step checked");
+            self.history.push((toks.clone(), feats));
+            going = self.accept(&toks, &mut text, tx).await;
+        }
+        let rest = text
+            .finish()
+            .map_err(|e| eagle_proto::status::from_engine(&e))?;
+        if !rest.is_empty() {
+            let _ = tx
+                .send(Ok(Event::Delta {
+                    text: rest,
+                    token_ids: Vec::new(),
+                }))
+                .await;
+        }
+        self.summary.generated_tokens = self.tokens.len();
+        self.summary.wall_ms = t0.elapsed().as_secs_f64() * 1e3;
+        Ok(())
+    }
+
+    /// Takes a step's tokens: EOS, the length limit and stop strings end the generation.
+    /// Sends the accepted part; returns false when the generation is over.
+    async fn accept(&mut self, toks: &[u32], text: &mut TextStream<'_>, tx: &Events) -> bool {
+        self.summary.steps += 1;
+        let mut taken = Vec::new();
+        let mut finish = None;
+        for &t in toks {
+            if self.b.tokenizer.eos_ids().contains(&t) {
+                finish = Some(FinishReason::Eos);
+                break;
+            }
+            taken.push(t);
+            match text.push(t) {
+                Ok(true) => {
+                    finish = Some(FinishReason::Stop);
+                    break;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "detokenising failed");
+                }
+            }
+            if self.tokens.len() + taken.len() >= self.job.max_new_tokens {
+                finish = Some(FinishReason::Length);
+                break;
+            }
+        }
+        self.tokens.extend_from_slice(&taken);
+        let delta = text.take();
+        if (!taken.is_empty() || !delta.is_empty())
+            && tx
+                .send(Ok(Event::Delta {
+                    text: delta,
+                    token_ids: taken,
+                }))
+                .await
+                .is_err()
+        {
+            finish = Some(FinishReason::Cancelled);
+        }
+        match finish {
+            Some(f) => {
+                self.summary.finish = f;
+                false
+            }
+            None => true,
+        }
+    }
+
+    /// A tree from the draft side, or None (no speculation, or the draft side failed).
+    async fn draft_tree(&mut self, root: u32) -> Option<eagle_proto::common::Tree> {
+        let b = self.b.clone();
+        let mut client = b.draft.clone()?;
+        if let DraftState::Down { retry_at, attempt } = self.draft {
+            if Instant::now() < retry_at {
+                return None;
+            }
+            match self.open_draft(&mut client, attempt).await {
+                Ok(sid) => {
+                    self.draft = DraftState::Open {
+                        sid,
+                        committed: self.history.len(),
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(session = %self.id, error = %e.message(), "draft service unavailable; decoding plainly");
+                    self.draft = DraftState::Down {
+                        retry_at: Instant::now() + b.timeouts.draft_retry,
+                        attempt: attempt + 1,
+                    };
+                    return None;
+                }
+            }
+        }
+        let DraftState::Open { sid, committed } = &self.draft else {
+            return None;
+        };
+        let (sid, committed) = (sid.clone(), *committed);
+        let (commit_tokens, commit_features) = concat(&self.history[committed..]);
+        let n_commit = commit_tokens.len();
+        let res = async {
+            client
+                .draft(outgoing(
+                    DraftRequest {
+                        session_id: sid.clone(),
+                        commit_tokens,
+                        commit_features,
+                        root,
+                    },
+                    b.timeouts.draft,
+                ))
+                .await
+        }
+        .instrument(tracing::info_span!("draft", committed = n_commit))
+        .await;
+        match res {
+            Ok(r) => {
+                self.draft = DraftState::Open {
+                    sid,
+                    committed: self.history.len(),
+                };
+                r.into_inner().tree
+            }
+            Err(e) => {
+                tracing::warn!(session = %self.id, code = ?e.code(), error = %e.message(), "drafting failed; decoding plainly");
+                // Close the old session in the background in case it is still there.
+                let mut c = client.clone();
+                let t = b.timeouts.draft;
+                tokio::spawn(async move {
+                    let _ = c.close(outgoing(SessionRef { session_id: sid }, t)).await;
+                });
+                self.draft = DraftState::Down {
+                    retry_at: Instant::now() + b.timeouts.draft_retry,
+                    attempt: 1,
+                };
+                None
+            }
+        }
+    }
+
+    /// Opens a draft session holding every committed pair so far.
+    async fn open_draft(
+        &self,
+        client: &mut eagle_proto::draft::draft_client::DraftClient<tonic::transport::Channel>,
+        attempt: u32,
+    ) -> Result<String, Status> {
+        let b = &self.b;
+        let spec = self.spec().expect("speculating");
+        let sid = if attempt == 0 {
+            self.id.clone()
+        } else {
+            format!("{}#{attempt}", self.id)
+        };
+        let (tokens, features) = concat(&self.history);
+        let capacity = self.job.prompt.len() + self.job.max_new_tokens + spec.node_budget() + 2;
+        client
+            .open(outgoing(
+                OpenRequest {
+                    session_id: sid.clone(),
+                    capacity: capacity as u32,
+                    sampling: Some(sampling_to_wire(&self.job.sampling)),
+                    spec: Some(spec_to_wire(spec)),
+                    cost_tokens: b.cost.iter().map(|c| c.tokens).collect(),
+                    cost_seconds: b.cost.iter().map(|c| c.seconds).collect(),
+                    tokens,
+                    features,
+                },
+                b.timeouts.draft,
+            ))
+            .instrument(tracing::info_span!("draft_open", attempt))
+            .await?;
+        Ok(sid)
+    }
+}
+
+/// A worker step's tokens and features, checked: `rows` feature rows (default: one per token).
+fn split_step(step: Step, rows: Option<usize>) -> Result<(Vec<u32>, Features), Status> {
+    let f = step
+        .features
+        .ok_or_else(|| Status::internal("the worker sent a step without features"))?;
+    if step.tokens.is_empty() || f.rows as usize != rows.unwrap_or(step.tokens.len()) {
+        return Err(Status::internal(format!(
+            "the worker sent {} tokens with {} feature rows",
+            step.tokens.len(),
+            f.rows
+        )));
+    }
+    Ok((step.tokens, f))
+}
+
+/// Chunks of (tokens, features) as one.
+fn concat(chunks: &[(Vec<u32>, Features)]) -> (Vec<u32>, Option<Features>) {
+    if chunks.is_empty() {
+        return (Vec::new(), None);
+    }
+    let mut tokens = Vec::new();
+    let first = &chunks[0].1;
+    let mut f = Features {
+        rows: 0,
+        hidden: first.hidden,
+        dtype: first.dtype,
+        data: Vec::new(),
+    };
+    for (t, x) in chunks {
+        tokens.extend_from_slice(t);
+        f.rows += x.rows;
+        f.data.extend_from_slice(&x.data);
+    }
+    (tokens, Some(f))
+}

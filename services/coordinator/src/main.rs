@@ -1,0 +1,155 @@
+//! `eagle-coordinator`: serves the public Generation API in front of a draft service and a
+//! verification worker.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use eagle_coordinator::backends::{draft_client, Backends, Timeouts, WorkerPool};
+use eagle_coordinator::queue::Queue;
+use eagle_coordinator::Coordinator;
+use eagle_engine::chat::ChatTemplate;
+use eagle_engine::loader::open_model;
+use eagle_proto::common::Empty;
+use eagle_proto::serve;
+use eagle_proto::v1::generation_server::GenerationServer;
+
+#[derive(Parser)]
+#[command(
+    name = "eagle-coordinator",
+    version,
+    about = "eagle-serve coordinator: the public Generate / StreamGenerate API",
+    long_about = "Tokenises and validates requests, queues them (a bounded queue; a full one \
+answers RESOURCE_EXHAUSTED), and drives each one across the draft service and the \
+verification worker. Without a reachable draft service it decodes plainly, which gives the same \
+text. Prints `listening ADDR` on stdout once it accepts connections; SIGINT or SIGTERM shut it \
+down gracefully."
+)]
+struct Args {
+    /// Target model (only its tokenizer and config are read here): a .gguf file or a Hugging
+    /// Face directory.
+    #[arg(long, env = "EAGLE_COORDINATOR_MODEL")]
+    model: std::path::PathBuf,
+    /// The name clients use for this model (requests naming another are refused).
+    #[arg(long, env = "EAGLE_COORDINATOR_MODEL_NAME", default_value = "default")]
+    model_name: String,
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(
+        long,
+        env = "EAGLE_COORDINATOR_LISTEN",
+        default_value = "127.0.0.1:50051"
+    )]
+    listen: String,
+    /// Verification worker addresses (repeat the flag, or separate with commas); new sessions
+    /// go to the least busy.
+    #[arg(
+        long = "worker",
+        env = "EAGLE_COORDINATOR_WORKERS",
+        value_delimiter = ',',
+        required = true
+    )]
+    workers: Vec<String>,
+    /// The draft service's address; without one, every request decodes plainly.
+    #[arg(long, env = "EAGLE_COORDINATOR_DRAFT")]
+    draft: Option<String>,
+    /// Requests generating at once.
+    #[arg(long, env = "EAGLE_MAX_RUNNING", default_value_t = 16)]
+    max_running: usize,
+    /// Requests waiting for a slot; past this, RESOURCE_EXHAUSTED.
+    #[arg(long, env = "EAGLE_MAX_WAITING", default_value_t = 64)]
+    max_waiting: usize,
+    /// Deadline of each worker call, in milliseconds.
+    #[arg(long, env = "EAGLE_WORKER_TIMEOUT_MS", default_value_t = 60_000)]
+    worker_timeout_ms: u64,
+    /// Deadline of each draft call, in milliseconds; a late draft turns into a plain step.
+    #[arg(long, env = "EAGLE_DRAFT_TIMEOUT_MS", default_value_t = 2_000)]
+    draft_timeout_ms: u64,
+    /// After a draft failure, decode plainly this long before trying the draft side again.
+    #[arg(long, env = "EAGLE_DRAFT_RETRY_MS", default_value_t = 1_000)]
+    draft_retry_ms: u64,
+    /// Chat template override: chatml, vicuna, llama2 or llama3 (default: the model's own).
+    #[arg(long, env = "EAGLE_CHAT_TEMPLATE")]
+    chat_template: Option<String>,
+    /// How long to wait for the worker at start, in seconds.
+    #[arg(long, env = "EAGLE_STARTUP_WAIT_S", default_value_t = 120)]
+    startup_wait_s: u64,
+}
+
+#[tokio::main]
+async fn main() {
+    let _trace = eagle_trace::init("coordinator");
+    if let Err(e) = run(Args::parse()).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(a: Args) -> Result<()> {
+    let opened = open_model(&a.model).with_context(|| format!("opening {}", a.model.display()))?;
+    let mut tokenizer = opened.tokenizer;
+    if let Some(name) = &a.chat_template {
+        tokenizer.set_chat_template(ChatTemplate::by_name(name)?);
+    }
+    let workers = WorkerPool::new(&a.workers)?;
+    let draft = a.draft.as_deref().map(draft_client).transpose()?;
+
+    // Workers measure their verification costs at start; wait for them all.
+    let t0 = Instant::now();
+    let mut infos = Vec::new();
+    for (addr, client) in workers.all() {
+        let info = loop {
+            match client.clone().info(Empty {}).await {
+                Ok(i) => break i.into_inner(),
+                Err(e) if t0.elapsed() < Duration::from_secs(a.startup_wait_s) => {
+                    tracing::debug!(error = %e.message(), "waiting for the worker at {addr}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => bail!("the worker at {addr} did not answer: {}", e.message()),
+            }
+        };
+        if info.model != a.model_name {
+            bail!(
+                "the worker at {addr} serves {:?}, not {:?}",
+                info.model,
+                a.model_name
+            );
+        }
+        if info.vocab_size as usize != opened.config.vocab_size {
+            bail!(
+                "the worker at {addr} has a vocabulary of {}, {} has {}",
+                info.vocab_size,
+                a.model.display(),
+                opened.config.vocab_size
+            );
+        }
+        infos.push(info);
+    }
+    let info = infos.swap_remove(0);
+    let backends = Backends {
+        workers,
+        draft,
+        cost: info.cost_profile,
+        tokenizer,
+        model_name: a.model_name.clone(),
+        max_context: info.max_context as usize,
+        timeouts: Timeouts {
+            worker: Duration::from_millis(a.worker_timeout_ms),
+            draft: Duration::from_millis(a.draft_timeout_ms),
+            draft_retry: Duration::from_millis(a.draft_retry_ms),
+        },
+    };
+    let coord = Coordinator::new(backends, Queue::start(a.max_running, a.max_waiting));
+    let (reporter, health) = serve::health();
+    reporter
+        .set_serving::<GenerationServer<Coordinator>>()
+        .await;
+    let (incoming, _addr) = serve::bind(&a.listen).await?;
+    tracing::info!(model = %a.model_name, workers = ?a.workers, draft = ?a.draft, "coordinator ready");
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(serve::reflection())
+        .add_service(GenerationServer::new(coord))
+        .serve_with_incoming_shutdown(incoming, serve::shutdown_signal())
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,173 @@
+//! The public `eagle.v1.Generation` service: validate, queue, run the step loop, answer.
+//!
+//! Both calls run the same loop in a task of its own and read its events from a channel; when
+//! the client goes away (a dropped unary call or a closed stream) the channel closes, the loop
+//! sees it before its next step, and it releases its sessions.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use eagle_proto::v1::generation_server::Generation;
+use eagle_proto::v1::{GenerateChunk, GenerateRequest, GenerateResponse, SpeculationStats, Usage};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::backends::Backends;
+use crate::generation::{run, Event, Summary};
+use crate::queue::Queue;
+use crate::request::{validate, Limits};
+
+pub struct Coordinator {
+    backends: Arc<Backends>,
+    queue: Queue,
+    next_id: AtomicU64,
+    /// Distinguishes this process's session ids from an earlier run's.
+    epoch: u64,
+}
+
+impl Coordinator {
+    pub fn new(backends: Backends, queue: Queue) -> Self {
+        let epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        Coordinator {
+            backends: Arc::new(backends),
+            queue,
+            next_id: AtomicU64::new(1),
+            epoch,
+        }
+    }
+
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    /// Validates, waits for admission, starts the step loop; returns its events.
+    async fn start(
+        &self,
+        req: GenerateRequest,
+        span: tracing::Span,
+    ) -> Result<mpsc::Receiver<Result<Event, Status>>, Status> {
+        let b = &self.backends;
+        let limits = Limits {
+            model_name: b.model_name.clone(),
+            max_context: b.max_context,
+        };
+        let job = span.in_scope(|| validate(&req, &b.tokenizer, &limits))?;
+        let id = format!(
+            "{:x}-{}",
+            self.epoch,
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        );
+        span.record("session", id.as_str());
+        let t0 = Instant::now();
+        let permit = self
+            .queue
+            .admit()
+            .instrument(tracing::info_span!(parent: &span, "queue"))
+            .await?;
+        let queue_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let (tx, rx) = mpsc::channel(32);
+        let backends = self.backends.clone();
+        tokio::spawn(
+            async move {
+                run(backends, job, id, tx, queue_ms).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+        Ok(rx)
+    }
+}
+
+fn request_span(kind: &'static str, req: &Request<GenerateRequest>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "request",
+        kind,
+        session = tracing::field::Empty,
+        worker = tracing::field::Empty
+    );
+    eagle_trace::adopt(&span, req.metadata());
+    span
+}
+
+fn stats(s: &Summary) -> (Usage, SpeculationStats) {
+    (
+        Usage {
+            prompt_tokens: s.prompt_tokens as u32,
+            generated_tokens: s.generated_tokens as u32,
+        },
+        SpeculationStats {
+            steps: s.steps as u32,
+            mean_accepted: s.mean_accepted(),
+            fallback_steps: s.fallback_steps as u32,
+            prefill_ms: s.prefill_ms,
+            queue_ms: s.queue_ms,
+            wall_ms: s.wall_ms,
+        },
+    )
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<GenerateChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Generation for Coordinator {
+    async fn generate(
+        &self,
+        req: Request<GenerateRequest>,
+    ) -> Result<Response<GenerateResponse>, Status> {
+        let span = request_span("unary", &req);
+        let mut rx = self.start(req.into_inner(), span).await?;
+        let mut out = GenerateResponse::default();
+        while let Some(ev) = rx.recv().await {
+            match ev? {
+                Event::Delta { text, token_ids } => {
+                    out.text.push_str(&text);
+                    out.token_ids.extend_from_slice(&token_ids);
+                }
+                Event::Done(s) => {
+                    let (usage, st) = stats(&s);
+                    out.finish_reason = s.finish as i32;
+                    out.usage = Some(usage);
+                    out.stats = Some(st);
+                    return Ok(Response::new(out));
+                }
+            }
+        }
+        Err(Status::internal("the generation ended without a result"))
+    }
+
+    type StreamGenerateStream = ChunkStream;
+
+    async fn stream_generate(
+        &self,
+        req: Request<GenerateRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        let span = request_span("stream", &req);
+        let rx = self.start(req.into_inner(), span).await?;
+        let stream = ReceiverStream::new(rx).map(|ev| {
+            ev.map(|e| match e {
+                Event::Delta { text, token_ids } => GenerateChunk {
+                    text,
+                    token_ids,
+                    ..Default::default()
+                },
+                Event::Done(s) => {
+                    let (usage, st) = stats(&s);
+                    GenerateChunk {
+                        finish_reason: s.finish as i32,
+                        usage: Some(usage),
+                        stats: Some(st),
+                        ..Default::default()
+                    }
+                }
+            })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
