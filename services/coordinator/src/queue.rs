@@ -14,8 +14,7 @@ use tonic::Status;
 enum Command {
     Admit {
         span: tracing::Span,
-        reply: oneshot::Sender<Permit>,
-        refused: oneshot::Sender<Status>,
+        reply: oneshot::Sender<Result<Permit, Status>>,
     },
     Done,
     Stats(oneshot::Sender<QueueStats>),
@@ -45,7 +44,7 @@ pub struct Queue {
 
 struct Waiter {
     span: tracing::Span,
-    reply: oneshot::Sender<Permit>,
+    reply: oneshot::Sender<Result<Permit, Status>>,
 }
 
 impl Queue {
@@ -58,29 +57,21 @@ impl Queue {
             let mut waiting: VecDeque<Waiter> = VecDeque::new();
             while let Some(cmd) = rx.recv().await {
                 match cmd {
-                    Command::Admit {
-                        span,
-                        reply,
-                        refused,
-                    } => {
+                    Command::Admit { span, reply } => {
                         if running < max_running {
                             running += 1;
-                            let _ = span.in_scope(|| tracing::debug!("admitted"));
-                            if reply
-                                .send(Permit {
-                                    tx: permit_tx.clone(),
-                                })
-                                .is_err()
-                            {
-                                running -= 1;
-                            }
+                            span.in_scope(|| tracing::debug!("admitted"));
+                            // A send that fails drops the permit, which sends Done.
+                            let _ = reply.send(Ok(Permit {
+                                tx: permit_tx.clone(),
+                            }));
                         } else if waiting.len() < max_waiting {
                             waiting.push_back(Waiter { span, reply });
                         } else {
-                            let _ = refused.send(Status::resource_exhausted(format!(
+                            let _ = reply.send(Err(Status::resource_exhausted(format!(
                                 "the server is busy: {running} requests running and \
                                  {max_waiting} waiting; retry later"
-                            )));
+                            ))));
                         }
                     }
                     Command::Done => {
@@ -93,9 +84,9 @@ impl Queue {
                             w.span
                                 .in_scope(|| tracing::debug!("admitted from the queue"));
                             // A send that fails drops the permit, which sends Done again.
-                            let _ = w.reply.send(Permit {
+                            let _ = w.reply.send(Ok(Permit {
                                 tx: permit_tx.clone(),
-                            });
+                            }));
                             break;
                         }
                     }
@@ -113,19 +104,16 @@ impl Queue {
 
     /// Waits for a slot, or is refused at once when the queue is full.
     pub async fn admit(&self) -> Result<Permit, Status> {
-        let (reply, permit) = oneshot::channel();
-        let (refused, refusal) = oneshot::channel();
+        let (reply, answer) = oneshot::channel();
         self.tx
             .send(Command::Admit {
                 span: tracing::Span::current(),
                 reply,
-                refused,
             })
             .map_err(|_| Status::unavailable("the server is shutting down"))?;
-        tokio::select! {
-            p = permit => p.map_err(|_| Status::unavailable("the server is shutting down")),
-            r = refusal => Err(r.unwrap_or_else(|_| Status::unavailable("the server is shutting down"))),
-        }
+        answer
+            .await
+            .map_err(|_| Status::unavailable("the server is shutting down"))?
     }
 
     pub async fn stats(&self) -> QueueStats {
