@@ -1,1 +1,202 @@
-//! placeholder
+//! The commands people run: `eagle cluster up` prints `ready ADDR`, serves `eagle client`, and
+//! stops all its processes on SIGTERM; and one request's spans form one trace across the
+//! coordinator, the draft service and the worker.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use eagle_tests::*;
+
+#[test]
+fn cluster_up_serves_the_client_and_stops_on_sigterm() {
+    let mut up = Command::new(bin("eagle"))
+        .args(["cluster", "up", "--port", "0", "--model"])
+        .arg(smollm2())
+        .arg("--head")
+        .arg(random_head())
+        .env("EAGLE_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    let ready = lines.next().expect("a line").unwrap();
+    let addr = ready
+        .strip_prefix("ready ")
+        .unwrap_or_else(|| panic!("expected `ready ADDR`, got {ready:?}"))
+        .to_string();
+
+    let out = Command::new(bin("eagle"))
+        .args([
+            "client",
+            "--addr",
+            &addr,
+            "--chat",
+            "--json",
+            "--max-new-tokens",
+            "12",
+        ])
+        .args(["--prompt", "What is the capital of France?"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let ids: Vec<u32> = serde_json::from_value(v["token_ids"].clone()).unwrap();
+    let want = reference_tokens(&chat_request("What is the capital of France?", 12));
+    assert_eq!(ids, want);
+    assert_eq!(
+        v["text"],
+        reference_engine().tokenizer.decode(&want).unwrap()
+    );
+    assert!(v["stats"]["steps"].as_u64().unwrap() >= 1);
+
+    // Streaming through the command prints the same text.
+    let out = Command::new(bin("eagle"))
+        .args([
+            "client",
+            "--addr",
+            &addr,
+            "--chat",
+            "--stream",
+            "--max-new-tokens",
+            "12",
+        ])
+        .args(["--prompt", "What is the capital of France?"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim_end(),
+        v["text"].as_str().unwrap().trim_end()
+    );
+
+    // SIGTERM: the command and every child exit promptly.
+    let children = child_pids(up.id());
+    assert!(
+        children.len() >= 3,
+        "coordinator, draft and worker: {children:?}"
+    );
+    unsafe {
+        libc::kill(up.id() as i32, libc::SIGTERM);
+    }
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = up.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "cluster up did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status}");
+    for pid in children {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map(|s| s.contains(") Z "))
+                    .unwrap_or(true),
+            "child {pid} is still running"
+        );
+    }
+}
+
+/// Pids whose parent is `pid` (Linux /proc).
+fn child_pids(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
+            // pid (comm) state ppid ...
+            if let Some(rest) = stat.rsplit_once(") ") {
+                let ppid: u32 = rest.1.split(' ').nth(1).unwrap_or("0").parse().unwrap_or(0);
+                if ppid == pid {
+                    out.push(p);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_request_is_one_trace_across_the_processes() {
+    let trace = std::env::temp_dir().join(format!("eagle-trace-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&trace);
+    let cluster = TestCluster::start(ClusterOpts {
+        env: vec![("EAGLE_TRACE_FILE".into(), trace.display().to_string())],
+        ..Default::default()
+    });
+    let mut c = cluster.client().await;
+    c.generate(chat_request("Name three colours.", 12))
+        .await
+        .unwrap();
+    cluster.expect_no_sessions(Duration::from_secs(5)).await;
+    drop(c);
+    drop(cluster); // the processes are killed; spans were written as they ended
+
+    let text = std::fs::read_to_string(&trace).expect("the trace file");
+    let spans: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let by_id: HashMap<String, &serde_json::Value> = spans
+        .iter()
+        .map(|s| (s["span_id"].as_str().unwrap().to_string(), s))
+        .collect();
+    let request = spans
+        .iter()
+        .find(|s| s["service"] == "coordinator" && s["name"] == "request")
+        .expect("a request span");
+    let trace_id = request["trace_id"].as_str().unwrap();
+    let in_trace = |service: &str, name: &str| {
+        spans
+            .iter()
+            .filter(|s| s["service"] == service && s["name"] == name && s["trace_id"] == trace_id)
+            .collect::<Vec<_>>()
+    };
+    for (service, name) in [
+        ("coordinator", "queue"),
+        ("coordinator", "prefill"),
+        ("coordinator", "draft"),
+        ("coordinator", "verify"),
+        ("worker", "worker.prefill"),
+        ("worker", "worker.verify"),
+        ("draft", "draft.open"),
+        ("draft", "draft.draft"),
+    ] {
+        assert!(
+            !in_trace(service, name).is_empty(),
+            "no {service} span {name} in the request's trace"
+        );
+    }
+    // A worker verify span's ancestry reaches the coordinator's request span.
+    let v = in_trace("worker", "worker.verify")[0];
+    let mut cur = v;
+    let mut hops = 0;
+    while let Some(p) = cur["parent_span_id"].as_str() {
+        cur = by_id
+            .get(p)
+            .unwrap_or_else(|| panic!("parent {p} of {} is not in the trace", cur["name"]));
+        hops += 1;
+        assert!(hops < 10);
+    }
+    assert_eq!(
+        cur["span_id"], request["span_id"],
+        "the root of worker.verify is the request span"
+    );
+    assert_eq!(
+        by_id[v["parent_span_id"].as_str().unwrap()]["name"],
+        "verify"
+    );
+    let _ = std::fs::remove_file(&trace);
+}

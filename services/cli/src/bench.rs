@@ -37,6 +37,10 @@ pub struct BenchArgs {
     /// Send prompts as is, without the chat template.
     #[arg(long)]
     pub raw: bool,
+    /// Also run EAGLE through a local cluster (coordinator, draft service and worker as
+    /// separate processes over gRPC) and report what the distributed path adds per step.
+    #[arg(long)]
+    pub cluster: bool,
 }
 
 #[derive(Deserialize)]
@@ -109,6 +113,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
             .expect("template")
             .progress_chars("=> "),
     );
+    let mut remote = match a.cluster {
+        true => Some(crate::cluster::RemoteBench::start(&a.model)?),
+        false => None,
+    };
+    let mut cluster_totals = Totals::default();
+    let mut cluster_identical = 0usize;
     let mut totals = [Totals::default(), Totals::default()];
     let mut by_cat: BTreeMap<String, [Totals; 2]> = BTreeMap::new();
     let mut identical = 0usize;
@@ -150,6 +160,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if outs[0].tokens == outs[1].tokens {
             identical += 1;
         }
+        if let Some(r) = remote.as_mut() {
+            let o = r.generate(&p.prompt, a.raw, &a.sampling)?;
+            if o.tokens == outs[1].tokens {
+                cluster_identical += 1;
+            }
+            cluster_totals.add(&o);
+        }
         bar.set_message(format!(
             "speedup so far {:.2}x",
             totals[1].tps() / totals[0].tps()
@@ -190,6 +207,33 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "categories": categories,
         "verify_cost_ms": profile.points.iter().map(|(n, s)| serde_json::json!([n, s * 1e3])).collect::<Vec<_>>(),
     });
+    let mut summary = summary;
+    if let Some(r) = remote {
+        let e = &totals[1];
+        let c = &cluster_totals;
+        let ms_step = |t: &Totals| t.wall * 1e3 / t.steps.max(1) as f64;
+        let hidden = r.hidden;
+        eprintln!(
+            "cluster        eagle {:>7.1} tok/s ({:.1} ms/step in-process, {:.1} ms/step through \
+             the cluster: +{:.1} ms), identical {cluster_identical}/{}",
+            c.tps(),
+            ms_step(e),
+            ms_step(c),
+            ms_step(c) - ms_step(e),
+            prompts.len()
+        );
+        summary["cluster"] = serde_json::json!({
+            "eagle_tokens_per_s": c.tps(),
+            "identical_to_in_process": cluster_identical,
+            "steps": c.steps,
+            "ms_per_step": ms_step(c),
+            "in_process_ms_per_step": ms_step(e),
+            "added_ms_per_step": ms_step(c) - ms_step(e),
+            "feature_bytes_per_token": hidden * 2,
+            "feature_bytes_per_token_at_hidden_8192": 8192 * 2,
+        });
+        drop(r);
+    }
     println!("{summary}");
     Ok(())
 }

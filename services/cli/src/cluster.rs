@@ -352,3 +352,90 @@ impl Cluster {
         self.procs.clear();
     }
 }
+
+/// EAGLE through a local cluster, for `eagle bench --cluster`: timed from the client's side,
+/// so the figures include every gRPC hop.
+pub struct RemoteBench {
+    rt: tokio::runtime::Runtime,
+    cluster: Option<Cluster>,
+    client: eagle_proto::v1::generation_client::GenerationClient<tonic::transport::Channel>,
+    pub hidden: usize,
+}
+
+impl RemoteBench {
+    pub fn start(model: &ModelArgs) -> Result<Self> {
+        let rt = tokio::runtime::Runtime::new()?;
+        let up = UpArgs {
+            model: model.clone(),
+            port: 0,
+            workers: 1,
+            no_draft: false,
+            max_running: 4,
+            max_waiting: 4,
+        };
+        let (cluster, client, hidden) = rt.block_on(async {
+            let c = Cluster::start(&up).await?;
+            let url = format!("http://{}", c.addr);
+            let client = eagle_proto::v1::generation_client::GenerationClient::connect(url).await?;
+            let path = resolve_or_fetch(&model.model)?;
+            let hidden = eagle_engine::loader::open_model(&path)?.config.hidden_size;
+            Ok::<_, anyhow::Error>((c, client, hidden))
+        })?;
+        Ok(RemoteBench {
+            rt,
+            cluster: Some(cluster),
+            client,
+            hidden,
+        })
+    }
+
+    pub fn generate(
+        &mut self,
+        prompt: &str,
+        raw: bool,
+        sampling: &crate::generate::SamplingArgs,
+    ) -> Result<eagle_engine::GenerateOutput> {
+        let args = ClientArgs {
+            addr: String::new(),
+            prompt: prompt.into(),
+            chat: !raw,
+            system: None,
+            stream: false,
+            model: String::new(),
+            max_new_tokens: sampling.max_new_tokens as u32,
+            temperature: sampling.temperature,
+            top_p: sampling.top_p,
+            top_k: sampling.top_k as u32,
+            seed: sampling.seed,
+            stop: Vec::new(),
+            no_speculation: false,
+            total_token: None,
+            json: false,
+        };
+        let mut client = self.client.clone();
+        let t0 = std::time::Instant::now();
+        let r = self
+            .rt
+            .block_on(client.generate(args.request()))
+            .map_err(|s| anyhow!("cluster: {:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        let wall_s = t0.elapsed().as_secs_f64();
+        let stats = r.stats.unwrap_or_default();
+        Ok(eagle_engine::GenerateOutput {
+            tokens: r.token_ids,
+            steps: stats.steps as usize,
+            fallback_steps: stats.fallback_steps as usize,
+            prefill_s: stats.prefill_ms / 1e3,
+            wall_s,
+            ..Default::default()
+        })
+    }
+}
+
+impl Drop for RemoteBench {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.cluster.take() {
+            self.rt.block_on(c.stop());
+        }
+    }
+}

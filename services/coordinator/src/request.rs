@@ -117,7 +117,7 @@ pub fn validate(req: &GenerateRequest, tok: &Tokenizer, lim: &Limits) -> Result<
         )));
     }
 
-    let sp = req.speculation.clone().unwrap_or_default();
+    let sp = req.speculation.unwrap_or_default();
     let spec = if sp.enabled.unwrap_or(true) {
         let mut c = SpecConfig::default();
         if let Some(t) = sp.total_token {

@@ -270,7 +270,7 @@ pub fn spec_from_wire(s: Option<&common::SpecParams>) -> Result<SpecConfig, Stat
 
 pub fn spec_to_wire(c: &SpecConfig) -> common::SpecParams {
     common::SpecParams {
-        total_token: c.total_token as i32,
+        total_token: c.total_token,
         depth: c.depth as u32,
         top_k: c.top_k as u32,
     }

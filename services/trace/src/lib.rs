@@ -2,10 +2,11 @@
 //! metadata.
 //!
 //! Each process logs to stderr (`EAGLE_LOG`, default `info`) and records spans through
-//! OpenTelemetry. A caller puts its current span's context into the request metadata as a W3C
-//! `traceparent` header ([`outgoing`]); the callee makes its handler span a child of it
-//! ([`adopt`]). So a request's spans (queue, prefill, each draft, verify and commit step) form
-//! one trace across the coordinator, the draft service and the workers.
+//! OpenTelemetry (`EAGLE_TRACE_LEVEL`, default `info`). A caller puts its current span's
+//! context into the request metadata as a W3C `traceparent` header ([`outgoing`]); the callee
+//! makes its handler span a child of it ([`adopt`]). So a request's spans (queue, prefill,
+//! each draft, verify and commit step) form one trace across the coordinator, the draft service
+//! and the workers.
 //!
 //! Export: with `EAGLE_TRACE_FILE=PATH`, finished spans are appended to PATH as JSON lines
 //! (trace id, span id, parent id, name, service, times, attributes); several processes may
@@ -21,7 +22,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::layer::{Layer, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
@@ -51,13 +52,19 @@ pub fn init(service: &'static str) -> TraceGuard {
     }
     let provider = builder.build();
     let tracer = provider.tracer(service);
-    let filter = EnvFilter::try_from_env("EAGLE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // Logs and spans are filtered apart: quiet logs must not lose a request's spans.
+    let log_filter =
+        EnvFilter::try_from_env("EAGLE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let span_filter =
+        EnvFilter::try_from_env("EAGLE_TRACE_LEVEL").unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let otel = tracing_opentelemetry::layer().with_tracer(tracer);
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_filter(log_filter);
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(span_filter);
     let _ = tracing_subscriber::registry()
-        .with(filter)
         .with(fmt)
         .with(otel)
         .try_init();
