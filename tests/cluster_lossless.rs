@@ -144,3 +144,34 @@ async fn sampling_with_a_seed_reproduces_itself() {
         "another seed changed nothing: sampling is not random"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_strings_cut_the_text_and_end_the_generation() {
+    let cluster = TestCluster::start(ClusterOpts::default());
+    let mut c = cluster.client().await;
+    let tok = &reference_engine().tokenizer;
+    let req = chat_request("Name the planets of the solar system.", 48);
+    let want = reference_tokens(&req);
+    let full = tok.decode(&want).unwrap();
+    // A stop string from the middle of the reference text.
+    let words: Vec<&str> = full.split_whitespace().collect();
+    let stop = words[words.len() / 2].to_string();
+    let cut = full.find(&stop).unwrap();
+    let mut r = req.clone();
+    r.sampling.as_mut().unwrap().stop = vec![stop.clone(), "never appears ~~~".into()];
+    let u = unary(&mut c, r.clone()).await;
+    let s = stream(&mut c, r).await;
+    assert_eq!(
+        u.text,
+        full[..cut],
+        "text cut before the stop string {stop:?}"
+    );
+    assert_eq!(
+        s.text, u.text,
+        "the stream holds back what could start a stop string"
+    );
+    assert_eq!(u.finish, FinishReason::Stop as i32);
+    assert_eq!(s.finish, FinishReason::Stop as i32);
+    assert!(u.tokens.len() < want.len() && want.starts_with(&u.tokens));
+    assert_eq!(u.tokens, s.tokens);
+}

@@ -144,3 +144,76 @@ async fn sixteen_concurrent_streams_are_all_correct() {
     }
     cluster.expect_no_sessions(Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reflection_and_idle_reclaim() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let cluster = TestCluster::start(ClusterOpts {
+        env: vec![("EAGLE_IDLE_TIMEOUT_S".into(), "1".into())],
+        ..Default::default()
+    });
+    let services = [
+        (&cluster.coordinator.addr, "eagle.v1.Generation"),
+        (&cluster.worker.addr, "eagle.worker.v1.Worker"),
+        (
+            &cluster.draft.as_ref().unwrap().addr,
+            "eagle.draft.v1.Draft",
+        ),
+    ];
+    for (addr, name) in services {
+        let url = format!("http://{addr}");
+        let channel = tonic::transport::Endpoint::from_shared(url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut h = HealthClient::new(channel.clone());
+        let st = h
+            .check(HealthCheckRequest {
+                service: name.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(st.status, ServingStatus::Serving as i32, "{name}");
+        let mut r = ServerReflectionClient::new(channel);
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut resp = r
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let msg = resp.next().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
+            panic!("{name}: no service list");
+        };
+        let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+        assert!(
+            names.contains(&name),
+            "{name} not listed by reflection: {names:?}"
+        );
+    }
+
+    // A session left open by a vanished caller is reclaimed after the idle timeout.
+    let mut w = cluster.worker_client().await;
+    w.prefill(eagle_proto::worker::PrefillRequest {
+        session_id: "orphan".into(),
+        tokens: vec![1, 2, 3],
+        capacity: 16,
+        sampling: None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(cluster.sessions().await.0, 1);
+    cluster.expect_no_sessions(Duration::from_secs(5)).await;
+}
