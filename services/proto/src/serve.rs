@@ -4,17 +4,29 @@
 
 use std::net::SocketAddr;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::{Stream, StreamExt};
 
-/// Binds `addr` and announces the bound address on stdout.
-pub async fn bind(addr: &str) -> std::io::Result<(TcpListenerStream, SocketAddr)> {
+/// Binds `addr` and announces the bound address on stdout. Accepted connections have Nagle's
+/// algorithm off: a step's small messages must not wait for delayed ACKs (40 ms on Linux).
+pub async fn bind(
+    addr: &str,
+) -> std::io::Result<(
+    impl Stream<Item = std::io::Result<TcpStream>> + Send + 'static,
+    SocketAddr,
+)> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
     let local = listener.local_addr()?;
     println!("listening {local}");
-    Ok((TcpListenerStream::new(listener), local))
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
+    });
+    Ok((incoming, local))
 }
 
 /// Resolves on SIGINT or SIGTERM.
