@@ -3,11 +3,13 @@
 //! parses the command line.
 
 mod bench;
+mod data;
 mod fetch;
 mod generate;
 mod head;
 mod models;
 mod runtime;
+mod train;
 
 use std::path::PathBuf;
 
@@ -48,6 +50,10 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Run vanilla and EAGLE decoding on a prompt set and compare speed and output.
     Bench(bench::BenchArgs),
+    /// Make EAGLE training data: run the target over chat conversations, store its features.
+    Data(data::DataArgs),
+    /// Train an EAGLE head on data from `eagle data`.
+    Train(train::TrainArgs),
     /// Manage EAGLE draft heads.
     Head {
         #[command(subcommand)]
@@ -89,6 +95,8 @@ fn main() {
         Command::Fetch { model, force, list } => fetch_cmd(&model, force, list),
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Data(a) => data::run(a),
+        Command::Train(a) => train::run(a),
         Command::Head { command } => head::run(command),
     };
     if let Err(e) = result {
