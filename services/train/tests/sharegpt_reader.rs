@@ -91,7 +91,7 @@ fn malformed_records_are_rejected_with_a_clear_message() {
     assert_eq!(out.len(), 7);
     assert!(out[0].is_ok() && out[6].is_ok());
     for (k, (_, needle)) in bad_records.iter().enumerate() {
-        let e = out[k + 1].as_ref().err().expect("malformed");
+        let e = out[k + 1].as_ref().expect_err("malformed");
         assert!(matches!(e, TrainError::Record { index, .. } if *index == k + 1));
         let msg = e.to_string();
         assert!(msg.contains(needle), "{msg}");
