@@ -137,7 +137,16 @@ pub fn run(a: DataArgs) -> Result<()> {
         .expect("template")
         .progress_chars("=> "),
     );
+    // Without a terminal the bar is hidden: log a line every 30 s instead.
+    let mut last_line = std::time::Instant::now();
     let man = generate(&target, records, prepare, &a.out, &cfg, &mut |p| {
+        if bar.is_hidden() && last_line.elapsed().as_secs() >= 30 {
+            eprintln!(
+                "data: {} tokens, {} conversations, {} records",
+                p.tokens, p.conversations, p.records
+            );
+            last_line = std::time::Instant::now();
+        }
         bar.set_position(p.tokens as u64);
         bar.set_message(format!(
             "{} conversations, {} records",

@@ -63,6 +63,15 @@ pub struct TrainArgs {
     pub seed: u64,
 }
 
+/// A line above the bar, or on stderr when the bar is hidden (not a terminal).
+fn say(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
+}
+
 pub fn run(a: TrainArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
     let data = Dataset::open(&a.data)?;
@@ -112,7 +121,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             bar.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
         }
         TrainEvent::Evaluating => bar.set_message("evaluating held-out".to_string()),
-        TrainEvent::Epoch(l) => bar.println(format!(
+        TrainEvent::Epoch(l) => say(&bar, format!(
             "epoch {}: train loss {} | held-out loss {:.4} (smooth-l1 {:.4}, ce {:.4}) top-1 {:.3} on {} positions",
             l.epoch,
             l.train_loss.map(|x| format!("{x:.4}")).unwrap_or_else(|| "-".into()),
