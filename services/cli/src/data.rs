@@ -126,7 +126,10 @@ pub fn run(a: DataArgs) -> Result<()> {
         }),
         Ok(None) => Prepared::Skip(
             SkipReason::NoAssistant,
-            format!("{}: no assistant reply", c.id),
+            format!(
+                "{}: no assistant reply within the first {max_len} tokens",
+                c.id
+            ),
         ),
         Err(e) => Prepared::Skip(SkipReason::Template, format!("{}: {e}", c.id)),
     };
