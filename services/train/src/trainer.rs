@@ -391,6 +391,10 @@ pub fn train(
     }
     std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
     let device = target.device.clone();
+    if !device.is_cpu() {
+        // The input noise is drawn on the device there (on the CPU, from our own seeded Rng).
+        device.set_seed(cfg.seed)?;
+    }
     let ckpt = out.join(CHECKPOINT);
     let state_path = ckpt.join(STATE);
 
