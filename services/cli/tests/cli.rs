@@ -29,7 +29,15 @@ fn run_ok(cmd: &mut Command) -> String {
 #[test]
 fn help_explains_every_command() {
     let top = run_ok(eagle().arg("--help"));
-    for word in ["fetch", "generate", "bench", "head", "EAGLE_HOME"] {
+    for word in [
+        "fetch",
+        "generate",
+        "bench",
+        "head",
+        "data",
+        "train",
+        "EAGLE_HOME",
+    ] {
         assert!(top.contains(word), "--help lacks {word}: {top}");
     }
     let gen = run_ok(eagle().args(["generate", "--help"]));
@@ -93,6 +101,108 @@ fn generate_json_answers_and_eagle_matches_vanilla() {
     let e: serde_json::Value = serde_json::from_str(&eagle_out).unwrap();
     assert_eq!(e["token_ids"], v["token_ids"]);
     assert_eq!(e["mode"], "eagle");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn data_and_train_make_a_head_that_generates() {
+    let dir = scratch("train");
+    for (cmd, flags) in [
+        (
+            "data",
+            &[
+                "--input",
+                "--max-tokens",
+                "--max-len",
+                "--held-out-frac",
+                "EAGLE_DATA_OUT",
+            ][..],
+        ),
+        (
+            "train",
+            &[
+                "--epochs",
+                "--lr",
+                "--batch-tokens",
+                "--warmup",
+                "--draft-vocab",
+                "--resume",
+                "EAGLE_DEVICE",
+            ][..],
+        ),
+    ] {
+        let help = run_ok(eagle().args([cmd, "--help"]));
+        for f in flags {
+            assert!(help.contains(f), "{cmd} --help lacks {f}");
+        }
+    }
+    let convs = dir.join("c.jsonl");
+    let mut lines = String::new();
+    for (i, (q, a)) in [
+        ("Name a colour.", "Blue."),
+        ("Count to three.", "One, two, three."),
+        ("Say hi.", "Hi!"),
+        ("What is 2+2?", "2+2 is 4."),
+    ]
+    .iter()
+    .enumerate()
+    {
+        lines += &serde_json::json!({"id": format!("c{i}"), "messages": [
+            {"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+        .to_string();
+        lines.push('\n');
+    }
+    lines += "{\"messages\": [{\"role\": \"robot\", \"content\": \"x\"}]}\n";
+    std::fs::write(&convs, lines).unwrap();
+    let data = dir.join("data");
+    let out = eagle()
+        .args(["data", "--held-out-frac", "0.5", "--input"])
+        .arg(&convs)
+        .arg("--out")
+        .arg(&data)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("skipped 1 malformed"), "{err}");
+    let man: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(man["conversations"], 4);
+    assert_eq!(man["complete"], true);
+    let head = dir.join("head");
+    let last = run_ok(
+        eagle()
+            .args([
+                "train",
+                "--epochs",
+                "2",
+                "--batch-tokens",
+                "64",
+                "--warmup",
+                "1",
+            ])
+            .args(["--draft-vocab", "256", "--data"])
+            .arg(&data)
+            .arg("--out")
+            .arg(&head),
+    );
+    let last: serde_json::Value = serde_json::from_str(last.lines().last().unwrap()).unwrap();
+    assert_eq!(last["epoch"], 2);
+    let gen = run_ok(
+        eagle()
+            .args([
+                "generate",
+                "--prompt",
+                "Say hi.",
+                "--max-new-tokens",
+                "8",
+                "--json",
+            ])
+            .arg("--head")
+            .arg(&head),
+    );
+    let gen: serde_json::Value = serde_json::from_str(gen.lines().last().unwrap()).unwrap();
+    assert!(gen["new_tokens"].as_u64().unwrap() > 0);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -12,6 +12,9 @@
 //!   (the recursive rejection sampling of Jeon et al., 2024, "Recursive Speculative Decoding",
 //!   and SpecTr, Sun et al., 2023). EAGLE-2's value-dependent reranking is therefore used only
 //!   at T = 0; at T > 0 the tree grows breadth-first within the node budget.
+//! - A head with a reduced draft vocabulary (EAGLE-3) scores only its N tokens; every other
+//!   token gets draft logit -inf, so q is the softmax over the N tokens and zero elsewhere.
+//!   Verification still uses the target's full distribution, so both modes stay exact.
 
 use std::sync::Arc;
 
@@ -34,7 +37,10 @@ use crate::tree::{rerank, Candidate, DraftTree};
 pub struct Drafter {
     pub head: Arc<EagleHead>,
     embed: Tensor,
+    /// The target's LM head, or the head's own over a reduced draft vocabulary.
     lm_head: Linear,
+    /// With a reduced draft vocabulary: draft row -> target id.
+    d2t: Option<Vec<u32>>,
     vocab: usize,
 }
 
@@ -90,11 +96,27 @@ pub struct DraftStats {
 
 impl Drafter {
     pub fn new(head: Arc<EagleHead>, target: &TargetModel) -> Self {
+        Self::assemble(
+            head,
+            target.embed.clone(),
+            target.lm_head.clone(),
+            target.cfg.vocab_size,
+        )
+    }
+
+    /// The head with the target's embedding, and the head's own reduced-vocabulary LM head if
+    /// it has one, else the target's.
+    fn assemble(head: Arc<EagleHead>, embed: Tensor, target_lm_head: Linear, vocab: usize) -> Self {
+        let (lm_head, d2t) = match &head.draft_vocab {
+            Some(dv) => (dv.lm_head.clone(), Some(dv.d2t.clone())),
+            None => (target_lm_head, None),
+        };
         Drafter {
             head,
-            embed: target.embed.clone(),
-            lm_head: target.lm_head.clone(),
-            vocab: target.cfg.vocab_size,
+            embed,
+            lm_head,
+            d2t,
+            vocab,
         }
     }
 
@@ -116,12 +138,7 @@ impl Drafter {
             _ => Linear::new(embed.clone(), None)?,
         };
         let head = EagleHead::load(head_dir, cfg, dtype, device)?;
-        Ok(Drafter {
-            head: Arc::new(head),
-            embed,
-            lm_head,
-            vocab: v,
-        })
+        Ok(Self::assemble(Arc::new(head), embed, lm_head, v))
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -137,9 +154,23 @@ impl Drafter {
         })
     }
 
+    /// Draft logits over the target vocabulary, one row per hidden row.
     fn logits(&self, hidden: &Tensor) -> Result<Vec<Vec<f32>>> {
         let cpu = use_cpu_kernels(&self.head.device);
-        Ok(lm_head(&self.lm_head, hidden, cpu)?.to_vec2::<f32>()?)
+        let rows = lm_head(&self.lm_head, hidden, cpu)?.to_vec2::<f32>()?;
+        let Some(d2t) = &self.d2t else {
+            return Ok(rows);
+        };
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                let mut full = vec![f32::NEG_INFINITY; self.vocab];
+                for (&t, v) in d2t.iter().zip(row) {
+                    full[t as usize] = v;
+                }
+                full
+            })
+            .collect())
     }
 
     /// Runs the queued committed pairs through the head. Returns the head output at the last

@@ -9,6 +9,12 @@
 //! Files: `config.json` (LLaMA-style) and `model.safetensors` or `pytorch_model.bin`, with
 //! tensors `fc.weight` [H, 2H], `fc.bias` [H] (optional), `layers.0.self_attn.*`,
 //! `layers.0.mlp.*`, `layers.0.post_attention_layernorm.weight`.
+//!
+//! Optionally a reduced draft vocabulary, as EAGLE-3 heads have (Li et al., 2025): the head's own
+//! `lm_head.weight` [N, H] over N target tokens, `d2t` [N] (i64 offsets: draft index i is target
+//! id `i + d2t[i]`) and `t2d` [vocab] (bool: which target ids are in the draft vocabulary), with
+//! `draft_vocab_size` = N in config.json. The drafter then scores N rows instead of the whole
+//! vocabulary; tokens outside them get draft probability zero.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -30,6 +36,46 @@ pub struct EagleHead {
     pub layer: DecoderLayer,
     pub rope: Rope,
     pub device: Device,
+    /// A reduced draft vocabulary; `None` drafts over the target's whole vocabulary with the
+    /// target's LM head.
+    pub draft_vocab: Option<DraftVocab>,
+}
+
+/// A reduced draft vocabulary (EAGLE-3): the head's own LM head over N target tokens.
+#[derive(Clone, Debug)]
+pub struct DraftVocab {
+    /// [N, hidden]: row i scores target token `d2t[i]`.
+    pub lm_head: Linear,
+    /// Draft index -> target id, distinct ids.
+    pub d2t: Vec<u32>,
+}
+
+impl DraftVocab {
+    /// Checks the map against the target vocabulary and the LM head's rows.
+    pub fn new(lm_head: Linear, d2t: Vec<u32>, vocab: usize) -> Result<Self> {
+        if lm_head.out_dim != d2t.len() || d2t.is_empty() {
+            return Err(EngineError::Config(format!(
+                "draft vocabulary: lm_head has {} rows but d2t maps {} tokens",
+                lm_head.out_dim,
+                d2t.len()
+            )));
+        }
+        let mut seen = vec![false; vocab];
+        for &t in &d2t {
+            let slot = seen.get_mut(t as usize).ok_or_else(|| {
+                EngineError::Config(format!(
+                    "draft vocabulary maps to token {t}, outside the target vocabulary of {vocab}"
+                ))
+            })?;
+            if *slot {
+                return Err(EngineError::Config(format!(
+                    "draft vocabulary maps to token {t} twice"
+                )));
+            }
+            *slot = true;
+        }
+        Ok(DraftVocab { lm_head, d2t })
+    }
 }
 
 /// Tensors held in memory (a `pytorch_model.bin`, or a freshly initialised head).
@@ -68,6 +114,11 @@ impl EagleHead {
             hf.model_type = Some("llama".into());
         }
         let cfg = hf.into_config()?;
+        let draft_vocab_size = std::fs::read(&cfg_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v.get("draft_vocab_size").and_then(|n| n.as_u64()))
+            .map(|n| n as usize);
         if cfg.hidden_size != target.hidden_size || cfg.vocab_size != target.vocab_size {
             return Err(EngineError::Config(format!(
                 "head {} has hidden {} and vocab {}, but the target has hidden {} and vocab {}",
@@ -96,7 +147,33 @@ impl EagleHead {
                 what: "model.safetensors or pytorch_model.bin".into(),
             });
         };
-        Self::from_source(src.as_ref(), cfg, dtype, device)
+        let head = Self::from_source(src.as_ref(), cfg, dtype, device)?;
+        let found = head.draft_vocab.as_ref().map(|d| d.d2t.len());
+        if draft_vocab_size.is_some() && draft_vocab_size != found {
+            return Err(EngineError::Config(format!(
+                "head {}: config.json says draft_vocab_size {:?}, but the weights hold a draft \
+                 vocabulary of {found:?} (d2t and lm_head.weight)",
+                dir.display(),
+                draft_vocab_size
+            )));
+        }
+        Ok(head)
+    }
+
+    /// A head from tensors under their published names (see the module docs), converted to
+    /// `dtype` on `device`. Conversions are candle ops, so a head built from trainable
+    /// variables is differentiable through [`EagleHead::forward_masked`].
+    pub fn from_tensors(
+        map: HashMap<String, Tensor>,
+        cfg: ModelConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let src = MapSource {
+            map,
+            desc: "tensors in memory".into(),
+        };
+        Self::from_source(&src, cfg, dtype, device)
     }
 
     fn from_source(
@@ -111,12 +188,37 @@ impl EagleHead {
         let fc_b = w.get_f32_opt("fc.bias", &[h])?;
         let layer = DecoderLayer::load(&w.pp("layers.0"), &cfg, false)?;
         let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling.as_ref());
+        let draft_vocab = match src.get("d2t")? {
+            None => None,
+            Some(d2t) => {
+                let offsets = d2t.to_dtype(DType::I64)?.to_vec1::<i64>()?;
+                let n = offsets.len();
+                let ids = offsets
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &o)| u32::try_from(i as i64 + o))
+                    .collect::<std::result::Result<Vec<u32>, _>>()
+                    .map_err(|_| {
+                        EngineError::Config(format!(
+                            "{}: d2t maps a draft index to a negative target id",
+                            src.describe()
+                        ))
+                    })?;
+                let lm = w.get("lm_head.weight", &[n, h])?;
+                Some(DraftVocab::new(
+                    Linear::new(lm, None)?,
+                    ids,
+                    cfg.vocab_size,
+                )?)
+            }
+        };
         Ok(EagleHead {
             fc: Linear::new(fc_w, fc_b)?,
             layer,
             rope,
             device: device.clone(),
             cfg,
+            draft_vocab,
         })
     }
 
@@ -138,11 +240,12 @@ impl EagleHead {
         Self::from_source(&src, cfg, dtype, device)
     }
 
-    /// Writes `config.json` and `model.safetensors` in the published format.
+    /// Writes `config.json` and `model.safetensors` in the published format, float tensors in
+    /// `dtype` (`d2t` stays i64; `t2d` is written as bool).
     pub fn save(&self, dir: &Path, dtype: DType) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
         let c = &self.cfg;
-        let config = serde_json::json!({
+        let mut config = serde_json::json!({
             "architectures": ["LlamaForCausalLM"],
             "model_type": if c.arch == crate::config::Arch::Qwen2 { "qwen2" } else { "llama" },
             "hidden_size": c.hidden_size,
@@ -159,66 +262,96 @@ impl EagleHead {
             "hidden_act": "silu",
             "torch_dtype": format!("{dtype:?}").to_lowercase(),
         });
+        if let Some(dv) = &self.draft_vocab {
+            config["draft_vocab_size"] = dv.d2t.len().into();
+        }
         let cfg_path = dir.join("config.json");
         std::fs::write(&cfg_path, serde_json::to_string_pretty(&config).unwrap())
             .map_err(|e| EngineError::io(&cfg_path, e))?;
+        let mut entries: Vec<(String, SaveEntry)> = Vec::new();
+        for (k, t) in self.tensors()? {
+            let t = if t.dtype().is_float() {
+                t.to_dtype(dtype)?
+            } else {
+                t
+            };
+            entries.push((
+                k,
+                SaveEntry::Tensor(t.to_device(&Device::Cpu)?.contiguous()?),
+            ));
+        }
+        if let Some(dv) = &self.draft_vocab {
+            let mut t2d = vec![0u8; c.vocab_size];
+            for &t in &dv.d2t {
+                t2d[t as usize] = 1;
+            }
+            let n = t2d.len();
+            entries.push(("t2d".into(), SaveEntry::Bool(t2d, [n])));
+        }
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        let path = dir.join("model.safetensors");
+        safetensors::serialize_to_file(entries, None, &path)
+            .map_err(|e| EngineError::malformed(&path, format!("cannot write: {e}")))?;
+        Ok(())
+    }
+
+    /// Every tensor of the head under its published name, as held (fused q/k/v and gate/up
+    /// split back apart). A reduced draft vocabulary adds `lm_head.weight` and `d2t` (i64
+    /// offsets `target id - draft index`).
+    pub fn tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let c = &self.cfg;
         let mut map: HashMap<String, Tensor> = HashMap::new();
         let (qd, kvd) = (c.q_dim(), c.kv_dim());
-        let conv =
-            |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(&Device::Cpu)?) };
-        map.insert("fc.weight".into(), conv(&self.fc.weight)?);
+        map.insert("fc.weight".into(), self.fc.weight.clone());
         if let Some(b) = &self.fc.bias {
-            map.insert("fc.bias".into(), conv(b)?);
+            map.insert("fc.bias".into(), b.clone());
         }
         let a = &self.layer.attn;
         let p = "layers.0.self_attn";
-        map.insert(
-            format!("{p}.q_proj.weight"),
-            conv(&a.qkv.weight.narrow(0, 0, qd)?)?,
-        );
+        map.insert(format!("{p}.q_proj.weight"), a.qkv.weight.narrow(0, 0, qd)?);
         map.insert(
             format!("{p}.k_proj.weight"),
-            conv(&a.qkv.weight.narrow(0, qd, kvd)?)?,
+            a.qkv.weight.narrow(0, qd, kvd)?,
         );
         map.insert(
             format!("{p}.v_proj.weight"),
-            conv(&a.qkv.weight.narrow(0, qd + kvd, kvd)?)?,
+            a.qkv.weight.narrow(0, qd + kvd, kvd)?,
         );
         if let Some(b) = &a.qkv.bias {
-            map.insert(format!("{p}.q_proj.bias"), conv(&b.narrow(0, 0, qd)?)?);
-            map.insert(format!("{p}.k_proj.bias"), conv(&b.narrow(0, qd, kvd)?)?);
-            map.insert(
-                format!("{p}.v_proj.bias"),
-                conv(&b.narrow(0, qd + kvd, kvd)?)?,
-            );
+            map.insert(format!("{p}.q_proj.bias"), b.narrow(0, 0, qd)?);
+            map.insert(format!("{p}.k_proj.bias"), b.narrow(0, qd, kvd)?);
+            map.insert(format!("{p}.v_proj.bias"), b.narrow(0, qd + kvd, kvd)?);
         }
-        map.insert(format!("{p}.o_proj.weight"), conv(&a.o.weight)?);
+        map.insert(format!("{p}.o_proj.weight"), a.o.weight.clone());
         let f = c.intermediate_size;
         let m = &self.layer.mlp;
         map.insert(
             "layers.0.mlp.gate_proj.weight".into(),
-            conv(&m.gate_up.weight.narrow(0, 0, f)?)?,
+            m.gate_up.weight.narrow(0, 0, f)?,
         );
         map.insert(
             "layers.0.mlp.up_proj.weight".into(),
-            conv(&m.gate_up.weight.narrow(0, f, f)?)?,
+            m.gate_up.weight.narrow(0, f, f)?,
         );
         map.insert(
             "layers.0.mlp.down_proj.weight".into(),
-            conv(&m.down.weight)?,
+            m.down.weight.clone(),
         );
         map.insert(
             "layers.0.post_attention_layernorm.weight".into(),
-            conv(&self.layer.post_norm.weight)?,
+            self.layer.post_norm.weight.clone(),
         );
-        let path = dir.join("model.safetensors");
-        let map: HashMap<String, Tensor> = map
-            .into_iter()
-            .map(|(k, t)| Ok((k, t.contiguous()?)))
-            .collect::<Result<_>>()?;
-        candle_core::safetensors::save(&map, &path)
-            .map_err(|e| EngineError::malformed(&path, format!("cannot write: {e}")))?;
-        Ok(())
+        if let Some(dv) = &self.draft_vocab {
+            map.insert("lm_head.weight".into(), dv.lm_head.weight.clone());
+            let offsets: Vec<i64> = dv
+                .d2t
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| t as i64 - i as i64)
+                .collect();
+            map.insert("d2t".into(), Tensor::new(offsets.as_slice(), &self.device)?);
+        }
+        Ok(map)
     }
 
     fn cpu(&self) -> bool {
@@ -261,6 +394,57 @@ impl EagleHead {
         };
         cache.advance(m);
         Ok(out)
+    }
+
+    /// Runs `m` pairs that attend to each other as the additive `mask` [m, m] says (0 visible,
+    /// -inf hidden), without a cache, through the device-generic candle ops only, whatever the
+    /// device: the whole computation is differentiable, for training. `positions` are the
+    /// rotary positions. Returns the predicted features [m, H].
+    pub fn forward_masked(
+        &self,
+        embeds: &Tensor,
+        features: &Tensor,
+        positions: &[usize],
+        mask: &Tensor,
+    ) -> Result<Tensor> {
+        let rope = self.rope.at(positions);
+        let x = Tensor::cat(&[embeds, features], 1)?;
+        let x = self.fc.forward(&x)?;
+        self.layer.forward_masked(&x, &rope, mask)
+    }
+}
+
+/// A tensor to save: a candle tensor, or a bool mask (which candle has no dtype for).
+enum SaveEntry {
+    Tensor(Tensor),
+    /// One byte per element, with its shape.
+    Bool(Vec<u8>, [usize; 1]),
+}
+
+impl safetensors::View for SaveEntry {
+    fn dtype(&self) -> safetensors::Dtype {
+        match self {
+            SaveEntry::Tensor(t) => safetensors::View::dtype(t),
+            SaveEntry::Bool(..) => safetensors::Dtype::BOOL,
+        }
+    }
+    fn shape(&self) -> &[usize] {
+        match self {
+            SaveEntry::Tensor(t) => t.dims(),
+            SaveEntry::Bool(_, shape) => shape,
+        }
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self {
+            SaveEntry::Tensor(t) => safetensors::View::data(t),
+            SaveEntry::Bool(b, _) => std::borrow::Cow::Borrowed(b),
+        }
+    }
+    fn data_len(&self) -> usize {
+        match self {
+            SaveEntry::Tensor(t) => safetensors::View::data_len(t),
+            SaveEntry::Bool(b, _) => b.len(),
+        }
     }
 }
 

@@ -92,6 +92,32 @@ impl Attention {
         start: usize,
         vis: &Visibility,
     ) -> Result<Tensor> {
+        let (q, k, v) = self.project(x, rope)?;
+        let LayerKv::Device { k: kc, v: vc } = kv else {
+            unreachable!("device path with a CPU cache")
+        };
+        kc.slice_set(&k, 0, start)?;
+        vc.slice_set(&v, 0, start)?;
+        let total = start + q.dim(0)?;
+        let mask = dense_mask(vis, total, x.device())?;
+        self.attend(
+            &q,
+            &kc.narrow(0, 0, total)?,
+            &vc.narrow(0, 0, total)?,
+            &mask,
+        )
+    }
+
+    /// Device-generic path without a cache: the `m` rows of `x` attend to each other as the
+    /// additive `mask` [m, m] says (0 visible, -inf hidden). Every step is a differentiable
+    /// candle op on the weights' own tensors, so training can backpropagate through it.
+    pub fn forward_masked(&self, x: &Tensor, rope: &RopeAt, mask: &Tensor) -> Result<Tensor> {
+        let (q, k, v) = self.project(x, rope)?;
+        self.attend(&q, &k, &v, mask)
+    }
+
+    /// The rotated queries [m, heads, head_dim], and rotated keys and values [m, kv_dim].
+    fn project(&self, x: &Tensor, rope: &RopeAt) -> Result<(Tensor, Tensor, Tensor)> {
         let device = x.device().clone();
         let (qd, kvd) = self.dims();
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
@@ -102,28 +128,30 @@ impl Attention {
         let v = qkv.narrow(1, qd + kvd, kvd)?.contiguous()?;
         let q = rope.apply(&q, &device)?;
         let k = rope.apply(&k, &device)?.reshape((m, kvd))?;
-        let LayerKv::Device { k: kc, v: vc } = kv else {
-            unreachable!("device path with a CPU cache")
-        };
-        kc.slice_set(&k, 0, start)?;
-        vc.slice_set(&v, 0, start)?;
-        let total = start + m;
+        Ok((q, k, v))
+    }
+
+    /// Queries [m, heads, head_dim] over `keys` / `values` [T, kv_dim] with the additive
+    /// `mask` [m, T], then the output projection.
+    fn attend(&self, q: &Tensor, keys: &Tensor, values: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (qd, _) = self.dims();
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let m = q.dim(0)?;
+        let total = keys.dim(0)?;
         let group = nh / nkv;
         let expand = |c: &Tensor| -> Result<Tensor> {
-            Ok(c.narrow(0, 0, total)?
-                .reshape((total, nkv, 1, hd))?
+            Ok(c.reshape((total, nkv, 1, hd))?
                 .broadcast_as((total, nkv, group, hd))?
                 .reshape((total, nh, hd))?
                 .transpose(0, 1)?
                 .contiguous()?)
         };
-        let keys = expand(kc)?; // [nh, T, hd]
-        let values = expand(vc)?;
+        let keys = expand(keys)?; // [nh, T, hd]
+        let values = expand(values)?;
         let q = q.transpose(0, 1)?.contiguous()?; // [nh, m, hd]
         let scale = 1.0 / (hd as f64).sqrt();
         let scores = (q.matmul(&keys.t()?)? * scale)?; // [nh, m, T]
-        let mask = dense_mask(vis, total, &device)?;
-        let scores = scores.broadcast_add(&mask)?;
+        let scores = scores.broadcast_add(mask)?;
         let max = scores.max_keepdim(D::Minus1)?;
         let e = scores.broadcast_sub(&max)?.exp()?;
         let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;

@@ -60,6 +60,7 @@ impl DecoderLayer {
         Ok(x)
     }
 
+    /// Device-generic path over a [`LayerKv`] cache.
     pub fn forward(
         &self,
         x: &Tensor,
@@ -68,9 +69,20 @@ impl DecoderLayer {
         start: usize,
         vis: &Visibility,
     ) -> Result<Tensor> {
+        self.residual(x, |h| self.attn.forward(h, rope, kv, start, vis))
+    }
+
+    /// Device-generic path without a cache, rows attending as the additive `mask` [m, m] says;
+    /// differentiable end to end (see [`Attention::forward_masked`]).
+    pub fn forward_masked(&self, x: &Tensor, rope: &RopeAt, mask: &Tensor) -> Result<Tensor> {
+        self.residual(x, |h| self.attn.forward_masked(h, rope, mask))
+    }
+
+    /// The layer's residual structure around an attention function.
+    fn residual(&self, x: &Tensor, attn: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let a = match &self.input_norm {
-            Some(n) => self.attn.forward(&n.forward(x)?, rope, kv, start, vis)?,
-            None => self.attn.forward(x, rope, kv, start, vis)?,
+            Some(n) => attn(&n.forward(x)?)?,
+            None => attn(x)?,
         };
         let x = (x + a)?;
         let f = self.mlp.forward(&self.post_norm.forward(&x)?)?;

