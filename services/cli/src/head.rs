@@ -28,6 +28,22 @@ pub enum HeadCommand {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+    /// Rewrite a head in another dtype (e.g. a training checkpoint in f32 to f16 for shipping);
+    /// the weights are checked against the target on the way.
+    Convert {
+        /// Target model the head drafts for (name, .gguf file or HF directory).
+        #[arg(long, env = "EAGLE_MODEL", default_value = models::DEFAULT_MODEL)]
+        model: String,
+        /// The head directory to read.
+        #[arg(long = "in")]
+        input: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// dtype of the written weights: f32, bf16 or f16.
+        #[arg(long, default_value = "f16")]
+        dtype: String,
+    },
 }
 
 pub fn run(cmd: HeadCommand) -> Result<()> {
@@ -49,6 +65,26 @@ pub fn run(cmd: HeadCommand) -> Result<()> {
                 &Device::Cpu,
             )?;
             head.save(&out, dtype)?;
+            println!("{}", out.display());
+            Ok(())
+        }
+        HeadCommand::Convert {
+            model,
+            input,
+            out,
+            dtype,
+        } => {
+            let path = crate::runtime::resolve_or_fetch(&model)?;
+            let opened =
+                open_model(&path).with_context(|| format!("opening {}", path.display()))?;
+            let head = EagleHead::load(
+                &input,
+                &opened.config,
+                candle_core::DType::F32,
+                &Device::Cpu,
+            )
+            .with_context(|| format!("loading the head {}", input.display()))?;
+            head.save(&out, parse_dtype(&dtype)?)?;
             println!("{}", out.display());
             Ok(())
         }
