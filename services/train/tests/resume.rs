@@ -43,8 +43,11 @@ fn config(max_tokens: Option<usize>) -> DataConfig {
     }
 }
 
-/// Every conversation of a data directory: (ids, mask, feature bytes, held out).
-fn contents(dir: &std::path::Path) -> Vec<(Vec<u32>, Vec<u8>, Vec<u8>, bool)> {
+/// One stored conversation: ids, mask, feature bytes, held out.
+type Stored = (Vec<u32>, Vec<u8>, Vec<u8>, bool);
+
+/// Every conversation of a data directory.
+fn contents(dir: &std::path::Path) -> Vec<Stored> {
     let d = Dataset::open(dir).unwrap();
     d.convs
         .iter()
