@@ -19,10 +19,19 @@ pub fn parse_device(s: &str) -> Result<Device> {
     eagle_engine::device::parse_device(s).with_context(|| format!("opening device {s}"))
 }
 
-/// The default head for a model: `$EAGLE_HOME/heads/<name>` when it holds a config.json.
+/// The default head for a model: `$EAGLE_HOME/heads/<name>` when it holds a config.json,
+/// else the head shipped in this repository's `heads/<name>`, if any.
 pub fn default_head(model: &str) -> Option<PathBuf> {
-    let dir = models::eagle_home().join("heads").join(model);
-    dir.join("config.json").exists().then_some(dir)
+    let installed = models::eagle_home().join("heads").join(model);
+    let shipped = shipped_heads().join(model);
+    [installed, shipped]
+        .into_iter()
+        .find(|d| d.join("config.json").exists())
+}
+
+/// The repository's `heads/` folder (trained heads that ship with the project).
+pub fn shipped_heads() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../heads")
 }
 
 /// What to do when EAGLE mode finds no head.
