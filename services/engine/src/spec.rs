@@ -114,6 +114,23 @@ impl TreeBudget {
         }
     }
 
+    /// Non-root nodes of a sampled tree (T > 0). Its size must not depend on the children it
+    /// draws (that would bias the output), so it is fixed per step from the costs alone: with
+    /// measured costs, the largest tree that costs at most 1.5 times a one-token pass (nearly
+    /// all of a GPU's 64 tokens, a handful on a CPU); otherwise the fixed budget.
+    pub fn sampled_nodes(&self) -> usize {
+        match self {
+            TreeBudget::Fixed(n) => *n,
+            TreeBudget::Auto(p) => {
+                let limit = 1.5 * p.cost(1);
+                (1..AUTO_MAX_TOKENS)
+                    .take_while(|&n| p.cost(n + 1) <= limit)
+                    .last()
+                    .unwrap_or(1)
+            }
+        }
+    }
+
     /// Whether a frontier whose best cumulative log-probability is `best` can still add a node
     /// worth its verification cost. Fixed budgets always expand, as EAGLE-2 does.
     pub fn worth_expanding(&self, best: f32) -> bool {
@@ -209,6 +226,20 @@ mod tests {
             points: vec![(1, 1.0), (3, 1.05), (4, 3.0)],
         };
         assert_eq!(knee.best_keep(&scores, 10), 2);
+    }
+
+    #[test]
+    fn sampled_trees_are_sized_from_costs_alone() {
+        let flat = TreeBudget::Auto(CostProfile {
+            points: vec![(1, 1.0), (64, 1.2)],
+        });
+        assert_eq!(flat.sampled_nodes(), AUTO_MAX_TOKENS - 1);
+        // This CPU: 19, 23, 27, 44 ms for 1, 2, 4, 8 tokens.
+        let cpu = TreeBudget::Auto(CostProfile {
+            points: vec![(1, 19.0), (2, 23.0), (4, 27.0), (8, 44.0)],
+        });
+        assert_eq!(cpu.sampled_nodes(), 3);
+        assert_eq!(TreeBudget::Fixed(9).sampled_nodes(), 9);
     }
 
     #[test]
