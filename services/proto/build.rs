@@ -2,7 +2,8 @@
 //! set for gRPC server reflection. Needs `protoc` (Debian: protobuf-compiler).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time, not baked into the script: one build script may serve several checkouts.
+    let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let files = [
         "eagle/v1/generation.proto",
         "eagle/common/v1/common.proto",
