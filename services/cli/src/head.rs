@@ -46,6 +46,12 @@ pub enum HeadCommand {
     },
 }
 
+/// The target a head drafts for (fetched first if it is a registry name not yet installed).
+fn open_target(model: &str) -> Result<eagle_engine::loader::OpenedModel> {
+    let path = crate::runtime::resolve_or_fetch(model)?;
+    open_model(&path).with_context(|| format!("opening {}", path.display()))
+}
+
 pub fn run(cmd: HeadCommand) -> Result<()> {
     match cmd {
         HeadCommand::Init {
@@ -54,9 +60,7 @@ pub fn run(cmd: HeadCommand) -> Result<()> {
             seed,
             dtype,
         } => {
-            let path = crate::runtime::resolve_or_fetch(&model)?;
-            let opened =
-                open_model(&path).with_context(|| format!("opening {}", path.display()))?;
+            let opened = open_target(&model)?;
             let dtype = parse_dtype(&dtype)?;
             let head = EagleHead::init_random(
                 &opened.config,
@@ -74,9 +78,7 @@ pub fn run(cmd: HeadCommand) -> Result<()> {
             out,
             dtype,
         } => {
-            let path = crate::runtime::resolve_or_fetch(&model)?;
-            let opened =
-                open_model(&path).with_context(|| format!("opening {}", path.display()))?;
+            let opened = open_target(&model)?;
             let head = EagleHead::load(
                 &input,
                 &opened.config,

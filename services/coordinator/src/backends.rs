@@ -102,10 +102,6 @@ impl WorkerPool {
         Ok(WorkerPool { workers })
     }
 
-    pub fn first(&self) -> &WorkerClient<Channel> {
-        &self.workers[0].1
-    }
-
     pub fn all(&self) -> impl Iterator<Item = (&str, &WorkerClient<Channel>)> {
         self.workers.iter().map(|(a, c, _)| (a.as_str(), c))
     }

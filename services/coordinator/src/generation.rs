@@ -125,19 +125,14 @@ async fn release(
         },
         t,
     ));
-    match (draft_sid, b.draft.clone()) {
-        (Some(sid), Some(mut d)) => {
-            let draft = d.close(outgoing(SessionRef { session_id: sid }, t));
-            let (a, _) = tokio::join!(worker, draft);
-            if let Err(e) = a {
-                tracing::warn!(session = %id, error = %e.message(), "worker release failed; the session will idle out");
-            }
+    let draft = async {
+        if let (Some(sid), Some(mut d)) = (draft_sid, b.draft.clone()) {
+            // A draft session left behind idles out; nothing to report.
+            let _ = d.close(outgoing(SessionRef { session_id: sid }, t)).await;
         }
-        _ => {
-            if let Err(e) = worker.await {
-                tracing::warn!(session = %id, error = %e.message(), "worker release failed; the session will idle out");
-            }
-        }
+    };
+    if let (Err(e), ()) = tokio::join!(worker, draft) {
+        tracing::warn!(session = %id, error = %e.message(), "worker release failed; the session will idle out");
     }
 }
 

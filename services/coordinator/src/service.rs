@@ -43,10 +43,6 @@ impl Coordinator {
         }
     }
 
-    pub fn queue(&self) -> &Queue {
-        &self.queue
-    }
-
     /// Validates, waits for admission, starts the step loop; returns its events.
     async fn start(
         &self,

@@ -65,14 +65,9 @@ impl DraftService {
         }
     }
 
-    fn hidden(&self) -> usize {
-        self.drafter.head.cfg.hidden_size
-    }
-
     /// Checks pairs from the wire and queues them on the session.
     fn commit(
         drafter: &Drafter,
-        hidden: usize,
         s: &mut Sequence,
         tokens: &[u32],
         feats: Option<&Features>,
@@ -87,26 +82,9 @@ impl DraftService {
             )));
         }
         let f = feats.ok_or_else(|| invalid("tokens without features"))?;
+        let hidden = drafter.head.cfg.hidden_size;
         let t = features_from_wire(f, hidden, &drafter.head.device)?;
         s.ds.push(tokens, &t).map_err(|e| from_engine(&e))
-    }
-
-    async fn with_session<T: Send + 'static>(
-        &self,
-        id: &str,
-        f: impl FnOnce(&Drafter, usize, &mut Sequence) -> Result<T, Status> + Send + 'static,
-    ) -> Result<T, Status> {
-        let seq = self.sessions.get(id)?;
-        let drafter = self.drafter.clone();
-        let hidden = self.hidden();
-        let span = tracing::Span::current();
-        tokio::task::spawn_blocking(move || {
-            let _g = span.enter();
-            let mut s = seq.lock().unwrap_or_else(|p| p.into_inner());
-            f(&drafter, hidden, &mut s)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("draft task failed: {e}")))?
     }
 }
 
@@ -151,8 +129,9 @@ impl Draft for DraftService {
             self.sessions.insert(&r.session_id, seq, bytes)?;
             let id = r.session_id.clone();
             let res = self
-                .with_session(&id, move |d, hidden, s| {
-                    Self::commit(d, hidden, s, &r.tokens, r.features.as_ref())
+                .sessions
+                .run(&id, &self.drafter, move |d, s| {
+                    Self::commit(d, s, &r.tokens, r.features.as_ref())
                 })
                 .await;
             if let Err(e) = res {
@@ -171,8 +150,9 @@ impl Draft for DraftService {
         async {
             let r = req.into_inner();
             let tree = self
-                .with_session(&r.session_id, move |d, hidden, s| {
-                    Self::commit(d, hidden, s, &r.commit_tokens, r.commit_features.as_ref())?;
+                .sessions
+                .run(&r.session_id, &self.drafter, move |d, s| {
+                    Self::commit(d, s, &r.commit_tokens, r.commit_features.as_ref())?;
                     let (spec, sampling, budget, rng) =
                         (&s.spec, &s.sampling, &s.budget, &mut s.rng);
                     let (tree, _) = d
@@ -195,10 +175,11 @@ impl Draft for DraftService {
         eagle_trace::adopt(&span, req.metadata());
         async {
             let r = req.into_inner();
-            self.with_session(&r.session_id, move |d, hidden, s| {
-                Self::commit(d, hidden, s, &r.tokens, r.features.as_ref())
-            })
-            .await?;
+            self.sessions
+                .run(&r.session_id, &self.drafter, move |d, s| {
+                    Self::commit(d, s, &r.tokens, r.features.as_ref())
+                })
+                .await?;
             Ok(Response::new(Empty {}))
         }
         .instrument(span)

@@ -27,7 +27,7 @@ use crate::kernels::attention::Visibility;
 use crate::kv_cache::KvCache;
 use crate::layers::{use_cpu_kernels, Linear};
 use crate::loader::{WeightSource, Weights};
-use crate::models::target::{embed_rows, lm_head};
+use crate::models::target::{embed_rows, lm_head, load_embed_and_lm_head};
 use crate::models::TargetModel;
 use crate::sampling::{log_softmax, sample_without_replacement, top_k, warp, Rng, SamplingParams};
 use crate::spec::{SpecConfig, TreeBudget, TreeShape};
@@ -131,14 +131,14 @@ impl Drafter {
     ) -> Result<Self> {
         cfg.validate()?;
         let w = Weights::new(src, dtype, device.clone());
-        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
-        let embed = w.get("model.embed_tokens.weight", &[v, h])?;
-        let lm_head = match w.get_opt("lm_head.weight", &[v, h])? {
-            Some(t) if !cfg.tie_word_embeddings => Linear::new(t, None)?,
-            _ => Linear::new(embed.clone(), None)?,
-        };
+        let (embed, lm_head) = load_embed_and_lm_head(&w, cfg)?;
         let head = EagleHead::load(head_dir, cfg, dtype, device)?;
-        Ok(Self::assemble(Arc::new(head), embed, lm_head, v))
+        Ok(Self::assemble(
+            Arc::new(head),
+            embed,
+            lm_head,
+            cfg.vocab_size,
+        ))
     }
 
     pub fn vocab_size(&self) -> usize {

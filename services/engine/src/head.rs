@@ -76,6 +76,20 @@ impl DraftVocab {
         }
         Ok(DraftVocab { lm_head, d2t })
     }
+
+    /// Adds `lm_head.weight` and `d2t` (EAGLE-3 offsets: draft index i is target id
+    /// `i + d2t[i]`) to a published-name tensor map.
+    pub fn insert_tensors(&self, map: &mut HashMap<String, Tensor>, device: &Device) -> Result<()> {
+        map.insert("lm_head.weight".into(), self.lm_head.weight.clone());
+        let offsets: Vec<i64> = self
+            .d2t
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| t as i64 - i as i64)
+            .collect();
+        map.insert("d2t".into(), Tensor::new(offsets.as_slice(), device)?);
+        Ok(())
+    }
 }
 
 /// Tensors held in memory (a `pytorch_model.bin`, or a freshly initialised head).
@@ -342,14 +356,7 @@ impl EagleHead {
             self.layer.post_norm.weight.clone(),
         );
         if let Some(dv) = &self.draft_vocab {
-            map.insert("lm_head.weight".into(), dv.lm_head.weight.clone());
-            let offsets: Vec<i64> = dv
-                .d2t
-                .iter()
-                .enumerate()
-                .map(|(i, &t)| t as i64 - i as i64)
-                .collect();
-            map.insert("d2t".into(), Tensor::new(offsets.as_slice(), &self.device)?);
+            dv.insert_tensors(&mut map, &self.device)?;
         }
         Ok(map)
     }

@@ -84,6 +84,30 @@ impl<S: Send + 'static> SessionTable<S> {
         }
     }
 
+    /// Runs `f` on session `id` and the shared `model`, off the async threads (model math
+    /// blocks them), inside the caller's span.
+    pub async fn run<M, T>(
+        &self,
+        id: &str,
+        model: &Arc<M>,
+        f: impl FnOnce(&M, &mut S) -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status>
+    where
+        M: Send + Sync + 'static,
+        T: Send + 'static,
+    {
+        let sess = self.get(id)?;
+        let model = model.clone();
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || {
+            let _g = span.enter();
+            let mut s = sess.lock().unwrap_or_else(|p| p.into_inner());
+            f(&model, &mut s)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("session task failed: {e}")))?
+    }
+
     /// Removes a session; false if it was not there.
     pub fn remove(&self, id: &str) -> bool {
         self.lock().remove(id).is_some()

@@ -15,15 +15,6 @@ use tonic::Status;
 
 use crate::common::{self, NodeDistribution};
 
-pub fn dtype_from_name(name: &str) -> Option<DType> {
-    match name {
-        "f32" => Some(DType::F32),
-        "f16" => Some(DType::F16),
-        "bf16" => Some(DType::BF16),
-        _ => None,
-    }
-}
-
 fn wire_dtype(d: DType) -> Result<common::Dtype, Status> {
     match d {
         DType::F32 => Ok(common::Dtype::F32),

@@ -154,6 +154,32 @@ pub struct EpochLog {
     pub elapsed_s: f64,
 }
 
+impl EpochLog {
+    /// The line for `(epoch, step, lr)` from the epoch's training meter (none before training)
+    /// and the held-out evaluation.
+    fn new(
+        (epoch, step, lr): (usize, usize, f64),
+        train: Option<&Meter>,
+        held: &Meter,
+        w_cls: f64,
+        t0: Instant,
+    ) -> Self {
+        EpochLog {
+            epoch,
+            step,
+            lr,
+            train_loss: train.map(|t| t.vloss() + w_cls * t.ploss()),
+            train_acc: train.map(Meter::acc),
+            heldout_loss: held.vloss() + w_cls * held.ploss(),
+            heldout_vloss: held.vloss(),
+            heldout_ploss: held.ploss(),
+            heldout_acc: held.acc(),
+            heldout_positions: held.rows,
+            elapsed_s: t0.elapsed().as_secs_f64(),
+        }
+    }
+}
+
 /// Progress reports.
 pub enum TrainEvent<'a> {
     Start {
@@ -217,14 +243,7 @@ impl Params {
             .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
             .collect();
         if let (true, Some(dv)) = (with_vocab, &self.draft) {
-            map.insert("lm_head.weight".into(), dv.lm_head.weight.clone());
-            let offsets: Vec<i64> = dv
-                .d2t
-                .iter()
-                .enumerate()
-                .map(|(i, &t)| t as i64 - i as i64)
-                .collect();
-            map.insert("d2t".into(), Tensor::new(offsets.as_slice(), &self.device)?);
+            dv.insert_tensors(&mut map, &self.device)?;
         }
         Ok(EagleHead::from_tensors(
             map,
@@ -496,19 +515,7 @@ pub fn train(
         }
         events(TrainEvent::Evaluating);
         let m = evaluate(&params, target, &heads, data, &held_batches, cfg)?;
-        let line = EpochLog {
-            epoch: 0,
-            step: 0,
-            lr: 0.0,
-            train_loss: None,
-            train_acc: None,
-            heldout_loss: m.vloss() + cfg.w_cls * m.ploss(),
-            heldout_vloss: m.vloss(),
-            heldout_ploss: m.ploss(),
-            heldout_acc: m.acc(),
-            heldout_positions: m.rows,
-            elapsed_s: t0.elapsed().as_secs_f64(),
-        };
+        let line = EpochLog::new((0, 0, 0.0), None, &m, cfg.w_cls, t0);
         events(TrainEvent::Epoch(&line));
         write_log(&line, &mut log)?;
     }
@@ -546,19 +553,7 @@ pub fn train(
         }
         events(TrainEvent::Evaluating);
         let m = evaluate(&params, target, &heads, data, &held_batches, cfg)?;
-        let line = EpochLog {
-            epoch,
-            step,
-            lr,
-            train_loss: Some(meter.vloss() + cfg.w_cls * meter.ploss()),
-            train_acc: Some(meter.acc()),
-            heldout_loss: m.vloss() + cfg.w_cls * m.ploss(),
-            heldout_vloss: m.vloss(),
-            heldout_ploss: m.ploss(),
-            heldout_acc: m.acc(),
-            heldout_positions: m.rows,
-            elapsed_s: t0.elapsed().as_secs_f64(),
-        };
+        let line = EpochLog::new((epoch, step, lr), Some(&meter), &m, cfg.w_cls, t0);
         events(TrainEvent::Epoch(&line));
         write_log(&line, &mut log)?;
         params.save(&ckpt, DType::F32)?;

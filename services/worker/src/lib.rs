@@ -66,24 +66,6 @@ impl WorkerService {
         }
     }
 
-    /// Runs `f` on a session's state off the async threads (model math blocks).
-    async fn with_session<T: Send + 'static>(
-        &self,
-        id: &str,
-        f: impl FnOnce(&TargetModel, &mut Sequence) -> Result<T, Status> + Send + 'static,
-    ) -> Result<T, Status> {
-        let seq = self.sessions.get(id)?;
-        let target = self.target.clone();
-        let span = tracing::Span::current();
-        tokio::task::spawn_blocking(move || {
-            let _g = span.enter();
-            let mut s = seq.lock().unwrap_or_else(|p| p.into_inner());
-            f(&target, &mut s)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("worker task failed: {e}")))?
-    }
-
     fn step(&self, tokens: Vec<u32>, feats: &candle_core::Tensor) -> Result<Step, Status> {
         Ok(Step {
             tokens,
@@ -130,7 +112,8 @@ impl Worker for WorkerService {
             let id = r.session_id.clone();
             let tokens = r.tokens;
             let result = self
-                .with_session(&id, move |target, s| {
+                .sessions
+                .run(&id, &self.target, move |target, s| {
                     let (feats, logits) =
                         s.sess.prefill(target, &tokens).map_err(|e| from_engine(&e))?;
                     s.last = choose(&logits, &s.sampling, &mut s.rng);
@@ -158,7 +141,8 @@ impl Worker for WorkerService {
             let tree = tree_from_wire(&wire, self.target.cfg.vocab_size)?;
             tracing::Span::current().record("nodes", tree.len());
             let (tokens, feats) = self
-                .with_session(&r.session_id, move |target, s| {
+                .sessions
+                .run(&r.session_id, &self.target, move |target, s| {
                     if tree.tokens[0] != s.last {
                         return Err(Status::failed_precondition(format!(
                             "verify: the tree's root {} is not the session's last token {}",
@@ -199,7 +183,8 @@ impl Worker for WorkerService {
             let r = req.into_inner();
             let token = r.token;
             let (next, feats) = self
-                .with_session(&r.session_id, move |target, s| {
+                .sessions
+                .run(&r.session_id, &self.target, move |target, s| {
                     if token != s.last {
                         return Err(Status::failed_precondition(format!(
                             "decode: token {token} is not the session's last token {}",

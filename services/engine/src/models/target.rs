@@ -30,6 +30,18 @@ pub struct TargetModel {
     pub dtype: DType,
 }
 
+/// The token embedding [vocab, hidden] and the LM head (the embedding itself when tied, or when
+/// the checkpoint has no separate `lm_head.weight`).
+pub fn load_embed_and_lm_head(w: &Weights, cfg: &ModelConfig) -> Result<(Tensor, Linear)> {
+    let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+    let embed = w.get("model.embed_tokens.weight", &[v, h])?;
+    let lm_head = match w.get_opt("lm_head.weight", &[v, h])? {
+        Some(t) if !cfg.tie_word_embeddings => Linear::new(t, None)?,
+        _ => Linear::new(embed.clone(), None)?,
+    };
+    Ok((embed, lm_head))
+}
+
 impl TargetModel {
     /// Loads from HF-named weights. `progress(i, n)` is called after each layer.
     pub fn load(
@@ -41,8 +53,8 @@ impl TargetModel {
     ) -> Result<Self> {
         cfg.validate()?;
         let w = Weights::new(src, dtype, device.clone());
-        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
-        let embed = w.get("model.embed_tokens.weight", &[v, h])?;
+        let h = cfg.hidden_size;
+        let (embed, lm_head) = load_embed_and_lm_head(&w, &cfg)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             layers.push(DecoderLayer::load(
@@ -53,10 +65,6 @@ impl TargetModel {
             progress(i + 1, cfg.num_layers);
         }
         let norm = RmsNorm::load(&w.pp("model"), "norm", h, cfg.rms_norm_eps)?;
-        let lm_head = match w.get_opt("lm_head.weight", &[v, h])? {
-            Some(t) if !cfg.tie_word_embeddings => Linear::new(t, None)?,
-            _ => Linear::new(embed.clone(), None)?,
-        };
         let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling.as_ref());
         Ok(TargetModel {
             cfg,
