@@ -35,6 +35,9 @@ pub enum EngineError {
     InvalidRequest(String),
     #[error("context overflow: {needed} tokens needed, the model holds {limit}")]
     ContextOverflow { needed: usize, limit: usize },
+    /// A tensor-parallel peer is gone or misbehaved; the group cannot go on.
+    #[error("tensor-parallel group: {0}")]
+    Collective(String),
     #[error("tensor backend: {0}")]
     Candle(#[from] candle_core::Error),
 }

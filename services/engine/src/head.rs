@@ -28,6 +28,7 @@ use crate::kv_cache::KvCache;
 use crate::layers::{use_cpu_kernels, DecoderLayer, Linear, Rope};
 use crate::loader::safetensors::SafetensorsSource;
 use crate::loader::{WeightSource, Weights};
+use crate::parallel::Shard;
 use crate::sampling::Rng;
 
 pub struct EagleHead {
@@ -200,7 +201,10 @@ impl EagleHead {
         let h = cfg.hidden_size;
         let fc_w = w.get("fc.weight", &[h, 2 * h])?;
         let fc_b = w.get_f32_opt("fc.bias", &[h])?;
-        let layer = DecoderLayer::load(&w.pp("layers.0"), &cfg, false)?;
+        // The head's one layer is dense whatever the target (EAGLE's Mixtral heads are too).
+        let mut layer_cfg = cfg.clone();
+        layer_cfg.arch = crate::config::Arch::Llama;
+        let layer = DecoderLayer::load(&w.pp("layers.0"), &layer_cfg, false, &Shard::single())?;
         let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling.as_ref());
         let draft_vocab = match src.get("d2t")? {
             None => None,
@@ -338,7 +342,11 @@ impl EagleHead {
         }
         map.insert(format!("{p}.o_proj.weight"), a.o.weight.clone());
         let f = c.intermediate_size;
-        let m = &self.layer.mlp;
+        let m = self
+            .layer
+            .mlp
+            .dense()
+            .expect("an EAGLE head's layer is dense");
         map.insert(
             "layers.0.mlp.gate_proj.weight".into(),
             m.gate_up.weight.narrow(0, 0, f)?,

@@ -16,6 +16,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod loader;
 pub mod models;
+pub mod parallel;
 pub mod sampling;
 pub mod session;
 pub mod spec;

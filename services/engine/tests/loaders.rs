@@ -286,8 +286,14 @@ fn head_weights(head: &EagleHead) -> Vec<(&'static str, Vec<f32>)> {
     push("fc.bias", head.fc.bias.as_ref().expect("fc.bias"));
     push("layer.attn.qkv.weight", &head.layer.attn.qkv.weight);
     push("layer.attn.o.weight", &head.layer.attn.o.weight);
-    push("layer.mlp.gate_up.weight", &head.layer.mlp.gate_up.weight);
-    push("layer.mlp.down.weight", &head.layer.mlp.down.weight);
+    push(
+        "layer.mlp.gate_up.weight",
+        &head.layer.mlp.dense().unwrap().gate_up.weight,
+    );
+    push(
+        "layer.mlp.down.weight",
+        &head.layer.mlp.dense().unwrap().down.weight,
+    );
     push("layer.post_norm.weight", &head.layer.post_norm.weight);
     out
 }

@@ -5,7 +5,8 @@ use eagle_engine::EngineError;
 use tonic::{Code, Status};
 
 /// The status for an engine error: bad requests are `INVALID_ARGUMENT`, bad model or head
-/// files `FAILED_PRECONDITION`, anything from the tensor backend `INTERNAL`.
+/// files `FAILED_PRECONDITION`, a broken tensor-parallel group `UNAVAILABLE`, anything from the
+/// tensor backend `INTERNAL`.
 pub fn from_engine(e: &EngineError) -> Status {
     let code = match e {
         EngineError::InvalidRequest(_)
@@ -19,6 +20,7 @@ pub fn from_engine(e: &EngineError) -> Status {
         | EngineError::MissingTensor { .. }
         | EngineError::UnsupportedArch(_)
         | EngineError::Config(_) => Code::FailedPrecondition,
+        EngineError::Collective(_) => Code::Unavailable,
         EngineError::Candle(_) => Code::Internal,
     };
     Status::new(code, e.to_string())

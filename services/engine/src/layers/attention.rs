@@ -1,14 +1,17 @@
 //! Grouped-query self-attention (Ainslie et al., 2023) over a [`KvCache`] layer, with tree
-//! visibility (see `kernels::attention`).
+//! visibility (see `kernels::attention`). A tensor-parallel rank holds a block of the heads
+//! (see `crate::parallel`); everything below works on the heads it holds.
 
 use candle_core::{DType, Device, Tensor, D};
 
+use super::linear::Split;
 use super::{Linear, RopeAt};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::kernels::attention::{attention, AttnShape, Visibility};
 use crate::kv_cache::LayerKv;
 use crate::loader::Weights;
+use crate::parallel::Shard;
 
 #[derive(Clone, Debug)]
 pub struct Attention {
@@ -22,20 +25,32 @@ pub struct Attention {
 
 impl Attention {
     /// Loads `q_proj`, `k_proj`, `v_proj`, `o_proj` under `w` (HF names). `in_dim` is the
-    /// width of the layer's input (the hidden size, or more for EAGLE-3 heads).
-    pub fn load(w: &Weights, cfg: &ModelConfig, in_dim: usize) -> Result<Self> {
-        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+    /// width of the layer's input (the hidden size, or more for EAGLE-3 heads). A sharded rank
+    /// loads its heads' rows of q/k/v (and biases) and the matching columns of `o_proj`.
+    pub fn load(w: &Weights, cfg: &ModelConfig, in_dim: usize, shard: &Shard) -> Result<Self> {
+        let (qd, kvd, hd) = (cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
         let b = cfg.attention_bias;
-        let q = Linear::load(w, "q_proj", in_dim, qd, b)?;
-        let k = Linear::load(w, "k_proj", in_dim, kvd, b)?;
-        let v = Linear::load(w, "v_proj", in_dim, kvd, b)?;
-        let o = Linear::load(w, "o_proj", qd, cfg.hidden_size, false)?;
+        let heads = shard.heads(cfg);
+        let rows = |h: &std::ops::Range<usize>| h.start * hd..h.end * hd;
+        let (q_rows, kv_rows) = (rows(&heads.q), rows(&heads.kv));
+        let (col, row) = if shard.is_sharded() {
+            (
+                [Split::Column(&q_rows), Split::Column(&kv_rows)],
+                Split::Row(&q_rows, shard),
+            )
+        } else {
+            ([Split::Full, Split::Full], Split::Full)
+        };
+        let q = Linear::load_split(w, "q_proj", in_dim, qd, b, col[0])?;
+        let k = Linear::load_split(w, "k_proj", in_dim, kvd, b, col[1])?;
+        let v = Linear::load_split(w, "v_proj", in_dim, kvd, b, col[1])?;
+        let o = Linear::load_split(w, "o_proj", qd, cfg.hidden_size, false, row)?;
         Ok(Attention {
             qkv: Linear::fuse(&[q, k, v])?,
             o,
-            n_heads: cfg.num_heads,
-            n_kv_heads: cfg.num_kv_heads,
-            head_dim: cfg.head_dim,
+            n_heads: heads.q.len(),
+            n_kv_heads: heads.kv.len(),
+            head_dim: hd,
         })
     }
 

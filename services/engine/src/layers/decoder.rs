@@ -1,26 +1,60 @@
 //! The pre-norm decoder layer of LLaMA / Qwen2, shared by targets and the EAGLE head.
-//! x = x + attn(norm1(x)); x = x + mlp(norm2(x)). EAGLE heads have no `norm1`.
+//! x = x + attn(norm1(x)); x = x + mlp(norm2(x)). EAGLE heads have no `norm1`. Mixtral's layer
+//! is the same with routed experts in place of the MLP.
 
 use candle_core::Tensor;
 
-use super::{Attention, Mlp, RmsNorm, RopeAt};
-use crate::config::ModelConfig;
+use super::{Attention, Mlp, RmsNorm, RopeAt, SparseMoe};
+use crate::config::{Arch, ModelConfig};
 use crate::error::Result;
 use crate::kernels::attention::Visibility;
 use crate::kv_cache::LayerKv;
 use crate::loader::Weights;
+use crate::parallel::Shard;
+
+/// The feed-forward half of a layer: a dense SwiGLU MLP, or Mixtral's routed experts.
+#[derive(Clone, Debug)]
+pub enum FeedForward {
+    Dense(Mlp),
+    Sparse(SparseMoe),
+}
+
+impl FeedForward {
+    pub fn forward_cpu(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        match self {
+            FeedForward::Dense(f) => f.forward_cpu(x, m),
+            FeedForward::Sparse(f) => f.forward_cpu(x, m),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            FeedForward::Dense(f) => f.forward(x),
+            FeedForward::Sparse(f) => f.forward(x),
+        }
+    }
+
+    /// The dense MLP (EAGLE heads and the models they serve), if this is one.
+    pub fn dense(&self) -> Option<&Mlp> {
+        match self {
+            FeedForward::Dense(f) => Some(f),
+            FeedForward::Sparse(_) => None,
+        }
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct DecoderLayer {
     pub input_norm: Option<RmsNorm>,
     pub attn: Attention,
     pub post_norm: RmsNorm,
-    pub mlp: Mlp,
+    pub mlp: FeedForward,
 }
 
 impl DecoderLayer {
-    /// Loads one layer under `w` (e.g. `model.layers.3`).
-    pub fn load(w: &Weights, cfg: &ModelConfig, input_norm: bool) -> Result<Self> {
+    /// Loads one layer under `w` (e.g. `model.layers.3`): this rank's part of it when `shard`
+    /// is one of a tensor-parallel group (norms are replicated).
+    pub fn load(w: &Weights, cfg: &ModelConfig, input_norm: bool, shard: &Shard) -> Result<Self> {
         let h = cfg.hidden_size;
         let input_norm = if input_norm {
             Some(RmsNorm::load(w, "input_layernorm", h, cfg.rms_norm_eps)?)
@@ -29,9 +63,27 @@ impl DecoderLayer {
         };
         Ok(DecoderLayer {
             input_norm,
-            attn: Attention::load(&w.pp("self_attn"), cfg, h)?,
+            attn: Attention::load(&w.pp("self_attn"), cfg, h, shard)?,
             post_norm: RmsNorm::load(w, "post_attention_layernorm", h, cfg.rms_norm_eps)?,
-            mlp: Mlp::load(&w.pp("mlp"), h, cfg.intermediate_size)?,
+            mlp: if cfg.arch == Arch::Mixtral {
+                FeedForward::Sparse(SparseMoe::load(
+                    &w.pp("block_sparse_moe"),
+                    h,
+                    cfg.intermediate_size,
+                    cfg.num_experts,
+                    cfg.num_experts_per_tok,
+                    shard,
+                )?)
+            } else {
+                FeedForward::Dense(Mlp::load_split(
+                    &w.pp("mlp"),
+                    super::mlp::LLAMA_NAMES,
+                    h,
+                    cfg.intermediate_size,
+                    shard,
+                    true,
+                )?)
+            },
         })
     }
 

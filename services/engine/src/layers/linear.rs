@@ -1,4 +1,10 @@
-//! A linear layer `y = x W^T + b` with W in the engine dtype and b in f32.
+//! A linear layer `y = x W^T + b` with W in the engine dtype and b in f32, whole or split for
+//! tensor parallelism (see `crate::parallel`): column-parallel layers hold a block of output
+//! rows; row-parallel layers hold a block of input columns and all-reduce their output (the
+//! bias, if any, is added by rank 0 alone, so the sum counts it once).
+
+use std::ops::Range;
+use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 use half::{bf16, f16};
@@ -6,6 +12,7 @@ use half::{bf16, f16};
 use crate::error::{EngineError, Result};
 use crate::kernels::{self, with_cpu_slice};
 use crate::loader::Weights;
+use crate::parallel::{Collective, Shard};
 
 #[derive(Clone, Debug)]
 pub struct Linear {
@@ -13,6 +20,18 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     pub in_dim: usize,
     pub out_dim: usize,
+    /// Row-parallel layers: the group their partial outputs are summed over.
+    pub reduce: Option<Arc<dyn Collective>>,
+}
+
+/// How a rank holds a layer.
+#[derive(Clone, Copy, Debug)]
+pub enum Split<'a> {
+    Full,
+    /// Output rows `range` of the whole layer.
+    Column(&'a Range<usize>),
+    /// Input columns `range`; the output is all-reduced over the shard's group.
+    Row(&'a Range<usize>, &'a Shard),
 }
 
 impl Linear {
@@ -31,7 +50,44 @@ impl Linear {
             bias,
             in_dim,
             out_dim,
+            reduce: None,
         })
+    }
+
+    /// Loads this rank's part of `{name}.weight` [out, in] (and `{name}.bias` [out]).
+    pub fn load_split(
+        w: &Weights,
+        name: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        split: Split,
+    ) -> Result<Self> {
+        match split {
+            Split::Full => Linear::load(w, name, in_dim, out_dim, bias),
+            Split::Column(rows) => {
+                let w = w.pp(name);
+                let weight = w.get_part("weight", &[out_dim, in_dim], 0, rows.clone(), false)?;
+                let bias = if bias {
+                    Some(w.get_part("bias", &[out_dim], 0, rows.clone(), true)?)
+                } else {
+                    None
+                };
+                Linear::new(weight, bias)
+            }
+            Split::Row(cols, shard) => {
+                let w = w.pp(name);
+                let weight = w.get_part("weight", &[out_dim, in_dim], 1, cols.clone(), false)?;
+                let bias = if bias && shard.rank == 0 {
+                    Some(w.get_f32("bias", &[out_dim])?)
+                } else {
+                    None
+                };
+                let mut l = Linear::new(weight, bias)?;
+                l.reduce = shard.comm().cloned();
+                Ok(l)
+            }
+        }
     }
 
     /// Loads `{name}.weight` [out, in] and, when `bias`, `{name}.bias` [out].
@@ -90,10 +146,14 @@ impl Linear {
                 ))),
             }
         };
-        match &self.bias {
-            Some(b) => with_cpu_slice::<f32, _>(b, |b| run(Some(b)))?,
-            None => run(None),
+        let mut y = match &self.bias {
+            Some(b) => with_cpu_slice::<f32, _>(b, |b| run(Some(b)))??,
+            None => run(None)?,
+        };
+        if let Some(c) = &self.reduce {
+            c.all_reduce_sum(&mut y)?;
         }
+        Ok(y)
     }
 
     /// Device-generic path: `x` is [m, in_dim] f32; the product runs in the weight dtype.
@@ -102,9 +162,13 @@ impl Linear {
             .to_dtype(self.weight.dtype())?
             .matmul(&self.weight.t()?)?
             .to_dtype(DType::F32)?;
-        Ok(match &self.bias {
+        let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
-        })
+        };
+        match &self.reduce {
+            Some(c) => c.all_reduce_tensor(&y),
+            None => Ok(y),
+        }
     }
 }

@@ -9,13 +9,15 @@ pub mod attention;
 pub mod decoder;
 pub mod linear;
 pub mod mlp;
+pub mod moe;
 pub mod norm;
 pub mod rotary;
 
 pub use attention::Attention;
-pub use decoder::DecoderLayer;
+pub use decoder::{DecoderLayer, FeedForward};
 pub use linear::Linear;
 pub use mlp::Mlp;
+pub use moe::SparseMoe;
 pub use norm::RmsNorm;
 pub use rotary::{Rope, RopeAt};
 

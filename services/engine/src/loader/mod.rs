@@ -13,6 +13,20 @@ use crate::error::{EngineError, Result};
 /// dtype the file holds (quantized GGUF tensors are dequantized to f32).
 pub trait WeightSource: Send + Sync {
     fn get(&self, name: &str) -> Result<Option<Tensor>>;
+    /// Rows (`dim` 0) or columns (`dim` 1) `range` of a tensor, for tensor-parallel ranks.
+    /// Sources that can slice before reading (memory-mapped safetensors) override this, so a
+    /// rank never materialises the whole matrix.
+    fn get_part(
+        &self,
+        name: &str,
+        dim: usize,
+        range: std::ops::Range<usize>,
+    ) -> Result<Option<Tensor>> {
+        match self.get(name)? {
+            Some(t) => Ok(Some(t.narrow(dim, range.start, range.len())?.contiguous()?)),
+            None => Ok(None),
+        }
+    }
     /// Where these weights come from, for error messages.
     fn describe(&self) -> String;
 }
@@ -78,6 +92,46 @@ impl<'a> Weights<'a> {
             name: self.full(name),
             source_desc: self.src.describe(),
         }
+    }
+
+    /// Rows (`dim` 0) or columns (`dim` 1) `range` of a tensor of `full` shape, in the engine
+    /// dtype (`f32` keeps it in f32, for biases).
+    pub fn get_part(
+        &self,
+        name: &str,
+        full: &[usize],
+        dim: usize,
+        range: std::ops::Range<usize>,
+        f32: bool,
+    ) -> Result<Tensor> {
+        let full_name = self.full(name);
+        let mut want = full.to_vec();
+        want[dim] = range.len();
+        if range.end > full[dim] {
+            return Err(EngineError::Shape {
+                name: full_name,
+                expected: full.to_vec(),
+                found: want,
+            });
+        }
+        let t = self
+            .src
+            .get_part(&full_name, dim, range)?
+            .ok_or_else(|| self.missing(name))?;
+        if t.dims() != want {
+            return Err(EngineError::Shape {
+                name: full_name,
+                expected: want,
+                found: t.dims().to_vec(),
+            });
+        }
+        let dtype = if f32 { DType::F32 } else { self.dtype };
+        Ok(t.to_dtype(dtype)?.to_device(&self.device)?)
+    }
+
+    /// Whether the source holds `name`, without reading it.
+    pub fn has(&self, name: &str) -> Result<bool> {
+        Ok(self.src.get_part(&self.full(name), 0, 0..0)?.is_some())
     }
 
     /// A matrix in the engine dtype.

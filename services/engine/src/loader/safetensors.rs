@@ -1,9 +1,13 @@
 //! Hugging Face layout: `config.json` with `model.safetensors`, or shards listed in
-//! `model.safetensors.index.json`; memory-mapped, so only the tensors asked for are read.
+//! `model.safetensors.index.json`; memory-mapped, so only the tensors asked for are read, and a
+//! tensor-parallel rank copies only its rows or columns of each.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use candle_core::{safetensors::MmapedSafetensors, Device, Tensor};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use safetensors::tensor as st;
 
 use super::WeightSource;
 use crate::error::{EngineError, Result};
@@ -85,6 +89,52 @@ impl WeightSource for SafetensorsSource {
             .load(name, &Device::Cpu)
             .map_err(|e| EngineError::malformed(&self.desc, format!("tensor {name}: {e}")))?;
         Ok(Some(t))
+    }
+
+    fn get_part(&self, name: &str, dim: usize, range: Range<usize>) -> Result<Option<Tensor>> {
+        let Ok(view) = self.st.get(name) else {
+            return Ok(None);
+        };
+        let dtype = match view.dtype() {
+            st::Dtype::F32 => DType::F32,
+            st::Dtype::BF16 => DType::BF16,
+            st::Dtype::F16 => DType::F16,
+            // Other dtypes are rare in checkpoints: read whole, then narrow.
+            _ => {
+                return Ok(self
+                    .get(name)?
+                    .map(|t| t.narrow(dim, range.start, range.len())?.contiguous())
+                    .transpose()?)
+            }
+        };
+        let shape = view.shape().to_vec();
+        let data = view.data();
+        let bad = |m: String| EngineError::malformed(&self.desc, format!("tensor {name}: {m}"));
+        if dim >= shape.len() || range.end > shape[dim] {
+            return Err(bad(format!(
+                "cannot take {range:?} of dim {dim} of {shape:?}"
+            )));
+        }
+        let elem = dtype.size_in_bytes();
+        if data.len() != shape.iter().product::<usize>() * elem {
+            return Err(bad(format!("{} bytes for shape {shape:?}", data.len())));
+        }
+        // Row-major: `outer` blocks of `shape[dim] * inner` elements; keep `range` of each.
+        let outer: usize = shape[..dim].iter().product();
+        let inner: usize = shape[dim + 1..].iter().product::<usize>() * elem;
+        let mut bytes = Vec::with_capacity(outer * range.len() * inner);
+        for o in 0..outer {
+            let base = o * shape[dim] * inner;
+            bytes.extend_from_slice(&data[base + range.start * inner..base + range.end * inner]);
+        }
+        let mut part = shape;
+        part[dim] = range.len();
+        Ok(Some(Tensor::from_raw_buffer(
+            &bytes,
+            dtype,
+            &part,
+            &Device::Cpu,
+        )?))
     }
 
     fn describe(&self) -> String {

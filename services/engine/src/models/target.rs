@@ -6,6 +6,10 @@
 //! `crate::kernels`). Features are the last decoder layer's output after the final norm: the
 //! vector the LM head reads, which is what published EAGLE heads were trained on (HF
 //! `hidden_states[-1]`).
+//!
+//! A target can be one rank of a tensor-parallel group (see `crate::parallel`): it then holds
+//! its slice of every layer and a vocab-parallel block of the embedding and LM head, and its
+//! `forward` and `logits` return the whole group's result on every rank.
 
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
@@ -17,10 +21,12 @@ use crate::kernels::{attention::Visibility, with_cpu_slice};
 use crate::kv_cache::KvCache;
 use crate::layers::{use_cpu_kernels, DecoderLayer, Linear, RmsNorm, Rope};
 use crate::loader::{WeightSource, Weights};
+use crate::parallel::Shard;
 
 pub struct TargetModel {
     pub cfg: ModelConfig,
-    /// [vocab, hidden] in the engine dtype; also the LM head when tied.
+    /// [vocab, hidden] in the engine dtype; also the LM head when tied. On a sharded rank, the
+    /// rows of `shard.vocab(..)`, zero-padded to `shard.vocab_rows(..)`.
     pub embed: Tensor,
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
@@ -28,6 +34,7 @@ pub struct TargetModel {
     pub rope: Rope,
     pub device: Device,
     pub dtype: DType,
+    pub shard: Shard,
 }
 
 /// The token embedding [vocab, hidden] and the LM head (the embedding itself when tied, or when
@@ -42,6 +49,30 @@ pub fn load_embed_and_lm_head(w: &Weights, cfg: &ModelConfig) -> Result<(Tensor,
     Ok((embed, lm_head))
 }
 
+/// This rank's block of the embedding and LM head: rows `shard.vocab(..)`, zero-padded to
+/// `shard.vocab_rows(..)` so every rank's logits block has one width.
+fn load_vocab_block(w: &Weights, cfg: &ModelConfig, shard: &Shard) -> Result<(Tensor, Linear)> {
+    let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+    let rows = shard.vocab(v);
+    let pad = shard.vocab_rows(v) - rows.len();
+    let block = |name: &str| -> Result<Tensor> {
+        let t = w.get_part(name, &[v, h], 0, rows.clone(), false)?;
+        Ok(if pad > 0 {
+            Tensor::cat(&[t, Tensor::zeros((pad, h), w.dtype, &w.device)?], 0)?
+        } else {
+            t
+        })
+    };
+    let embed = block("model.embed_tokens.weight")?;
+    let separate = !cfg.tie_word_embeddings && w.has("lm_head.weight")?;
+    let lm_head = if separate {
+        Linear::new(block("lm_head.weight")?, None)?
+    } else {
+        Linear::new(embed.clone(), None)?
+    };
+    Ok((embed, lm_head))
+}
+
 impl TargetModel {
     /// Loads from HF-named weights. `progress(i, n)` is called after each layer.
     pub fn load(
@@ -51,16 +82,35 @@ impl TargetModel {
         device: &Device,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
+        TargetModel::load_shard(src, cfg, dtype, device, Shard::single(), progress)
+    }
+
+    /// Loads this rank's part of the model: only its slices are read from the weight source
+    /// (memory-mapped safetensors copy just those bytes).
+    pub fn load_shard(
+        src: &dyn WeightSource,
+        cfg: ModelConfig,
+        dtype: DType,
+        device: &Device,
+        shard: Shard,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
         cfg.validate()?;
+        Shard::check(&cfg, shard.world)?;
         let w = Weights::new(src, dtype, device.clone());
         let h = cfg.hidden_size;
-        let (embed, lm_head) = load_embed_and_lm_head(&w, &cfg)?;
+        let (embed, lm_head) = if shard.is_sharded() {
+            load_vocab_block(&w, &cfg, &shard)?
+        } else {
+            load_embed_and_lm_head(&w, &cfg)?
+        };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             layers.push(DecoderLayer::load(
                 &w.pp(format!("model.layers.{i}")),
                 &cfg,
                 true,
+                &shard,
             )?);
             progress(i + 1, cfg.num_layers);
         }
@@ -75,6 +125,7 @@ impl TargetModel {
             rope,
             device: device.clone(),
             dtype,
+            shard,
         })
     }
 
@@ -84,18 +135,46 @@ impl TargetModel {
 
     /// A preallocated cache for `capacity` tokens.
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        let kv_heads = self.shard.heads(&self.cfg).kv.len();
         KvCache::new(
             self.cfg.num_layers,
-            self.cfg.kv_dim(),
+            kv_heads * self.cfg.head_dim,
             capacity,
             &self.device,
             self.cpu(),
         )
     }
 
-    /// Token embeddings, [m, hidden] f32.
+    /// Token embeddings, [m, hidden] f32. A sharded rank looks up the tokens in its block,
+    /// contributes zeros for the others, and the all-reduce fills every row exactly.
     pub fn embed_tokens(&self, tokens: &[u32]) -> Result<Tensor> {
-        embed_rows(&self.embed, tokens, self.cfg.vocab_size, &self.device)
+        let v = self.cfg.vocab_size;
+        let Some(comm) = self.shard.comm() else {
+            return embed_rows(&self.embed, tokens, v, &self.device);
+        };
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= v) {
+            return Err(EngineError::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary of {v}"
+            )));
+        }
+        let rows = self.shard.vocab(v);
+        let local: Vec<u32> = tokens
+            .iter()
+            .map(|&t| {
+                if rows.contains(&(t as usize)) {
+                    (t as usize - rows.start) as u32
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let mine: Vec<f32> = tokens
+            .iter()
+            .map(|&t| f32::from(u8::from(rows.contains(&(t as usize)))))
+            .collect();
+        let x = embed_rows(&self.embed, &local, self.embed.dim(0)?, &self.device)?;
+        let mask = Tensor::from_vec(mine, (tokens.len(), 1), &self.device)?;
+        comm.all_reduce_tensor(&x.broadcast_mul(&mask)?)
     }
 
     /// Runs the new `tokens` (at `positions`, attending as `vis` says) through the model,
@@ -149,9 +228,20 @@ impl TargetModel {
         Ok(out)
     }
 
-    /// LM head over features [m, hidden] -> logits [m, vocab] f32.
+    /// LM head over features [m, hidden] -> logits [m, vocab] f32. A sharded rank computes its
+    /// vocabulary block and the all-gather puts the blocks side by side on every rank.
     pub fn logits(&self, features: &Tensor) -> Result<Tensor> {
-        lm_head(&self.lm_head, features, self.cpu())
+        let local = lm_head(&self.lm_head, features, self.cpu())?;
+        let Some(comm) = self.shard.comm() else {
+            return Ok(local);
+        };
+        let (m, rows) = local.dims2()?;
+        let all = comm.all_gather_tensor(&local)?; // [world, m, rows]
+        Ok(all
+            .transpose(0, 1)?
+            .reshape((m, self.shard.world * rows))?
+            .narrow(1, 0, self.cfg.vocab_size)?
+            .contiguous()?)
     }
 }
 
