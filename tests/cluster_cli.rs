@@ -1,5 +1,6 @@
-//! The commands people run: `eagle cluster up` prints `ready ADDR`, serves `eagle client`, and
-//! stops all its processes on SIGTERM; and one request's spans form one trace across the
+//! The commands people run: `eagle cluster up --tp 3` (one worker group of three
+//! tensor-parallel ranks) prints `ready ADDR`, serves `eagle client` the unsharded engine's
+//! tokens, and stops all its processes, ranks included, on SIGTERM; and one request's spans form one trace across the
 //! coordinator, the draft service and the worker.
 
 use std::collections::HashMap;
@@ -12,7 +13,7 @@ use eagle_tests::*;
 #[test]
 fn cluster_up_serves_the_client_and_stops_on_sigterm() {
     let mut up = Command::new(bin("eagle"))
-        .args(["cluster", "up", "--port", "0", "--model"])
+        .args(["cluster", "up", "--port", "0", "--tp", "3", "--model"])
         .arg(smollm2())
         .arg("--head")
         .arg(random_head())
@@ -76,12 +77,19 @@ fn cluster_up_serves_the_client_and_stops_on_sigterm() {
         v["text"].as_str().unwrap().trim_end()
     );
 
-    // SIGTERM: the command and every child exit promptly.
-    let children = child_pids(up.id());
+    // SIGTERM: the command and every child exit promptly, the worker's ranks too.
+    let mut children = child_pids(up.id());
     assert!(
         children.len() >= 3,
         "coordinator, draft and worker: {children:?}"
     );
+    let ranks: Vec<u32> = children.iter().flat_map(|&c| child_pids(c)).collect();
+    assert_eq!(
+        ranks.len(),
+        2,
+        "the worker started ranks 1 and 2: {ranks:?}"
+    );
+    children.extend(ranks);
     unsafe {
         libc::kill(up.id() as i32, libc::SIGTERM);
     }

@@ -91,6 +91,8 @@ pub struct Service {
     pub name: String,
     pub child: Child,
     pub addr: String,
+    /// Every line the service printed on stdout so far.
+    pub lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Service {
@@ -108,9 +110,12 @@ impl Service {
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("start {name}: {e}"));
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = lines.clone();
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                seen.lock().unwrap().push(line.clone());
                 if !sent {
                     if let Some(a) = line.strip_prefix("listening ") {
                         let _ = tx.send(a.trim().to_string());
@@ -130,6 +135,7 @@ impl Service {
             name: name.to_string(),
             child,
             addr,
+            lines,
         }
     }
 
@@ -170,6 +176,10 @@ impl Drop for Service {
 #[derive(Clone, Debug)]
 pub struct ClusterOpts {
     pub draft: bool,
+    /// Extra worker flags (e.g. `--tp 3`).
+    pub worker_args: Vec<String>,
+    /// The draft service's head (default: the random test head).
+    pub head: Option<PathBuf>,
     pub coordinator_args: Vec<String>,
     pub env: Vec<(String, String)>,
 }
@@ -178,6 +188,8 @@ impl Default for ClusterOpts {
     fn default() -> Self {
         ClusterOpts {
             draft: true,
+            worker_args: Vec::new(),
+            head: None,
             coordinator_args: Vec::new(),
             env: Vec::new(),
         }
@@ -207,13 +219,13 @@ fn base_args(listen: &str) -> Vec<String> {
 
 impl TestCluster {
     pub fn start(opts: ClusterOpts) -> TestCluster {
-        let worker = Service::start(
-            "worker",
-            &bin("eagle-worker"),
-            &base_args("127.0.0.1:0"),
-            &opts.env,
-        );
-        let draft = opts.draft.then(|| start_draft("127.0.0.1:0", &opts.env));
+        let mut worker_args = base_args("127.0.0.1:0");
+        worker_args.extend(opts.worker_args.iter().cloned());
+        let worker = Service::start("worker", &bin("eagle-worker"), &worker_args, &opts.env);
+        let draft = opts.draft.then(|| {
+            let head = opts.head.clone().unwrap_or_else(random_head);
+            start_draft_with("127.0.0.1:0", &head, &opts.env)
+        });
         let mut args = base_args("127.0.0.1:0");
         args.extend(["--worker".into(), worker.addr.clone()]);
         if let Some(d) = &draft {
@@ -290,9 +302,19 @@ impl TestCluster {
 
 /// Starts a draft service with the random head on `listen`.
 pub fn start_draft(listen: &str, env: &[(String, String)]) -> Service {
+    start_draft_with(listen, &random_head(), env)
+}
+
+/// Starts a draft service with `head` on `listen`.
+pub fn start_draft_with(listen: &str, head: &Path, env: &[(String, String)]) -> Service {
     let mut args = base_args(listen);
-    args.extend(["--head".into(), random_head().display().to_string()]);
+    args.extend(["--head".into(), head.display().to_string()]);
     Service::start("draft", &bin("eagle-draft"), &args, env)
+}
+
+/// The trained SmolLM2-135M head shipped in the repository.
+pub fn shipped_head() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../heads/smollm2-135m")
 }
 
 /// A raw-prompt request, greedy unless changed.

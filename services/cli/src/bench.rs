@@ -44,6 +44,10 @@ pub struct BenchArgs {
     /// separate processes over gRPC) and report what the distributed path adds per step.
     #[arg(long)]
     pub cluster: bool,
+    /// With --cluster: the worker's tensor-parallel degree (ranks as separate processes; on
+    /// a CPU this shows the cost of the collectives, not a speed-up).
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
 }
 
 #[derive(Deserialize)]
@@ -183,7 +187,7 @@ fn run_prompts(a: BenchArgs, prompts: &mut Vec<PromptLine>) -> Result<()> {
             .progress_chars("=> "),
     );
     let mut remote = match a.cluster {
-        true => Some(crate::cluster::RemoteBench::start(&a.model)?),
+        true => Some(crate::cluster::RemoteBench::start(&a.model, a.tp)?),
         false => None,
     };
     let mut cluster_totals = Totals::default();

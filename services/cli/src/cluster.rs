@@ -46,9 +46,13 @@ pub struct UpArgs {
     /// The coordinator's port on 127.0.0.1 (0 picks a free one).
     #[arg(long, env = "EAGLE_PORT", default_value_t = 50051)]
     pub port: u16,
-    /// Verification workers (each holds the whole target).
+    /// Verification workers (each holds the whole target, or one group of --tp ranks).
     #[arg(long, env = "EAGLE_WORKERS", default_value_t = 1)]
     pub workers: usize,
+    /// Tensor-parallel degree of each worker: the target is split over this many rank
+    /// processes (it must divide the attention heads and the MLP width).
+    #[arg(long, env = "EAGLE_TP", default_value_t = 1)]
+    pub tp: usize,
     /// Start no draft service: every request decodes plainly.
     #[arg(long)]
     pub no_draft: bool,
@@ -225,12 +229,14 @@ impl Cluster {
         };
         // Workers and the draft service load in parallel.
         let worker_bin = sibling("eagle-worker")?;
+        let mut worker_extra = dev.clone();
+        worker_extra.extend(["--tp".to_string(), a.tp.to_string()]);
         let starts: Vec<_> = (0..a.workers)
             .map(|i| {
                 tokio::spawn(spawn(
                     format!("worker {i}"),
                     worker_bin.clone(),
-                    common(&dev),
+                    common(&worker_extra),
                 ))
             })
             .collect();
@@ -248,8 +254,13 @@ impl Cluster {
             None => None,
         };
         eprintln!(
-            "starting {} worker(s){} for {name}",
+            "starting {} worker(s){}{} for {name}",
             a.workers,
+            if a.tp > 1 {
+                format!(" of {} tensor-parallel ranks each", a.tp)
+            } else {
+                String::new()
+            },
             if head.is_some() {
                 " and a draft service"
             } else {
@@ -363,12 +374,13 @@ pub struct RemoteBench {
 }
 
 impl RemoteBench {
-    pub fn start(model: &ModelArgs) -> Result<Self> {
+    pub fn start(model: &ModelArgs, tp: usize) -> Result<Self> {
         let rt = tokio::runtime::Runtime::new()?;
         let up = UpArgs {
             model: model.clone(),
             port: 0,
             workers: 1,
+            tp,
             no_draft: false,
             max_running: 4,
             max_waiting: 4,

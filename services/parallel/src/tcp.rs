@@ -412,7 +412,7 @@ mod tests {
         let t = Instant::now();
         let mut x = vec![1.0];
         let r1 = g[1].clone();
-        let side = std::thread::spawn(move || r1.all_reduce_sum(&mut vec![1.0]));
+        let side = std::thread::spawn(move || r1.all_reduce_sum(&mut [1.0]));
         let e = g[0].all_reduce_sum(&mut x).unwrap_err().to_string();
         assert!(e.contains("rank 2"), "{e}");
         assert!(t.elapsed() < Duration::from_secs(3));

@@ -7,28 +7,42 @@
 //!
 //! Invariant: a session's last chosen token is known here, and every tree or decode must start
 //! from it, so a confused or malicious caller cannot desynchronise the cache.
+//!
+//! As rank 0 of a tensor-parallel group ([`group`]), the service sends every model call to the
+//! other ranks before running it, in one order for the whole group.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use candle_core::DType;
+use candle_core::{DType, Tensor};
 use eagle_engine::models::TargetModel;
 use eagle_engine::sampling::{choose, Rng, SamplingParams};
 use eagle_engine::session::TargetSession;
 use eagle_engine::spec::CostProfile;
+use eagle_engine::tree::DraftTree;
 use eagle_proto::common::{Empty, SessionRef};
 use eagle_proto::sessions::SessionTable;
 use eagle_proto::status::{from_engine, invalid};
 use eagle_proto::wire::{features_to_wire, sampling_from_wire, tree_from_wire};
+use eagle_proto::worker::group_op::Op;
 use eagle_proto::worker::worker_server::Worker;
 use eagle_proto::worker::{
-    CostPoint, DecodeRequest, PrefillRequest, Step, VerifyRequest, WorkerInfo,
+    CostPoint, DecodeRequest, GroupOp, PrefillRequest, Step, VerifyRequest, WorkerInfo,
 };
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-/// One sequence on the worker.
-struct Sequence {
+pub mod group;
+pub use group::Group;
+
+fn prefill_op(r: PrefillRequest) -> GroupOp {
+    GroupOp {
+        op: Some(Op::Prefill(r)),
+    }
+}
+
+/// One sequence on the worker (on every rank of a tensor-parallel group).
+pub(crate) struct Sequence {
     sess: TargetSession,
     sampling: SamplingParams,
     rng: Rng,
@@ -36,8 +50,94 @@ struct Sequence {
     last: u32,
 }
 
+impl Sequence {
+    pub(crate) fn new(
+        target: &TargetModel,
+        capacity: usize,
+        sampling: SamplingParams,
+    ) -> Result<Self, Status> {
+        let sess = TargetSession::new(target, capacity).map_err(|e| from_engine(&e))?;
+        Ok(Sequence {
+            sess,
+            rng: Rng::new(sampling.seed),
+            sampling,
+            last: 0,
+        })
+    }
+
+    /// Runs the prompt and chooses the first new token.
+    pub(crate) fn prefill(
+        &mut self,
+        target: &TargetModel,
+        tokens: &[u32],
+    ) -> Result<(u32, Tensor), Status> {
+        let (feats, logits) = self
+            .sess
+            .prefill(target, tokens)
+            .map_err(|e| from_engine(&e))?;
+        self.last = choose(&logits, &self.sampling, &mut self.rng);
+        Ok((self.last, feats))
+    }
+
+    /// Verifies a tree rooted at the last chosen token.
+    pub(crate) fn verify(
+        &mut self,
+        target: &TargetModel,
+        tree: &DraftTree,
+    ) -> Result<(Vec<u32>, Tensor), Status> {
+        if tree.tokens[0] != self.last {
+            return Err(Status::failed_precondition(format!(
+                "verify: the tree's root {} is not the session's last token {}",
+                tree.tokens[0], self.last
+            )));
+        }
+        let room = self.sess.cache.capacity() - self.sess.cache.len();
+        if tree.len() > room {
+            return Err(Status::out_of_range(format!(
+                "verify: {} nodes but the session has room for {room}",
+                tree.len()
+            )));
+        }
+        let v = self
+            .sess
+            .verify(target, tree, &self.sampling, &mut self.rng)
+            .map_err(|e| from_engine(&e))?;
+        self.last = *v
+            .verdict
+            .tokens
+            .last()
+            .expect("a verdict has a bonus token");
+        Ok((v.verdict.tokens, v.features))
+    }
+
+    /// Runs the last chosen token alone and chooses the next.
+    pub(crate) fn decode(
+        &mut self,
+        target: &TargetModel,
+        token: u32,
+    ) -> Result<(u32, Tensor), Status> {
+        if token != self.last {
+            return Err(Status::failed_precondition(format!(
+                "decode: token {token} is not the session's last token {}",
+                self.last
+            )));
+        }
+        if self.sess.cache.len() >= self.sess.cache.capacity() {
+            return Err(Status::out_of_range("decode: the session's cache is full"));
+        }
+        let (feats, logits) = self
+            .sess
+            .decode(target, token)
+            .map_err(|e| from_engine(&e))?;
+        self.last = choose(&logits, &self.sampling, &mut self.rng);
+        Ok((self.last, feats))
+    }
+}
+
 pub struct WorkerService {
     target: Arc<TargetModel>,
+    /// Rank 0 of a tensor-parallel group: the other ranks to mirror every model call on.
+    group: Option<Arc<Group>>,
     model_name: String,
     wire_dtype: DType,
     cost: CostProfile,
@@ -55,14 +155,37 @@ pub struct WorkerOptions {
 impl WorkerService {
     /// Must be called inside a tokio runtime (it starts the idle-session reaper).
     pub fn new(target: TargetModel, cost: CostProfile, opts: WorkerOptions) -> Self {
+        WorkerService::with_group(target, cost, opts, None)
+    }
+
+    /// A worker that is rank 0 of a tensor-parallel `group`.
+    pub fn with_group(
+        target: TargetModel,
+        cost: CostProfile,
+        opts: WorkerOptions,
+        group: Option<Arc<Group>>,
+    ) -> Self {
         let sessions = SessionTable::new(opts.cache_limit_bytes, opts.idle_timeout);
         sessions.spawn_reaper();
         WorkerService {
             target: Arc::new(target),
+            group,
             model_name: opts.model_name,
             wire_dtype: opts.wire_dtype,
             cost,
             sessions,
+        }
+    }
+
+    /// Runs `f` here and, in a tensor-parallel group, on every rank (`op` tells them what).
+    fn mirror<T>(
+        group: &Option<Arc<Group>>,
+        op: impl FnOnce() -> GroupOp,
+        f: impl FnOnce() -> Result<T, Status>,
+    ) -> Result<T, Status> {
+        match group {
+            Some(g) => g.mirror(&op(), f),
+            None => f(),
         }
     }
 
@@ -100,24 +223,16 @@ impl Worker for WorkerService {
                 )));
             }
             let sampling = sampling_from_wire(r.sampling.as_ref())?;
-            let sess = TargetSession::new(&self.target, capacity).map_err(|e| from_engine(&e))?;
-            let bytes = sess.cache.bytes() as u64;
-            let seq = Sequence {
-                sess,
-                rng: Rng::new(sampling.seed),
-                sampling,
-                last: 0,
-            };
+            let seq = Sequence::new(&self.target, capacity, sampling)?;
+            let bytes = seq.sess.cache.bytes() as u64;
             self.sessions.insert(&r.session_id, seq, bytes)?;
             let id = r.session_id.clone();
-            let tokens = r.tokens;
+            let group = self.group.clone();
             let result = self
                 .sessions
                 .run(&id, &self.target, move |target, s| {
-                    let (feats, logits) =
-                        s.sess.prefill(target, &tokens).map_err(|e| from_engine(&e))?;
-                    s.last = choose(&logits, &s.sampling, &mut s.rng);
-                    Ok((s.last, feats))
+                    let tokens = r.tokens.clone();
+                    Self::mirror(&group, || prefill_op(r), || s.prefill(target, &tokens))
                 })
                 .await;
             match result {
@@ -140,33 +255,18 @@ impl Worker for WorkerService {
             let wire = r.tree.ok_or_else(|| invalid("verify: no tree"))?;
             let tree = tree_from_wire(&wire, self.target.cfg.vocab_size)?;
             tracing::Span::current().record("nodes", tree.len());
+            let group = self.group.clone();
+            let id = r.session_id.clone();
             let (tokens, feats) = self
                 .sessions
-                .run(&r.session_id, &self.target, move |target, s| {
-                    if tree.tokens[0] != s.last {
-                        return Err(Status::failed_precondition(format!(
-                            "verify: the tree's root {} is not the session's last token {}",
-                            tree.tokens[0], s.last
-                        )));
-                    }
-                    let room = s.sess.cache.capacity() - s.sess.cache.len();
-                    if tree.len() > room {
-                        return Err(Status::out_of_range(format!(
-                            "verify: {} nodes but the session has room for {room}",
-                            tree.len()
-                        )));
-                    }
-                    let (sampling, rng) = (&s.sampling, &mut s.rng);
-                    let v = s
-                        .sess
-                        .verify(target, &tree, sampling, rng)
-                        .map_err(|e| from_engine(&e))?;
-                    s.last = *v
-                        .verdict
-                        .tokens
-                        .last()
-                        .expect("a verdict has a bonus token");
-                    Ok((v.verdict.tokens, v.features))
+                .run(&id, &self.target, move |target, s| {
+                    let op = || GroupOp {
+                        op: Some(Op::Verify(VerifyRequest {
+                            session_id: r.session_id,
+                            tree: Some(wire),
+                        })),
+                    };
+                    Self::mirror(&group, op, || s.verify(target, &tree))
                 })
                 .await?;
             tracing::Span::current().record("accepted", tokens.len());
@@ -182,22 +282,15 @@ impl Worker for WorkerService {
         async {
             let r = req.into_inner();
             let token = r.token;
+            let group = self.group.clone();
+            let id = r.session_id.clone();
             let (next, feats) = self
                 .sessions
-                .run(&r.session_id, &self.target, move |target, s| {
-                    if token != s.last {
-                        return Err(Status::failed_precondition(format!(
-                            "decode: token {token} is not the session's last token {}",
-                            s.last
-                        )));
-                    }
-                    if s.sess.cache.len() >= s.sess.cache.capacity() {
-                        return Err(Status::out_of_range("decode: the session's cache is full"));
-                    }
-                    let (feats, logits) =
-                        s.sess.decode(target, token).map_err(|e| from_engine(&e))?;
-                    s.last = choose(&logits, &s.sampling, &mut s.rng);
-                    Ok((s.last, feats))
+                .run(&id, &self.target, move |target, s| {
+                    let op = || GroupOp {
+                        op: Some(Op::Decode(r)),
+                    };
+                    Self::mirror(&group, op, || s.decode(target, token))
                 })
                 .await?;
             Ok(Response::new(self.step(vec![next], &feats)?))
@@ -210,7 +303,17 @@ impl Worker for WorkerService {
         let span = tracing::info_span!("worker.release", session = %req.get_ref().session_id);
         eagle_trace::adopt(&span, req.metadata());
         let _g = span.enter();
-        self.sessions.remove(&req.get_ref().session_id);
+        let id = req.into_inner().session_id;
+        self.sessions.remove(&id);
+        // A broken group has nothing left to free on the other ranks.
+        if let Some(g) = self.group.clone().filter(|g| g.broken().is_none()) {
+            let op = GroupOp {
+                op: Some(Op::Release(SessionRef { session_id: id })),
+            };
+            tokio::task::spawn_blocking(move || g.mirror(&op, || Ok(())))
+                .await
+                .map_err(|e| Status::internal(format!("release: {e}")))??;
+        }
         Ok(Response::new(Empty {}))
     }
 

@@ -8,11 +8,14 @@ use eagle_engine::device::{parse_device, parse_dtype};
 use eagle_engine::generate::measure_costs;
 use eagle_engine::loader::open_model;
 use eagle_engine::models::TargetModel;
+use eagle_engine::parallel::Shard;
 use eagle_proto::serve;
 use eagle_proto::worker::worker_server::WorkerServer;
 use eagle_worker::{WorkerOptions, WorkerService};
 
-#[derive(Parser)]
+mod tp;
+
+#[derive(Parser, Clone)]
 #[command(
     name = "eagle-worker",
     version,
@@ -46,6 +49,33 @@ struct Args {
     /// Sessions idle this long (seconds) are reclaimed.
     #[arg(long, env = "EAGLE_IDLE_TIMEOUT_S", default_value_t = 120.0)]
     idle_timeout_s: f64,
+    #[command(flatten)]
+    tp: TpArgs,
+}
+
+/// Tensor parallelism: one model split over several rank processes.
+#[derive(clap::Args, Clone)]
+struct TpArgs {
+    /// Tensor-parallel degree: the model is split over this many rank processes. It must divide
+    /// the attention heads (and the KV heads, or be a multiple of them) and the MLP width.
+    #[arg(long, env = "EAGLE_TP", default_value_t = 1)]
+    tp: usize,
+    /// This process's rank in the group (0 serves the API). Set by rank 0 when it starts the
+    /// other ranks itself, or by hand to join a group from another host with --tp-join.
+    #[arg(long, default_value_t = 0)]
+    tp_rank: usize,
+    /// Ranks other than 0: rank 0's group address (it prints `group ADDR`).
+    #[arg(long, env = "EAGLE_TP_JOIN")]
+    tp_join: Option<String>,
+    /// Rank 0: where the other ranks connect.
+    #[arg(long, env = "EAGLE_TP_LISTEN", default_value = "127.0.0.1:0")]
+    tp_listen: String,
+    /// Rank 0: wait for ranks to join from elsewhere instead of starting them here.
+    #[arg(long, env = "EAGLE_TP_NO_SPAWN")]
+    tp_no_spawn: bool,
+    /// A rank silent this long inside a collective breaks the group (seconds).
+    #[arg(long, env = "EAGLE_TP_TIMEOUT_S", default_value_t = 30.0)]
+    tp_timeout_s: f64,
 }
 
 #[tokio::main]
@@ -61,23 +91,40 @@ async fn run(a: Args) -> Result<()> {
     let dtype = parse_dtype(&a.dtype)?;
     let wire_dtype = parse_dtype(&a.wire_dtype)?;
     let device = parse_device(&a.device)?;
+    if a.tp.tp_rank > 0 {
+        let a2 = a.clone();
+        return tokio::task::spawn_blocking(move || tp::follower(&a2, dtype, device)).await?;
+    }
     let path = a.model.clone();
-    let (target, cost) = tokio::task::spawn_blocking(move || -> Result<_> {
+    let tp_args = a.tp.clone();
+    let me = a.clone();
+    let (target, cost, group) = tokio::task::spawn_blocking(move || -> Result<_> {
         let opened = open_model(&path).with_context(|| format!("opening {}", path.display()))?;
-        let target = TargetModel::load(
+        let (shard, group) = if tp_args.tp > 1 {
+            let (shard, group, ranks) = tp::leader(&me, &opened.config, &device)?;
+            (shard, Some((group, ranks)))
+        } else {
+            (Shard::single(), None)
+        };
+        let target = TargetModel::load_shard(
             opened.source.as_ref(),
             opened.config,
             dtype,
             &device,
-            &mut |i, n| tracing::debug!("loaded layer {i}/{n}"),
+            shard,
+            &mut tp::progress(0),
         )?;
         tracing::info!("measuring verification costs");
         let cost = measure_costs(&target)?;
-        Ok((target, cost))
+        Ok((target, cost, group))
     })
     .await??;
-    tracing::info!(model = %a.model_name, "target loaded");
-    let svc = WorkerService::new(
+    tracing::info!(model = %a.model_name, tp = a.tp.tp, "target loaded");
+    let (group, ranks) = match group {
+        Some((g, r)) => (Some(g), Some(r)),
+        None => (None, None),
+    };
+    let svc = WorkerService::with_group(
         target,
         cost,
         WorkerOptions {
@@ -86,9 +133,28 @@ async fn run(a: Args) -> Result<()> {
             cache_limit_bytes: a.cache_mb << 20,
             idle_timeout: Duration::from_secs_f64(a.idle_timeout_s),
         },
+        group.clone(),
     );
     let (reporter, health) = serve::health();
     reporter.set_serving::<WorkerServer<WorkerService>>().await;
+    if let Some(g) = group.clone() {
+        // A broken group stays up to answer UNAVAILABLE, and says so in its health.
+        tokio::spawn(async move {
+            loop {
+                if let Some(why) = g.broken() {
+                    tracing::error!("tensor-parallel group broken: {why}");
+                    reporter
+                        .set_not_serving::<WorkerServer<WorkerService>>()
+                        .await;
+                    reporter
+                        .set_service_status("", tonic_health::ServingStatus::NotServing)
+                        .await;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+    }
     let (incoming, _addr) = serve::bind(&a.listen).await?;
     tonic::transport::Server::builder()
         .add_service(health)
@@ -96,5 +162,8 @@ async fn run(a: Args) -> Result<()> {
         .add_service(WorkerServer::new(svc).max_decoding_message_size(64 << 20))
         .serve_with_incoming_shutdown(incoming, serve::shutdown_signal())
         .await?;
+    if let (Some(g), Some(r)) = (group, ranks) {
+        tokio::task::spawn_blocking(move || r.stop(&g, Duration::from_secs(10))).await?;
+    }
     Ok(())
 }

@@ -1,0 +1,121 @@
+//! Tensor-parallel worker groups. Rank 0 serves the worker API; before each model call it
+//! sends the call (a `GroupOp`) to the other ranks, and every rank then runs the same engine
+//! call on its shard, meeting the others in the collectives inside the model. Ranks other than
+//! 0 keep their own copy of every session (cache shard, sampling state, last token), updated by
+//! the same calls in the same order, so they stay in step without being told results.
+//!
+//! Invariant: one call at a time crosses the group, in one order ([`Group::mirror`] holds the
+//! group's lock from sending the call to finishing it), so the collectives of two calls never
+//! interleave. A rank that dies breaks the group: calls fail with `UNAVAILABLE` at once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use eagle_engine::models::TargetModel;
+use eagle_parallel::TcpGroup;
+use eagle_proto::status::from_engine;
+use eagle_proto::wire::{sampling_from_wire, tree_from_wire};
+use eagle_proto::worker::group_op::Op;
+use eagle_proto::worker::GroupOp;
+use prost::Message;
+use tonic::{Code, Status};
+
+use crate::Sequence;
+
+/// Rank 0's handle on its group.
+pub struct Group {
+    tcp: Arc<TcpGroup>,
+    order: Mutex<()>,
+}
+
+impl Group {
+    pub fn new(tcp: Arc<TcpGroup>) -> Self {
+        Group {
+            tcp,
+            order: Mutex::new(()),
+        }
+    }
+
+    /// Sends `op` to every other rank, then runs `f` (which runs the same call here).
+    pub fn mirror<T>(
+        &self,
+        op: &GroupOp,
+        f: impl FnOnce() -> Result<T, Status>,
+    ) -> Result<T, Status> {
+        let _one_at_a_time = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        self.tcp
+            .broadcast(&op.encode_to_vec())
+            .map_err(|e| from_engine(&e))?;
+        f()
+    }
+
+    /// Why the group is broken, once a rank has died or stopped answering.
+    pub fn broken(&self) -> Option<String> {
+        self.tcp.broken()
+    }
+
+    pub fn tcp(&self) -> &Arc<TcpGroup> {
+        &self.tcp
+    }
+}
+
+/// A rank other than 0: runs rank 0's calls until it closes the group. Sessions idle past
+/// `idle` are dropped (rank 0 reclaims them no later, having seen their last call first).
+pub fn follow(tcp: &TcpGroup, target: &TargetModel, idle: Duration) -> anyhow::Result<()> {
+    let mut sessions: HashMap<String, (Sequence, Instant)> = HashMap::new();
+    while let Some(bytes) = tcp.receive()? {
+        let op = GroupOp::decode(bytes.as_slice())?;
+        let now = Instant::now();
+        sessions.retain(|_, (_, used)| now.duration_since(*used) < idle);
+        let result: Result<(), Status> = match op.op {
+            Some(Op::Prefill(r)) => (|| {
+                let sampling = sampling_from_wire(r.sampling.as_ref())?;
+                let mut s = Sequence::new(target, r.capacity as usize, sampling)?;
+                let out = s.prefill(target, &r.tokens).map(|_| ());
+                sessions.insert(r.session_id, (s, now));
+                out
+            })(),
+            Some(Op::Verify(r)) => match sessions.get_mut(&r.session_id) {
+                Some((s, used)) => {
+                    *used = now;
+                    let wire = r.tree.unwrap_or_default();
+                    tree_from_wire(&wire, target.cfg.vocab_size)
+                        .and_then(|tree| s.verify(target, &tree).map(|_| ()))
+                }
+                None => Err(lost(&r.session_id)),
+            },
+            Some(Op::Decode(r)) => match sessions.get_mut(&r.session_id) {
+                Some((s, used)) => {
+                    *used = now;
+                    s.decode(target, r.token).map(|_| ())
+                }
+                None => Err(lost(&r.session_id)),
+            },
+            Some(Op::Release(r)) => {
+                sessions.remove(&r.session_id);
+                Ok(())
+            }
+            None => Ok(()),
+        };
+        if let Err(e) = result {
+            // Rank 0 refused the same call the same way; only a broken group or a session
+            // this rank lost is fatal.
+            if e.code() == Code::Unavailable || e.code() == Code::DataLoss {
+                anyhow::bail!(
+                    "rank {}: {}",
+                    eagle_engine::parallel::Collective::rank(tcp),
+                    e.message()
+                );
+            }
+            tracing::debug!("call refused as on rank 0: {}", e.message());
+        }
+    }
+    Ok(())
+}
+
+fn lost(id: &str) -> Status {
+    Status::data_loss(format!(
+        "session {id:?} is unknown on this rank: the group is out of step"
+    ))
+}

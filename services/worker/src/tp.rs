@@ -1,0 +1,147 @@
+//! Starting a tensor-parallel group: rank 0 checks the degree against the model, opens the
+//! group's address, starts ranks 1..N as child processes of this binary (or waits for them to
+//! join from other hosts), and watches them; ranks 1..N join, load their shards and follow.
+//! On CUDA with the `nccl` feature the collectives run on NCCL (rank 0 sends the NCCL id over
+//! the group's channel); otherwise on the TCP backend.
+
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use eagle_engine::config::ModelConfig;
+use eagle_engine::generate::measure_costs;
+use eagle_engine::loader::open_model;
+use eagle_engine::models::TargetModel;
+use eagle_engine::parallel::{Collective, Shard};
+use eagle_parallel::TcpGroup;
+use eagle_worker::group::{follow, Group};
+
+use crate::Args;
+
+/// How long ranks may take to join (they start before loading).
+const JOIN_WAIT: Duration = Duration::from_secs(120);
+
+/// Logs loading progress about every tenth of the layers.
+pub fn progress(rank: usize) -> impl FnMut(usize, usize) {
+    move |i, n| {
+        if i == n || i % n.div_ceil(10).max(1) == 0 {
+            tracing::info!(rank, "loaded layer {i}/{n}");
+        }
+    }
+}
+
+/// The collective for `device`: NCCL on CUDA when built with it, else the TCP group itself.
+fn collective(tcp: Arc<TcpGroup>, device: &Device) -> Result<Arc<dyn Collective>> {
+    #[cfg(feature = "nccl")]
+    if device.is_cuda() {
+        use eagle_engine::parallel::nccl::{unique_id, Nccl};
+        let (rank, world) = (tcp.rank(), tcp.world());
+        let id = if rank == 0 {
+            let id = unique_id()?;
+            tcp.broadcast(&id)?;
+            id
+        } else {
+            tcp.receive()?
+                .context("rank 0 closed the group before sending the NCCL id")?
+        };
+        return Ok(Arc::new(Nccl::new(device, rank, world, &id)?));
+    }
+    let _ = device;
+    Ok(tcp)
+}
+
+/// The ranks rank 0 started: each watcher thread ends when its rank's process has exited.
+pub struct Ranks(Vec<std::thread::JoinHandle<()>>);
+
+impl Ranks {
+    /// Closes the group (the ranks exit when they see it close) and waits for them, at most
+    /// `within`.
+    pub fn stop(self, group: &Group, within: Duration) {
+        group.tcp().shutdown("rank 0 shut down");
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < within && self.0.iter().any(|h| !h.is_finished()) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Rank 0: starts or awaits the other ranks. Returns this rank's shard and the group.
+pub fn leader(a: &Args, cfg: &ModelConfig, device: &Device) -> Result<(Shard, Arc<Group>, Ranks)> {
+    let n = a.tp.tp;
+    Shard::check(cfg, n).context("this model cannot be split that way")?;
+    let listener = TcpListener::bind(&a.tp.tp_listen)
+        .with_context(|| format!("binding the group address {}", a.tp.tp_listen))?;
+    let addr = listener.local_addr()?;
+    println!("group {addr}");
+    let mut children = Vec::new();
+    if !a.tp.tp_no_spawn {
+        let exe = std::env::current_exe().context("finding this binary to start the ranks")?;
+        for r in 1..n {
+            let dev = if a.device.starts_with("cuda") {
+                format!("cuda:{r}")
+            } else {
+                a.device.clone()
+            };
+            let child = Command::new(&exe)
+                .arg("--model")
+                .arg(&a.model)
+                .args(["--dtype", &a.dtype, "--device", &dev])
+                .args(["--tp", &n.to_string(), "--tp-rank", &r.to_string()])
+                .args(["--tp-join", &addr.to_string()])
+                .args(["--tp-timeout-s", &a.tp.tp_timeout_s.to_string()])
+                .args(["--idle-timeout-s", &a.idle_timeout_s.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting rank {r}"))?;
+            println!("rank {r} pid {}", child.id());
+            children.push((r, child));
+        }
+    }
+    let timeout = Duration::from_secs_f64(a.tp.tp_timeout_s);
+    let tcp = Arc::new(TcpGroup::lead(&listener, n, JOIN_WAIT, timeout)?);
+    let mut watchers = Vec::new();
+    for (r, mut child) in children {
+        let tcp = tcp.clone();
+        watchers.push(std::thread::spawn(move || {
+            let pid = child.id();
+            let status = match child.wait() {
+                Ok(s) => s.to_string(),
+                Err(e) => e.to_string(),
+            };
+            tcp.shutdown(&format!("rank {r} (pid {pid}) exited ({status})"));
+        }));
+    }
+    let comm = collective(tcp.clone(), device)?;
+    tracing::info!("tensor-parallel group of {n} formed at {addr}");
+    Ok((Shard::of(comm), Arc::new(Group::new(tcp)), Ranks(watchers)))
+}
+
+/// Ranks 1..N: join rank 0, load this rank's shard, measure as rank 0 does, then follow.
+pub fn follower(a: &Args, dtype: DType, device: Device) -> Result<()> {
+    let (r, n) = (a.tp.tp_rank, a.tp.tp);
+    let join =
+        a.tp.tp_join
+            .clone()
+            .context("a rank other than 0 needs --tp-join (rank 0's group address)")?;
+    let timeout = Duration::from_secs_f64(a.tp.tp_timeout_s);
+    let tcp = Arc::new(TcpGroup::join(join.as_str(), r, n, JOIN_WAIT, timeout)?);
+    let comm = collective(tcp.clone(), &device)?;
+    let opened = open_model(&a.model).with_context(|| format!("opening {}", a.model.display()))?;
+    let target = TargetModel::load_shard(
+        opened.source.as_ref(),
+        opened.config,
+        dtype,
+        &device,
+        Shard::of(comm),
+        &mut progress(r),
+    )?;
+    measure_costs(&target)?;
+    tracing::info!(rank = r, "shard loaded; following rank 0");
+    follow(&tcp, &target, Duration::from_secs_f64(a.idle_timeout_s))?;
+    tracing::info!(rank = r, "rank 0 closed the group");
+    Ok(())
+}
