@@ -5,8 +5,10 @@
 #   2. unpack them into one CUDA root (nvidia/cu13) with the usual lib64 and .so links;
 #   3. compile link-time stubs for libcuda.so.1 and libnccl.so.2 from the function names in
 #      cudarc's bindings (the real libraries come from the GPU machine's driver at run time);
-#   4. cargo build --release --features nccl, stripped, into target/cuda/release/eagle.
-# Output: target/cuda/release/eagle. The GPU machine needs the CUDA 13 runtime libraries,
+#   4. cargo build --release --features nccl of `eagle` (the CLI: generate, bench, tp-check) and
+#      `eagle-worker` (the verification worker, tensor-parallel over NCCL), stripped, into
+#      target/cuda/release; each must stay under 64 MiB.
+# Output: target/cuda/release/eagle and target/cuda/release/eagle-worker. The GPU machine needs the CUDA 13 runtime libraries,
 # cuBLAS, NVRTC, cuRAND and NCCL 2.x, and a driver for CUDA 13.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,5 +58,13 @@ export PATH="$CUDA/bin:$PATH"
 export LIBRARY_PATH="$STUBS:$CUDA/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export RUSTFLAGS="-L $STUBS -L $CUDA/lib"
 cargo build --release -p eagle-cli --features nccl --target-dir target/cuda
-strip target/cuda/release/eagle
-ls -la target/cuda/release/eagle
+cargo build --release -p eagle-worker --features nccl --target-dir target/cuda
+for b in eagle eagle-worker; do
+  strip "target/cuda/release/$b"
+  size=$(stat -c %s "target/cuda/release/$b")
+  echo "target/cuda/release/$b: $((size / 1048576)) MiB ($size bytes)"
+  if [ "$size" -ge $((64 * 1048576)) ]; then
+    echo "$b is over the 64 MiB limit" >&2
+    exit 1
+  fi
+done

@@ -11,6 +11,7 @@ mod generate;
 mod head;
 mod models;
 mod runtime;
+mod tpcheck;
 mod train;
 
 use std::path::PathBuf;
@@ -59,6 +60,9 @@ enum Command {
     },
     /// Call a cluster's Generate / StreamGenerate API.
     Client(client::ClientArgs),
+    /// Check the tensor-parallel path here: a group of one (NCCL on CUDA) against the
+    /// unsharded model, and the collectives' timing.
+    TpCheck(tpcheck::TpCheckArgs),
     /// Make EAGLE training data: run the target over chat conversations, store its features.
     Data(data::DataArgs),
     /// Train an EAGLE head on data from `eagle data`.
@@ -109,6 +113,7 @@ fn main() {
         Command::Head { command } => head::run(command),
         Command::Cluster { command } => cluster::run(command),
         Command::Client(a) => client::run(a),
+        Command::TpCheck(a) => tpcheck::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

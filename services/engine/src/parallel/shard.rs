@@ -46,8 +46,10 @@ impl Shard {
         }
     }
 
+    /// Whether this rank meets others in collectives (a group of one with a collective runs
+    /// the sharded code path, which is how a single GPU exercises NCCL).
     pub fn is_sharded(&self) -> bool {
-        self.world > 1
+        self.comm.is_some()
     }
 
     /// Whether `cfg` splits over `world` ranks; the error names the dimension that does not.
@@ -119,7 +121,7 @@ impl Shard {
 
     /// The collective, when sharded.
     pub fn comm(&self) -> Option<&Arc<dyn Collective>> {
-        self.comm.as_ref().filter(|_| self.world > 1)
+        self.comm.as_ref()
     }
 }
 
