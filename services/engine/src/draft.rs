@@ -222,6 +222,7 @@ impl Drafter {
         let vis = Visibility {
             prefix: committed,
             extra,
+            ..Default::default()
         };
         let positions = vec![position; nodes.len()];
         self.head

@@ -12,18 +12,30 @@ use rayon::prelude::*;
 use super::dot::dot;
 
 /// Which cache slots each new query may see.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct Visibility {
     /// Every query sees slots `0..prefix`.
     pub prefix: usize,
     /// Per query, the further slots it sees, in order (its ancestors, then itself).
     pub extra: Vec<Vec<u32>>,
+    /// The device path's dense mask over `total` slots, built once per pass and shared by every
+    /// layer (uploading it per layer would synchronise the GPU each time).
+    pub dense: std::sync::OnceLock<(usize, candle_core::Tensor)>,
 }
+
+impl PartialEq for Visibility {
+    fn eq(&self, o: &Self) -> bool {
+        self.prefix == o.prefix && self.extra == o.extra
+    }
+}
+
+impl Eq for Visibility {}
 
 impl Visibility {
     /// Plain causal attention for `m` new tokens written at slots `start..start + m`.
     pub fn causal(start: usize, m: usize) -> Self {
         Visibility {
+            dense: Default::default(),
             prefix: start,
             extra: (0..m)
                 .map(|i| (start as u32..=(start + i) as u32).collect())
@@ -47,6 +59,7 @@ impl Visibility {
             extra.push(v);
         }
         Visibility {
+            dense: Default::default(),
             prefix: start,
             extra,
         }

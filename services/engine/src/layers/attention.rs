@@ -175,8 +175,20 @@ impl Attention {
     }
 }
 
-/// [m, total] additive mask: 0 where visible, -inf elsewhere.
+/// [m, total] additive mask: 0 where visible, -inf elsewhere; built once per pass (see
+/// [`Visibility::dense`]).
 fn dense_mask(vis: &Visibility, total: usize, device: &Device) -> Result<Tensor> {
+    if let Some((t, mask)) = vis.dense.get() {
+        if *t == total && mask.device().same_device(device) {
+            return Ok(mask.clone());
+        }
+    }
+    let mask = build_mask(vis, total, device)?;
+    let _ = vis.dense.set((total, mask.clone()));
+    Ok(mask)
+}
+
+fn build_mask(vis: &Visibility, total: usize, device: &Device) -> Result<Tensor> {
     let m = vis.len();
     let mut mask = vec![f32::NEG_INFINITY; m * total];
     for (i, extra) in vis.extra.iter().enumerate() {

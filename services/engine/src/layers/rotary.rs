@@ -18,6 +18,9 @@ pub struct RopeAt {
     pub cos: Vec<f32>,
     pub sin: Vec<f32>,
     pub half: usize,
+    /// cos and sin on the device, uploaded once per pass and shared by every layer (an upload
+    /// per layer would synchronise the GPU each time).
+    on_device: std::sync::OnceLock<(Tensor, Tensor)>,
 }
 
 impl Rope {
@@ -57,7 +60,12 @@ impl Rope {
                 sin.push(a.sin());
             }
         }
-        RopeAt { cos, sin, half }
+        RopeAt {
+            cos,
+            sin,
+            half,
+            on_device: std::sync::OnceLock::new(),
+        }
     }
 }
 
@@ -84,8 +92,17 @@ impl RopeAt {
     pub fn apply(&self, x: &Tensor, device: &Device) -> Result<Tensor> {
         let (m, _, hd) = x.dims3()?;
         let half = hd / 2;
-        let cos = Tensor::from_slice(&self.cos, (m, 1, half), device)?;
-        let sin = Tensor::from_slice(&self.sin, (m, 1, half), device)?;
+        let (cos, sin) = match self.on_device.get() {
+            Some((c, s)) if c.device().same_device(device) && c.dims() == [m, 1, half] => {
+                (c.clone(), s.clone())
+            }
+            _ => {
+                let c = Tensor::from_slice(&self.cos, (m, 1, half), device)?;
+                let s = Tensor::from_slice(&self.sin, (m, 1, half), device)?;
+                let _ = self.on_device.set((c.clone(), s.clone()));
+                (c, s)
+            }
+        };
         let x1 = x.narrow(2, 0, half)?;
         let x2 = x.narrow(2, half, half)?;
         let a = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
