@@ -305,6 +305,7 @@ pub fn prompt_request(prompt: &str, max_new: u32) -> eagle_proto::v1::GenerateRe
             ..Default::default()
         }),
         speculation: Some(Speculation::default()),
+        session_id: String::new(),
     }
 }
 

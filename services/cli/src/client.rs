@@ -76,6 +76,7 @@ impl ClientArgs {
             Input::Prompt(self.prompt.clone())
         };
         GenerateRequest {
+            session_id: String::new(),
             model: self.model.clone(),
             input: Some(input),
             sampling: Some(Sampling {

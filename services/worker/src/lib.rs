@@ -5,8 +5,13 @@
 //! available) until it releases the session. All model math is the engine's
 //! [`TargetSession`]; this crate only validates, schedules and serialises.
 //!
-//! Invariant: a session's last chosen token is known here, and every tree or decode must start
-//! from it, so a confused or malicious caller cannot desynchronise the cache.
+//! Invariants:
+//! - A session's last chosen token is known here, and every tree or decode must start from it,
+//!   so a confused or malicious caller cannot desynchronise the cache.
+//! - A session knows the tokens its cache holds (and their features), so a later turn of a
+//!   multi-turn conversation (`reuse_cache`) keeps only the prefix that matches its prompt
+//!   token by token and runs the rest: the cache then holds exactly what a fresh prefill of the
+//!   whole prompt would, and the kernels' batch invariance makes the logits the same bits.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +21,7 @@ use eagle_engine::models::TargetModel;
 use eagle_engine::sampling::{choose, Rng, SamplingParams};
 use eagle_engine::session::TargetSession;
 use eagle_engine::spec::CostProfile;
-use eagle_proto::common::{Empty, SessionRef};
+use eagle_proto::common::{Empty, Features, SessionRef};
 use eagle_proto::sessions::SessionTable;
 use eagle_proto::status::{from_engine, invalid};
 use eagle_proto::wire::{features_to_wire, sampling_from_wire, tree_from_wire};
@@ -34,6 +39,29 @@ struct Sequence {
     rng: Rng,
     /// The last chosen token: not yet run through the target, the root of the next tree.
     last: u32,
+    /// The tokens in the cache, in position order, and their features in wire form.
+    cached: Vec<u32>,
+    features: Vec<u8>,
+}
+
+impl Sequence {
+    /// Records tokens just run into the cache, with their features.
+    fn commit(&mut self, tokens: &[u32], f: &Features) {
+        self.cached.extend_from_slice(tokens);
+        self.features.extend_from_slice(&f.data);
+    }
+
+    /// Forgets everything after the first `n` cached tokens.
+    fn truncate(&mut self, n: usize, row_bytes: usize) {
+        self.cached.truncate(n);
+        self.features.truncate(n * row_bytes);
+        self.sess.cache.truncate(n);
+    }
+}
+
+/// How many leading tokens `a` and `b` share.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 pub struct WorkerService {
@@ -66,18 +94,22 @@ impl WorkerService {
         }
     }
 
-    fn step(&self, tokens: Vec<u32>, feats: &candle_core::Tensor) -> Result<Step, Status> {
-        Ok(Step {
-            tokens,
-            features: Some(features_to_wire(feats, self.wire_dtype)?),
-        })
+    /// Bytes of one token's features on the wire.
+    fn row_bytes(&self) -> usize {
+        self.target.cfg.hidden_size * self.wire_dtype.size_in_bytes()
+    }
+
+    /// Live sessions, read by the membership registration as this worker's load.
+    pub fn load_probe(&self) -> impl Fn() -> u32 + Send + Sync + 'static {
+        let sessions = self.sessions.clone();
+        move || sessions.len() as u32
     }
 }
 
 #[tonic::async_trait]
 impl Worker for WorkerService {
     async fn prefill(&self, req: Request<PrefillRequest>) -> Result<Response<Step>, Status> {
-        let span = tracing::info_span!("worker.prefill", session = %req.get_ref().session_id, tokens = req.get_ref().tokens.len());
+        let span = tracing::info_span!("worker.prefill", session = %req.get_ref().session_id, tokens = req.get_ref().tokens.len(), cached = tracing::field::Empty);
         eagle_trace::adopt(&span, req.metadata());
         async {
             let r = req.into_inner();
@@ -100,28 +132,69 @@ impl Worker for WorkerService {
                 )));
             }
             let sampling = sampling_from_wire(r.sampling.as_ref())?;
-            let sess = TargetSession::new(&self.target, capacity).map_err(|e| from_engine(&e))?;
-            let bytes = sess.cache.bytes() as u64;
-            let seq = Sequence {
-                sess,
-                rng: Rng::new(sampling.seed),
-                sampling,
-                last: 0,
-            };
-            self.sessions.insert(&r.session_id, seq, bytes)?;
             let id = r.session_id.clone();
+            let reuse = r.reuse_cache && self.sessions.contains(&id);
+            if !reuse {
+                let sess =
+                    TargetSession::new(&self.target, capacity).map_err(|e| from_engine(&e))?;
+                let bytes = sess.cache.bytes() as u64;
+                let seq = Sequence {
+                    sess,
+                    rng: Rng::new(sampling.seed),
+                    sampling: sampling.clone(),
+                    last: 0,
+                    cached: Vec::new(),
+                    features: Vec::new(),
+                };
+                self.sessions.insert(&id, seq, bytes)?;
+            }
             let tokens = r.tokens;
+            let (wire, row_bytes, hidden) = (self.wire_dtype, self.row_bytes(), cfg.hidden_size);
+            let table = self.sessions.clone();
+            let sid = id.clone();
             let result = self
                 .sessions
                 .run(&id, &self.target, move |target, s| {
-                    let (feats, logits) =
-                        s.sess.prefill(target, &tokens).map_err(|e| from_engine(&e))?;
+                    // The longest cached prefix of the prompt, leaving at least one token to run
+                    // (its logits choose the next token).
+                    let keep = if reuse {
+                        common_prefix(&s.cached, &tokens).min(tokens.len() - 1)
+                    } else {
+                        0
+                    };
+                    s.truncate(keep, row_bytes);
+                    if capacity > s.sess.cache.capacity() {
+                        let per_slot = s.sess.cache.bytes() / s.sess.cache.capacity().max(1);
+                        table.resize(&sid, (capacity * per_slot) as u64)?;
+                        s.sess.cache.grow(capacity).map_err(|e| from_engine(&e))?;
+                    }
+                    s.sampling = sampling;
+                    s.rng = Rng::new(s.sampling.seed);
+                    let (feats, logits) = s
+                        .sess
+                        .prefill(target, &tokens[keep..])
+                        .map_err(|e| from_engine(&e))?;
                     s.last = choose(&logits, &s.sampling, &mut s.rng);
-                    Ok((s.last, feats))
+                    let f = features_to_wire(&feats, wire)?;
+                    s.commit(&tokens[keep..], &f);
+                    let all = Features {
+                        rows: s.cached.len() as u32,
+                        hidden: hidden as u32,
+                        dtype: f.dtype,
+                        data: s.features.clone(),
+                    };
+                    Ok(Step {
+                        tokens: vec![s.last],
+                        features: Some(all),
+                        cached_tokens: keep as u32,
+                    })
                 })
                 .await;
+            if let Some(keep) = result.as_ref().ok().map(|st| st.cached_tokens) {
+                tracing::Span::current().record("cached", keep);
+            }
             match result {
-                Ok((next, feats)) => Ok(Response::new(self.step(vec![next], &feats)?)),
+                Ok(step) => Ok(Response::new(step)),
                 Err(e) => {
                     self.sessions.remove(&id);
                     Err(e)
@@ -140,7 +213,8 @@ impl Worker for WorkerService {
             let wire = r.tree.ok_or_else(|| invalid("verify: no tree"))?;
             let tree = tree_from_wire(&wire, self.target.cfg.vocab_size)?;
             tracing::Span::current().record("nodes", tree.len());
-            let (tokens, feats) = self
+            let wire_dtype = self.wire_dtype;
+            let step = self
                 .sessions
                 .run(&r.session_id, &self.target, move |target, s| {
                     if tree.tokens[0] != s.last {
@@ -161,16 +235,26 @@ impl Worker for WorkerService {
                         .sess
                         .verify(target, &tree, sampling, rng)
                         .map_err(|e| from_engine(&e))?;
-                    s.last = *v
+                    let root = s.last;
+                    let (bonus, path) = v
                         .verdict
                         .tokens
-                        .last()
+                        .split_last()
                         .expect("a verdict has a bonus token");
-                    Ok((v.verdict.tokens, v.features))
+                    let f = features_to_wire(&v.features, wire_dtype)?;
+                    let mut run = vec![root];
+                    run.extend_from_slice(path);
+                    s.commit(&run, &f);
+                    s.last = *bonus;
+                    Ok(Step {
+                        tokens: v.verdict.tokens,
+                        features: Some(f),
+                        cached_tokens: 0,
+                    })
                 })
                 .await?;
-            tracing::Span::current().record("accepted", tokens.len());
-            Ok(Response::new(self.step(tokens, &feats)?))
+            tracing::Span::current().record("accepted", step.tokens.len());
+            Ok(Response::new(step))
         }
         .instrument(span)
         .await
@@ -182,7 +266,8 @@ impl Worker for WorkerService {
         async {
             let r = req.into_inner();
             let token = r.token;
-            let (next, feats) = self
+            let wire_dtype = self.wire_dtype;
+            let step = self
                 .sessions
                 .run(&r.session_id, &self.target, move |target, s| {
                     if token != s.last {
@@ -197,10 +282,16 @@ impl Worker for WorkerService {
                     let (feats, logits) =
                         s.sess.decode(target, token).map_err(|e| from_engine(&e))?;
                     s.last = choose(&logits, &s.sampling, &mut s.rng);
-                    Ok((s.last, feats))
+                    let f = features_to_wire(&feats, wire_dtype)?;
+                    s.commit(&[token], &f);
+                    Ok(Step {
+                        tokens: vec![s.last],
+                        features: Some(f),
+                        cached_tokens: 0,
+                    })
                 })
                 .await?;
-            Ok(Response::new(self.step(vec![next], &feats)?))
+            Ok(Response::new(step))
         }
         .instrument(span)
         .await

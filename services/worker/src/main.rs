@@ -8,6 +8,8 @@ use eagle_engine::device::{parse_device, parse_dtype};
 use eagle_engine::generate::measure_costs;
 use eagle_engine::loader::open_model;
 use eagle_engine::models::TargetModel;
+use eagle_membership::record::Kind;
+use eagle_membership::service::{join_service, ServiceInfo};
 use eagle_proto::serve;
 use eagle_proto::worker::worker_server::WorkerServer;
 use eagle_worker::{WorkerOptions, WorkerService};
@@ -46,6 +48,8 @@ struct Args {
     /// Sessions idle this long (seconds) are reclaimed.
     #[arg(long, env = "EAGLE_IDLE_TIMEOUT_S", default_value_t = 120.0)]
     idle_timeout_s: f64,
+    #[command(flatten)]
+    etcd: eagle_membership::EtcdFlags,
 }
 
 #[tokio::main]
@@ -77,6 +81,7 @@ async fn run(a: Args) -> Result<()> {
     })
     .await??;
     tracing::info!(model = %a.model_name, "target loaded");
+    let model_name = a.model_name.clone();
     let svc = WorkerService::new(
         target,
         cost,
@@ -89,12 +94,27 @@ async fn run(a: Args) -> Result<()> {
     );
     let (reporter, health) = serve::health();
     reporter.set_serving::<WorkerServer<WorkerService>>().await;
-    let (incoming, _addr) = serve::bind(&a.listen).await?;
+    let sessions = svc.load_probe();
+    let (incoming, addr) = serve::bind(&a.listen).await?;
+    let info = ServiceInfo {
+        kind: Kind::Worker,
+        model: &model_name,
+        device: &a.device,
+        capacity_bytes: a.cache_mb << 20,
+        rank: 0,
+        tp: 1,
+    };
+    let member = join_service(&a.etcd, info, addr, sessions, &reporter).await?;
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(serve::reflection())
         .add_service(WorkerServer::new(svc).max_decoding_message_size(64 << 20))
-        .serve_with_incoming_shutdown(incoming, serve::shutdown_signal())
+        .serve_with_incoming_shutdown(incoming, async {
+            serve::shutdown_signal().await;
+            if let Some(m) = member {
+                m.leave().await;
+            }
+        })
         .await?;
     Ok(())
 }
