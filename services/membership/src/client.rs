@@ -75,16 +75,15 @@ impl EtcdConfig {
 }
 
 /// A client for `cfg`'s endpoints. Connections are made lazily and remade after failures, so
-/// this succeeds while etcd is down; calls then fail within their deadlines. HTTP/2 pings
-/// notice a stopped etcd under an open watch.
+/// this succeeds while etcd is down; calls then fail within their deadlines.
 pub async fn connect(cfg: &EtcdConfig) -> Result<Client> {
     if cfg.endpoints.is_empty() {
         return Err(MembershipError::Invalid("no etcd endpoint given".into()));
     }
-    let opts = ConnectOptions::new()
-        .with_connect_timeout(cfg.timeout)
-        .with_keep_alive(Duration::from_secs(2), cfg.timeout)
-        .with_keep_alive_while_idle(true);
+    // No HTTP/2 keep-alive pings: etcd answers pings on a connection without streams (or more
+    // often than every 5 s) by closing it. A stopped etcd is noticed by the deadlines of the
+    // lease keep-alives and of the watch's progress requests instead.
+    let opts = ConnectOptions::new().with_connect_timeout(cfg.timeout);
     let endpoints = cfg.endpoints.join(",");
     deadline("connect", cfg.timeout, async {
         Client::connect(&cfg.endpoints, Some(opts))

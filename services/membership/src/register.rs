@@ -219,13 +219,25 @@ impl Keeper {
             .await;
             match alive {
                 Ok(Some(r)) if r.ttl() > 0 => self.health.reachable(),
-                Ok(_) => {
+                Ok(Some(_)) => {
                     tracing::warn!(key = %self.key, lease = id, "lease expired; registering again");
                     return Outcome::Lost;
                 }
-                Err(e) => {
-                    self.health.unreachable(&e);
-                    return Outcome::Lost;
+                Ok(None) | Err(_) => {
+                    // The keep-alive stream broke (etcd restarted, or the connection was
+                    // replaced): reopen it on the same lease, which still holds the key unless
+                    // it expired meanwhile (then the reopening fails and a new lease is made).
+                    match deadline("lease keep-alive", t, c.lease_keep_alive(id)).await {
+                        Ok((k, s)) => {
+                            (keeper, stream) = (k, s);
+                            self.health.reachable();
+                            continue;
+                        }
+                        Err(e) => {
+                            self.health.unreachable(&e);
+                            return Outcome::Lost;
+                        }
+                    }
                 }
             }
             let load = (self.load)();

@@ -13,6 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions};
 use tokio::sync::watch;
@@ -173,7 +174,7 @@ fn complete_group(name: &str, mut ranks: Vec<&Member>) -> Option<Group> {
 struct Watcher {
     client: Client,
     keys: Keys,
-    timeout: std::time::Duration,
+    timeout: Duration,
     state: Arc<RwLock<State>>,
     tx: watch::Sender<u64>,
     health: EtcdHealth,
@@ -252,8 +253,26 @@ impl Watcher {
         let opts = WatchOptions::new().with_prefix().with_start_revision(from);
         let mut stream =
             deadline("watch", self.timeout, c.watch(self.keys.root(), Some(opts))).await?;
+        // Ask for progress regularly: a stopped etcd (or a dead connection) shows as a
+        // missing answer rather than as a watch that waits forever.
+        let every = Duration::from_secs(2);
+        let mut tick = tokio::time::interval(every);
+        let mut heard = Instant::now();
         loop {
-            let msg = stream.message().await.map_err(MembershipError::from)?;
+            let msg = tokio::select! {
+                m = stream.message() => m.map_err(MembershipError::from)?,
+                _ = tick.tick() => {
+                    if heard.elapsed() > every + self.timeout {
+                        return Err(MembershipError::Timeout {
+                            what: "watch progress".into(),
+                            timeout: every + self.timeout,
+                        });
+                    }
+                    let _ = stream.request_progress().await;
+                    continue;
+                }
+            };
+            heard = Instant::now();
             let Some(resp) = msg else {
                 return Err(MembershipError::Invalid("the watch ended".into()));
             };
