@@ -30,12 +30,15 @@ use crate::sessions::SessionPlacements;
 /// How long a group that failed a call is passed over.
 pub const SUSPECT_FOR: Duration = Duration::from_secs(3);
 
+/// A worker's client and this coordinator's sessions in flight on it.
+type Slot = (WorkerClient<Channel>, Arc<AtomicUsize>);
+
 pub struct EtcdRoutes {
     pub view: Arc<MembershipView>,
     pub model: String,
     /// How long a request waits for a usable group before `UNAVAILABLE`.
     pub wait: Duration,
-    workers: Mutex<HashMap<String, (WorkerClient<Channel>, Arc<AtomicUsize>)>>,
+    workers: Mutex<HashMap<String, Slot>>,
     drafts: Mutex<HashMap<String, DraftClient<Channel>>>,
 }
 
@@ -63,7 +66,7 @@ impl EtcdRoutes {
         self.view.groups(Some(&self.model))
     }
 
-    fn slot(&self, addr: &str) -> Result<(WorkerClient<Channel>, Arc<AtomicUsize>), Status> {
+    fn slot(&self, addr: &str) -> Result<Slot, Status> {
         let mut m = self.workers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((c, n)) = m.get(addr) {
             return Ok((c.clone(), n.clone()));
