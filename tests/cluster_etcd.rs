@@ -2,8 +2,9 @@
 //! and vanish with their leases (a killed worker within its TTL, a stopped one at once), new
 //! sessions are balanced across groups and routed around a dead one, a multi-turn session's
 //! next turn reuses its group's KV cache (prefilling only the new tokens) with the same tokens
-//! as a fresh request, an etcd restart under load fails no request, two ranks rendezvous, and
-//! `eagle cluster status --json` lists the members.
+//! as a fresh request, an etcd restart under load fails no request, two ranks rendezvous,
+//! `eagle cluster status --json` lists the members, and `eagle cluster up --etcd local` starts
+//! a cluster of two groups registered in an etcd of its own.
 
 use std::time::{Duration, Instant};
 
@@ -314,13 +315,15 @@ async fn groups_leases_kv_placement_and_failover() {
     }
 
     // A service that stops gracefully leaves at once (its lease is 30 s).
+    let t0 = Instant::now();
     assert!(draft.terminate(Duration::from_secs(10)));
-    let t = wait_for("the draft service leaves", Duration::from_secs(3), || {
+    wait_for("the draft service leaves", Duration::from_secs(3), || {
         v.drafts(MODEL_NAME).is_empty()
     })
     .await;
+    let t = t0.elapsed();
     println!(
-        "MEASURE graceful leave: the draft service's member vanished within {:.0} ms",
+        "MEASURE graceful leave: the draft service's member vanished {:.0} ms after SIGTERM",
         t.as_secs_f64() * 1e3
     );
     let req = chat_request(PROMPTS[2], 12);
@@ -419,4 +422,120 @@ async fn an_etcd_restart_under_load_fails_no_request() {
     let (ok, failed) = load.await.unwrap();
     assert!(failed.is_empty(), "requests failed: {failed:?}");
     assert!(ok >= 5, "only {ok} requests ran");
+}
+
+#[test]
+fn cluster_up_with_a_local_etcd_and_status() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut up = Command::new(bin("eagle"))
+        .args([
+            "cluster",
+            "up",
+            "--etcd",
+            "local",
+            "--groups",
+            "2",
+            "--cluster",
+            "up1",
+        ])
+        .args(["--port", "0", "--model"])
+        .arg(smollm2())
+        .arg("--head")
+        .arg(random_head())
+        .env("EAGLE_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = up.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(u) = line.strip_prefix("started a local etcd at ") {
+                let _ = tx.send(u.trim().to_string());
+            }
+            eprintln!("{line}");
+        }
+    });
+    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    let ready = lines.next().expect("a line").unwrap();
+    let addr = ready
+        .strip_prefix("ready ")
+        .expect("ready ADDR")
+        .to_string();
+    let url = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the local etcd's address");
+
+    let out = Command::new(bin("eagle"))
+        .args([
+            "client",
+            "--addr",
+            &addr,
+            "--chat",
+            "--json",
+            "--max-new-tokens",
+            "8",
+        ])
+        .args(["--session-id", "s1", "--prompt", "Hello!"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let t0 = Instant::now();
+    let st = loop {
+        let out = Command::new(bin("eagle"))
+            .args([
+                "cluster",
+                "status",
+                "--etcd",
+                &url,
+                "--cluster",
+                "up1",
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if !st["placements"].as_array().unwrap().is_empty() || t0.elapsed() > Duration::from_secs(5)
+        {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        st["members"].as_array().unwrap().len(),
+        3,
+        "two workers and a draft: {st}"
+    );
+    assert_eq!(st["groups"].as_array().unwrap().len(), 2, "{st}");
+    let p = &st["placements"].as_array().unwrap()[0];
+    assert_eq!(p["session"], "s1", "{st}");
+    assert!(p["cached_tokens"].as_u64().unwrap() > 0, "{st}");
+
+    unsafe {
+        libc::kill(up.id() as i32, libc::SIGTERM);
+    }
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = up.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "cluster up did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status}");
 }

@@ -103,6 +103,7 @@ pub fn run(cmd: ClusterCommand) -> Result<()> {
                     no_speculation: false,
                     total_token: None,
                     json: false,
+                    session_id: String::new(),
                 };
                 let r = tokio::select! {
                     r = crate::client::call(&args) => r,
@@ -444,6 +445,7 @@ impl RemoteBench {
             no_speculation: false,
             total_token: None,
             json: false,
+            session_id: String::new(),
         };
         let mut client = self.client.clone();
         let t0 = std::time::Instant::now();

@@ -132,13 +132,14 @@ impl EtcdRoutes {
         }
     }
 
-    /// A client of the least loaded healthy draft service of the model, if any.
+    /// A client of a healthy draft service of the model, if any: the same one for as long as
+    /// it is registered (a request's draft session lives there).
     pub fn draft(&self) -> Option<DraftClient<Channel>> {
         let d = self
             .view
             .drafts(&self.model)
             .into_iter()
-            .min_by_key(|m| (m.rec.load.active_sessions, m.rec.addr.clone()))?;
+            .min_by(|a, b| a.rec.addr.cmp(&b.rec.addr))?;
         let mut m = self.drafts.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = m.get(&d.rec.addr) {
             return Some(c.clone());
