@@ -340,8 +340,19 @@ async fn groups_leases_kv_placement_and_failover() {
 async fn an_etcd_restart_under_load_fails_no_request() {
     let mut etcd = Etcd::start();
     let cl = "t2";
-    let w = start_worker(&etcd, cl, "g0");
-    let coord = start_coordinator(&etcd, cl);
+    // Short session lifetimes, to see a KV placement expire with its cache at the end.
+    let short = ("EAGLE_IDLE_TIMEOUT_S".to_string(), "2".to_string());
+    let mut wenv = env(&etcd, cl, Some("g0"), TTL_S);
+    wenv.push(short.clone());
+    let w = Service::start("g0", &bin("eagle-worker"), &base_args("127.0.0.1:0"), &wenv);
+    let mut cenv = env(&etcd, cl, None, TTL_S);
+    cenv.push(("EAGLE_SESSION_TTL_S".to_string(), "2".to_string()));
+    let coord = Service::start(
+        "coordinator",
+        &bin("eagle-coordinator"),
+        &base_args("127.0.0.1:0"),
+        &cenv,
+    );
     let c = client(&coord).await;
     let req = chat_request(PROMPTS[0], 8);
     let want = reference_tokens(&req);
@@ -422,6 +433,48 @@ async fn an_etcd_restart_under_load_fails_no_request() {
     let (ok, failed) = load.await.unwrap();
     assert!(failed.is_empty(), "requests failed: {failed:?}");
     assert!(ok >= 5, "only {ok} requests ran");
+
+    // A session's placement expires with its cache (both after 2 s idle).
+    let r = c
+        .clone()
+        .generate(GenerateRequest {
+            session_id: "x".into(),
+            ..req.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().token_ids, reference_tokens(&req));
+    wait_for("the placement", Duration::from_secs(5), || {
+        v.placement("x").is_some()
+    })
+    .await;
+    let t = wait_for("the placement expires", Duration::from_secs(10), || {
+        v.placement("x").is_none()
+    })
+    .await;
+    println!(
+        "MEASURE the placement expired {:.1} s after it appeared",
+        t.as_secs_f64()
+    );
+    let mut wc =
+        eagle_proto::worker::worker_client::WorkerClient::connect(format!("http://{}", w.addr))
+            .await
+            .unwrap();
+    let t0 = Instant::now();
+    while wc
+        .info(eagle_proto::common::Empty {})
+        .await
+        .unwrap()
+        .into_inner()
+        .active_sessions
+        != 0
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the worker reclaims the cache"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[test]
