@@ -2,7 +2,7 @@
 //! and vanish with their leases (a killed worker within its TTL, a stopped one at once), new
 //! sessions are balanced across groups and routed around a dead one, a multi-turn session's
 //! next turn reuses its group's KV cache (prefilling only the new tokens) with the same tokens
-//! as a fresh request, an etcd restart under load fails no request, two ranks rendezvous,
+//! as a fresh request, an etcd restart or stall under load fails no request, two ranks rendezvous,
 //! `eagle cluster status --json` lists the members, and `eagle cluster up --etcd local` starts
 //! a cluster of two groups registered in an etcd of its own.
 
@@ -337,7 +337,7 @@ async fn groups_leases_kv_placement_and_failover() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_etcd_restart_under_load_fails_no_request() {
+async fn an_etcd_restart_or_stall_under_load_fails_no_request() {
     let mut etcd = Etcd::start();
     let cl = "t2";
     // Short session lifetimes, to see a KV placement expire with its cache at the end.
@@ -428,6 +428,38 @@ async fn an_etcd_restart_under_load_fails_no_request() {
         1,
         "still there after the old lease's TTL"
     );
+
+    // etcd stalls (SIGSTOP: connections stay open, nothing answers) past the lease TTL.
+    etcd.pause();
+    let t0 = Instant::now();
+    while etcd_status(&mut health).await != not_serving {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "health shows the stall"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "MEASURE a stalled etcd shows in health after {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(TTL_S + 1)).await;
+    etcd.resume();
+    let t0 = Instant::now();
+    while etcd_status(&mut health).await != serving {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "health recovers after the stall"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for(
+        "the worker registered after the stall",
+        Duration::from_secs(10),
+        || v.groups(Some(MODEL_NAME)).len() == 1,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
 
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed) = load.await.unwrap();

@@ -1,6 +1,7 @@
 //! A real etcd server for tests: `/usr/bin/etcd` (or `etcd` on PATH) on free loopback ports
 //! with its own temporary data folder; killed and its folder removed when dropped. It can be
-//! killed and restarted on the same ports and data, as an etcd outage would look.
+//! killed and restarted on the same ports and data, or paused (SIGSTOP) and resumed, as etcd
+//! outages look.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -82,6 +83,25 @@ impl Etcd {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// SIGSTOP: the process hangs with its connections open, as a stalled server would.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`Etcd::pause`].
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: signalling our own child.
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
         }
     }
 

@@ -23,6 +23,8 @@ pub mod service;
 pub mod view;
 
 pub use client::{connect, EtcdConfig, EtcdHealth, MembershipError};
+/// The etcd client type the functions here take (from the `etcd-client` crate).
+pub use etcd_client::Client as EtcdClient;
 pub use keys::Keys;
 pub use placement::PlacementStore;
 pub use record::{Kind, Load, MemberRecord, Placement};
