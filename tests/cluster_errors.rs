@@ -181,6 +181,7 @@ async fn internal_services_refuse_inconsistent_calls() {
         tokens,
         capacity,
         sampling: None,
+        reuse_cache: false,
     };
     expect(
         w.prefill(prefill(vec![], 8)).await,

@@ -211,6 +211,7 @@ async fn health_reflection_and_idle_reclaim() {
         tokens: vec![1, 2, 3],
         capacity: 16,
         sampling: None,
+        reuse_cache: false,
     })
     .await
     .unwrap();

@@ -18,6 +18,8 @@ use eagle_proto::v1::{generate_request::Input, ChatMessage, ChatMessages, Sampli
 use eagle_proto::worker::worker_client::WorkerClient;
 use tonic::transport::Channel;
 
+pub mod etcd;
+
 pub const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// Where the workspace's binaries are: next to the `deps` folder holding this test.
@@ -206,7 +208,7 @@ pub struct TestCluster {
 
 pub const MODEL_NAME: &str = "smollm2-135m";
 
-fn base_args(listen: &str) -> Vec<String> {
+pub fn base_args(listen: &str) -> Vec<String> {
     vec![
         "--model".into(),
         smollm2().display().to_string(),
@@ -327,6 +329,7 @@ pub fn prompt_request(prompt: &str, max_new: u32) -> eagle_proto::v1::GenerateRe
             ..Default::default()
         }),
         speculation: Some(Speculation::default()),
+        session_id: String::new(),
     }
 }
 

@@ -55,6 +55,9 @@ pub struct ClientArgs {
     /// Print one JSON object with the text, token ids, finish reason, usage and statistics.
     #[arg(long)]
     pub json: bool,
+    /// A multi-turn session: the cluster keeps its KV cache for the next turn with this id.
+    #[arg(long, default_value = "")]
+    pub session_id: String,
 }
 
 impl ClientArgs {
@@ -76,6 +79,7 @@ impl ClientArgs {
             Input::Prompt(self.prompt.clone())
         };
         GenerateRequest {
+            session_id: self.session_id.clone(),
             model: self.model.clone(),
             input: Some(input),
             sampling: Some(Sampling {
@@ -188,6 +192,7 @@ fn report(
                 "prefill_ms": s.prefill_ms,
                 "queue_ms": s.queue_ms,
                 "wall_ms": s.wall_ms,
+                "cached_prompt_tokens": s.cached_prompt_tokens,
             },
         });
         println!("{v}");

@@ -37,6 +37,9 @@ pub enum ClusterCommand {
         #[arg(long, default_value_t = 96)]
         max_new_tokens: u32,
     },
+    /// List what etcd knows about a cluster: members (group, rank, address, process id,
+    /// lease), complete groups, and KV placements of multi-turn sessions.
+    Status(crate::etcd::StatusArgs),
 }
 
 #[derive(Args, Clone, Debug)]
@@ -62,6 +65,8 @@ pub struct UpArgs {
     /// Requests waiting for a slot; past this, RESOURCE_EXHAUSTED.
     #[arg(long, env = "EAGLE_MAX_WAITING", default_value_t = 64)]
     pub max_waiting: usize,
+    #[command(flatten)]
+    pub etcd: crate::etcd::UpEtcdArgs,
 }
 
 pub fn run(cmd: ClusterCommand) -> Result<()> {
@@ -102,6 +107,7 @@ pub fn run(cmd: ClusterCommand) -> Result<()> {
                     no_speculation: false,
                     total_token: None,
                     json: false,
+                    session_id: String::new(),
                 };
                 let r = tokio::select! {
                     r = crate::client::call(&args) => r,
@@ -110,6 +116,7 @@ pub fn run(cmd: ClusterCommand) -> Result<()> {
                 c.stop().await;
                 r
             }
+            ClusterCommand::Status(a) => crate::etcd::status(&a).await,
         }
     })
 }
@@ -146,6 +153,8 @@ struct Proc {
 pub struct Cluster {
     pub addr: String,
     procs: Vec<Proc>,
+    /// A local etcd's data, removed when the cluster goes.
+    _etcd_dir: Option<crate::etcd::DataDir>,
 }
 
 /// Starts `bin` with `args`, waits for its `listening ADDR` line; returns the address.
@@ -192,8 +201,8 @@ async fn spawn(name: String, bin: PathBuf, args: Vec<String>) -> Result<(Proc, S
 
 impl Cluster {
     pub async fn start(a: &UpArgs) -> Result<Self> {
-        if a.workers == 0 {
-            bail!("--workers must be at least 1");
+        if a.etcd.worker_count(a.workers) == 0 {
+            bail!("--workers (or --groups) must be at least 1");
         }
         let m = &a.model;
         let model = resolve_or_fetch(&m.model)?;
@@ -226,24 +235,43 @@ impl Cluster {
         let mut cluster = Cluster {
             addr: String::new(),
             procs: Vec::new(),
+            _etcd_dir: None,
         };
+        let etcd_url = match a.etcd.resolve().await? {
+            Some((url, local)) => {
+                if let Some(l) = local {
+                    cluster.procs.push(Proc {
+                        name: "etcd".into(),
+                        child: l.child,
+                    });
+                    cluster._etcd_dir = Some(l.dir);
+                }
+                Some(url)
+            }
+            None => None,
+        };
+        let member = |group: Option<String>| {
+            etcd_url
+                .as_deref()
+                .map_or_else(Vec::new, |u| a.etcd.member_args(u, group))
+        };
+        let workers = a.etcd.worker_count(a.workers);
         // Workers and the draft service load in parallel.
         let worker_bin = sibling("eagle-worker")?;
         let mut worker_extra = dev.clone();
         worker_extra.extend(["--tp".to_string(), a.tp.to_string()]);
-        let starts: Vec<_> = (0..a.workers)
+        let starts: Vec<_> = (0..workers)
             .map(|i| {
-                tokio::spawn(spawn(
-                    format!("worker {i}"),
-                    worker_bin.clone(),
-                    common(&worker_extra),
-                ))
+                let mut args = common(&worker_extra);
+                args.extend(member(Some(format!("g{i}"))));
+                tokio::spawn(spawn(format!("worker {i}"), worker_bin.clone(), args))
             })
             .collect();
         let draft = match &head {
             Some(h) => {
                 let mut extra = dev.clone();
                 extra.extend(["--head".to_string(), h.display().to_string()]);
+                extra.extend(member(None));
                 let bin = sibling("eagle-draft")?;
                 Some(tokio::spawn(spawn(
                     "draft service".into(),
@@ -255,7 +283,7 @@ impl Cluster {
         };
         eprintln!(
             "starting {} worker(s){}{} for {name}",
-            a.workers,
+            workers,
             if a.tp > 1 {
                 format!(" of {} tensor-parallel ranks each", a.tp)
             } else {
@@ -303,11 +331,16 @@ impl Cluster {
             "--max-waiting".to_string(),
             a.max_waiting.to_string(),
         ];
-        for w in &worker_addrs {
-            extra.extend(["--worker".to_string(), w.clone()]);
-        }
-        if let Some(d) = &draft_addr {
-            extra.extend(["--draft".to_string(), d.clone()]);
+        if etcd_url.is_some() {
+            // Workers and the draft service are found in etcd.
+            extra.extend(member(None));
+        } else {
+            for w in &worker_addrs {
+                extra.extend(["--worker".to_string(), w.clone()]);
+            }
+            if let Some(d) = &draft_addr {
+                extra.extend(["--draft".to_string(), d.clone()]);
+            }
         }
         if let Some(t) = &m.chat_template {
             extra.extend(["--chat-template".to_string(), t.clone()]);
@@ -384,6 +417,7 @@ impl RemoteBench {
             no_draft: false,
             max_running: 4,
             max_waiting: 4,
+            etcd: Default::default(),
         };
         let (cluster, client, hidden) = rt.block_on(async {
             let c = Cluster::start(&up).await?;
@@ -423,6 +457,7 @@ impl RemoteBench {
             no_speculation: false,
             total_token: None,
             json: false,
+            session_id: String::new(),
         };
         let mut client = self.client.clone();
         let t0 = std::time::Instant::now();

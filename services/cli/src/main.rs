@@ -6,6 +6,7 @@ mod bench;
 mod client;
 mod cluster;
 mod data;
+mod etcd;
 mod fetch;
 mod generate;
 mod head;

@@ -2,9 +2,10 @@
 //! a draft service, each behind a lazily connecting gRPC channel (a restarted service is found
 //! again on the next call), with a deadline on every call.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use eagle_engine::tokenizer::Tokenizer;
 use eagle_proto::draft::draft_client::DraftClient;
@@ -13,15 +14,31 @@ use eagle_proto::worker::CostPoint;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+use crate::membership::{EtcdRoutes, SUSPECT_FOR};
+use crate::sessions::SessionPlacements;
+
 pub struct Backends {
     pub workers: WorkerPool,
+    /// A static draft service; with etcd and none given, drafts come from `etcd`.
     pub draft: Option<DraftClient<Channel>>,
+    pub etcd: Option<Arc<EtcdRoutes>>,
+    /// Multi-turn sessions: where their KV caches live.
+    pub sessions: SessionPlacements,
     /// The worker's measured verification costs (for automatic tree sizes).
     pub cost: Vec<CostPoint>,
     pub tokenizer: Tokenizer,
     pub model_name: String,
     pub max_context: usize,
     pub timeouts: Timeouts,
+}
+
+impl Backends {
+    /// The draft service to use now, if any.
+    pub fn draft_client(&self) -> Option<DraftClient<Channel>> {
+        self.draft
+            .clone()
+            .or_else(|| self.etcd.as_ref().and_then(|r| r.draft()))
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -72,15 +89,21 @@ pub fn worker_error(what: &str, s: Status) -> Status {
 }
 
 /// Verification workers serving the same model; each session stays on the worker it started
-/// on (its KV cache lives there), and new sessions go to the least busy one.
+/// on (its KV cache lives there), and new sessions go to the least busy one. The workers are a
+/// static address list, or (with etcd) the complete healthy groups of the membership view.
 pub struct WorkerPool {
     workers: Vec<(String, WorkerClient<Channel>, Arc<AtomicUsize>)>,
+    etcd: Option<Arc<EtcdRoutes>>,
+    /// Groups (static: addresses) that failed a call recently, and when.
+    suspects: Mutex<HashMap<String, Instant>>,
 }
 
 /// A session's place on a worker; dropping it frees the place.
 pub struct WorkerLease {
     pub client: WorkerClient<Channel>,
     pub addr: String,
+    /// The worker group (a static worker's group is its address).
+    pub group: String,
     active: Arc<AtomicUsize>,
 }
 
@@ -99,25 +122,80 @@ impl WorkerPool {
             .iter()
             .map(|a| Ok((a.clone(), worker_client(a)?, Arc::new(AtomicUsize::new(0)))))
             .collect::<Result<_, Status>>()?;
-        Ok(WorkerPool { workers })
+        Ok(WorkerPool {
+            workers,
+            etcd: None,
+            suspects: Mutex::new(HashMap::new()),
+        })
     }
 
+    /// Workers from the membership view.
+    pub fn from_etcd(routes: Arc<EtcdRoutes>) -> Self {
+        WorkerPool {
+            workers: Vec::new(),
+            etcd: Some(routes),
+            suspects: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The static workers.
     pub fn all(&self) -> impl Iterator<Item = (&str, &WorkerClient<Channel>)> {
         self.workers.iter().map(|(a, c, _)| (a.as_str(), c))
     }
 
-    /// The worker with the fewest sessions from this coordinator.
-    pub fn lease(&self) -> WorkerLease {
-        let (addr, client, active) = self
+    /// Marks a group as failing: new sessions avoid it for a while.
+    pub fn suspect(&self, group: &str) {
+        self.suspects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(group.to_string(), Instant::now());
+    }
+
+    fn is_suspect(&self, group: &str) -> bool {
+        let mut s = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
+        s.retain(|_, t| t.elapsed() < SUSPECT_FOR);
+        s.contains_key(group)
+    }
+
+    /// A place for a new session: on group `prefer` when it is usable (it holds the session's
+    /// cache), else on the least busy worker, passing over recently failing ones while others
+    /// are left.
+    pub async fn lease(&self, prefer: Option<&str>) -> Result<WorkerLease, Status> {
+        if let Some(r) = &self.etcd {
+            let c = r.choose(prefer, &|g| self.is_suspect(g)).await?;
+            c.active.fetch_add(1, Ordering::Relaxed);
+            return Ok(WorkerLease {
+                client: c.client,
+                addr: c.addr,
+                group: c.group,
+                active: c.active,
+            });
+        }
+        let usable: Vec<_> = self
             .workers
             .iter()
-            .min_by_key(|(_, _, n)| n.load(Ordering::Relaxed))
-            .expect("a pool has a worker");
+            .filter(|(a, _, _)| !self.is_suspect(a))
+            .collect();
+        let pool = if usable.is_empty() {
+            self.workers.iter().collect()
+        } else {
+            usable
+        };
+        let (addr, client, active) = pool
+            .iter()
+            .find(|(a, _, _)| Some(a.as_str()) == prefer)
+            .or_else(|| {
+                pool.iter()
+                    .min_by_key(|(_, _, n)| n.load(Ordering::Relaxed))
+            })
+            .copied()
+            .ok_or_else(|| Status::unavailable("no verification worker"))?;
         active.fetch_add(1, Ordering::Relaxed);
-        WorkerLease {
+        Ok(WorkerLease {
             client: client.clone(),
             addr: addr.clone(),
+            group: addr.clone(),
             active: active.clone(),
-        }
+        })
     }
 }

@@ -8,12 +8,17 @@
 //!   that step into a plain decode on the worker; after `draft_retry` the session is reopened
 //!   on the draft side with every committed (token, feature) pair, and speculation resumes.
 //! - However the request ends (done, failed, cancelled by the client), its sessions are
-//!   released on the worker and the draft service.
+//!   released on the worker and the draft service; except that a multi-turn session's worker
+//!   session (its KV cache) is kept after a turn that completed, and its placement recorded.
+//! - A worker that cannot be reached at prefill (nothing generated yet) is passed over and the
+//!   request starts from scratch on another; a worker lost later fails the request with
+//!   `UNAVAILABLE`. Either way no call waits past its deadline.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use eagle_engine::spec::SpecConfig;
+use eagle_membership::Placement;
 use eagle_proto::common::{Features, SessionRef};
 use eagle_proto::draft::{DraftRequest, OpenRequest};
 use eagle_proto::v1::FinishReason;
@@ -23,11 +28,12 @@ use eagle_proto::worker::{DecodeRequest, PrefillRequest, Step, VerifyRequest};
 use eagle_trace::outgoing;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
-use tonic::Status;
+use tonic::{Code, Status};
 use tracing::Instrument;
 
-use crate::backends::{worker_error, Backends};
+use crate::backends::{worker_error, Backends, WorkerLease};
 use crate::request::Job;
+use crate::sessions::worker_session_id;
 use crate::text::TextStream;
 
 /// What the step loop sends to the client side.
@@ -52,6 +58,8 @@ pub struct Summary {
     pub prefill_ms: f64,
     pub queue_ms: f64,
     pub wall_ms: f64,
+    /// Prompt tokens reused from a session's KV cache.
+    pub cached_prompt_tokens: usize,
 }
 
 impl Summary {
@@ -78,13 +86,37 @@ enum DraftState {
 
 /// Runs a job to the end, sending events; then releases its sessions.
 pub async fn run(b: Arc<Backends>, job: Job, id: String, tx: Events, queue_ms: f64) {
-    let lease = b.workers.lease();
+    let session = job.session.clone();
+    let claim = match session.as_deref().map(|s| b.sessions.claim(s)).transpose() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = tx.send(Err(e)).await;
+            return;
+        }
+    };
+    let placed = session.as_deref().and_then(|s| b.sessions.lookup(s));
+    let lease = match b
+        .workers
+        .lease(placed.as_ref().map(|p| p.group.as_str()))
+        .await
+    {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = tx.send(Err(e)).await;
+            return;
+        }
+    };
     tracing::Span::current().record("worker", lease.addr.as_str());
+    let worker_sid = session
+        .as_deref()
+        .map_or_else(|| id.clone(), worker_session_id);
     let mut run = Run {
-        worker: lease.client.clone(),
+        lease,
         b: b.clone(),
         job,
         id: id.clone(),
+        worker_sid,
+        cached_len: 0,
         history: Vec::new(),
         draft: DraftState::Off,
         summary: Summary {
@@ -98,8 +130,29 @@ pub async fn run(b: Arc<Backends>, job: Job, id: String, tx: Events, queue_ms: f
         DraftState::Open { sid, .. } => Some(sid.clone()),
         _ => None,
     };
-    release(&b, &run.worker, &id, draft_sid).await;
-    drop(lease);
+    let keep = result.is_ok() && run.summary.finish != FinishReason::Cancelled;
+    match session.as_deref() {
+        Some(s) if keep => {
+            release(&b, None, &run.worker_sid, draft_sid).await;
+            b.sessions.record(
+                s,
+                Placement {
+                    group: run.lease.group.clone(),
+                    addr: run.lease.addr.clone(),
+                    worker_session: run.worker_sid.clone(),
+                    cached_tokens: run.cached_len as u32,
+                },
+            );
+        }
+        _ => {
+            release(&b, Some(&run.lease.client), &run.worker_sid, draft_sid).await;
+            if let Some(s) = session.as_deref() {
+                b.sessions.forget(s);
+            }
+        }
+    }
+    drop(run.lease);
+    drop(claim);
     match result {
         Ok(()) => {
             let _ = tx.send(Ok(Event::Done(run.summary))).await;
@@ -111,22 +164,31 @@ pub async fn run(b: Arc<Backends>, job: Job, id: String, tx: Events, queue_ms: f
     }
 }
 
+/// Releases the worker session (when given a worker) and closes the draft session.
 async fn release(
     b: &Backends,
-    worker: &WorkerClient<Channel>,
+    worker: Option<&WorkerClient<Channel>>,
     id: &str,
     draft_sid: Option<String>,
 ) {
     let t = b.timeouts.draft;
-    let mut w = worker.clone();
-    let worker = w.release(outgoing(
-        SessionRef {
-            session_id: id.into(),
-        },
-        t,
-    ));
+    let worker = async {
+        match worker {
+            Some(w) => w
+                .clone()
+                .release(outgoing(
+                    SessionRef {
+                        session_id: id.into(),
+                    },
+                    t,
+                ))
+                .await
+                .map(|_| ()),
+            None => Ok(()),
+        }
+    };
     let draft = async {
-        if let (Some(sid), Some(mut d)) = (draft_sid, b.draft.clone()) {
+        if let (Some(sid), Some(mut d)) = (draft_sid, b.draft_client()) {
             // A draft session left behind idles out; nothing to report.
             let _ = d.close(outgoing(SessionRef { session_id: sid }, t)).await;
         }
@@ -138,9 +200,14 @@ async fn release(
 
 struct Run {
     b: Arc<Backends>,
-    worker: WorkerClient<Channel>,
+    lease: WorkerLease,
     job: Job,
+    /// The request's id (its draft session's).
     id: String,
+    /// The worker's session id: the request's, or for a multi-turn session one per session.
+    worker_sid: String,
+    /// Tokens in the worker's cache (the prompt, then every token run since).
+    cached_len: usize,
     /// Every committed (tokens, features) chunk, in order: what reopening the draft side needs.
     history: Vec<(Vec<u32>, Features)>,
     draft: DraftState,
@@ -162,25 +229,9 @@ impl Run {
         let capacity = job.prompt.len() + job.max_new_tokens + tree_room + 1;
         let mut text = TextStream::new(&b.tokenizer, job.stop.clone());
 
-        let step = async {
-            self.worker
-                .clone()
-                .prefill(outgoing(
-                    PrefillRequest {
-                        session_id: self.id.clone(),
-                        tokens: job.prompt.clone(),
-                        capacity: capacity as u32,
-                        sampling: Some(sampling_to_wire(&job.sampling)),
-                    },
-                    b.timeouts.worker,
-                ))
-                .await
-                .map_err(|e| worker_error("prefill", e))
-        }
-        .instrument(tracing::info_span!("prefill", tokens = job.prompt.len()))
-        .await?
-        .into_inner();
+        let step = self.prefill(capacity).await?;
         self.summary.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+        self.summary.cached_prompt_tokens = step.cached_tokens as usize;
         let (toks, feats) = split_step(step, Some(job.prompt.len()))?;
         let mut last = toks[0];
         let mut shifted = job.prompt[1..].to_vec();
@@ -189,7 +240,7 @@ impl Run {
         let mut going = self.accept(&toks, &mut text, tx).await;
         let mut run_len = job.prompt.len();
 
-        if going && self.spec().is_some() && b.draft.is_some() {
+        if going && self.spec().is_some() && b.draft_client().is_some() {
             self.draft = DraftState::Down {
                 retry_at: Instant::now(),
                 attempt: 0,
@@ -211,11 +262,12 @@ impl Run {
                 Some(tree) => {
                     let n = tree.tokens.len();
                     async {
-                        self.worker
+                        self.lease
+                            .client
                             .clone()
                             .verify(outgoing(
                                 VerifyRequest {
-                                    session_id: self.id.clone(),
+                                    session_id: self.worker_sid.clone(),
                                     tree: Some(tree),
                                 },
                                 b.timeouts.worker,
@@ -231,11 +283,12 @@ impl Run {
                         self.summary.fallback_steps += 1;
                     }
                     async {
-                        self.worker
+                        self.lease
+                            .client
                             .clone()
                             .decode(outgoing(
                                 DecodeRequest {
-                                    session_id: self.id.clone(),
+                                    session_id: self.worker_sid.clone(),
                                     token: last,
                                 },
                                 b.timeouts.worker,
@@ -266,9 +319,52 @@ impl Run {
                 }))
                 .await;
         }
+        self.cached_len = run_len;
         self.summary.generated_tokens = self.tokens.len();
         self.summary.wall_ms = t0.elapsed().as_secs_f64() * 1e3;
         Ok(())
+    }
+
+    /// Prefills the prompt (only its uncached part, for a session whose cache is there). A
+    /// worker that cannot be reached is passed over: the request starts again on another
+    /// group, as long as there is another to try.
+    async fn prefill(&mut self, capacity: usize) -> Result<Step, Status> {
+        let b = self.b.clone();
+        let n = self.job.prompt.len();
+        let mut tried = vec![self.lease.group.clone()];
+        loop {
+            let req = PrefillRequest {
+                session_id: self.worker_sid.clone(),
+                tokens: self.job.prompt.clone(),
+                capacity: capacity as u32,
+                sampling: Some(sampling_to_wire(&self.job.sampling)),
+                reuse_cache: self.job.session.is_some(),
+            };
+            let r = async {
+                self.lease
+                    .client
+                    .clone()
+                    .prefill(outgoing(req, b.timeouts.worker))
+                    .await
+                    .map_err(|e| worker_error("prefill", e))
+            }
+            .instrument(tracing::info_span!("prefill", tokens = n, worker = %self.lease.addr))
+            .await;
+            let e = match r {
+                Ok(step) => return Ok(step.into_inner()),
+                Err(e) if e.code() == Code::Unavailable && tried.len() < 3 => e,
+                Err(e) => return Err(e),
+            };
+            b.workers.suspect(&self.lease.group);
+            let next = b.workers.lease(None).await?;
+            if tried.contains(&next.group) {
+                return Err(e);
+            }
+            tracing::warn!(session = %self.id, failed = %self.lease.addr, next = %next.addr, error = %e.message(), "worker unreachable; starting over on another");
+            tracing::Span::current().record("worker", next.addr.as_str());
+            tried.push(next.group.clone());
+            self.lease = next;
+        }
     }
 
     /// Takes a step's tokens: EOS, the length limit and stop strings end the generation.
@@ -323,7 +419,7 @@ impl Run {
     /// A tree from the draft side, or None (no speculation, or the draft side failed).
     async fn draft_tree(&mut self, root: u32) -> Option<eagle_proto::common::Tree> {
         let b = self.b.clone();
-        let mut client = b.draft.clone()?;
+        let mut client = b.draft_client()?;
         if let DraftState::Down { retry_at, attempt } = self.draft {
             if Instant::now() < retry_at {
                 return None;

@@ -6,16 +6,20 @@
 //! - `queue.rs`: admission control (an actor).
 //! - `generation.rs`: the step loop, with fallback to plain decoding when drafting fails.
 //! - `text.rs`: streamed text and stop strings.
-//! - `backends.rs`: clients of the services, with deadlines.
+//! - `backends.rs`: clients of the services, with deadlines; the worker pool.
+//! - `membership.rs`: routing by etcd membership (complete healthy groups, by load).
+//! - `sessions.rs`: multi-turn sessions' KV placement.
 //! - `service.rs`: the gRPC service.
 //!
 //! No model math runs here: only the tokenizer, to turn text into token ids and back.
 
 pub mod backends;
 pub mod generation;
+pub mod membership;
 pub mod queue;
 pub mod request;
 pub mod service;
+pub mod sessions;
 pub mod text;
 
 pub use service::Coordinator;

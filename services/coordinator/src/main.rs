@@ -5,14 +5,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use eagle_coordinator::backends::{draft_client, Backends, Timeouts, WorkerPool};
+use eagle_coordinator::backends::{draft_client, worker_client, Backends, Timeouts, WorkerPool};
+use eagle_coordinator::membership as etcd;
 use eagle_coordinator::queue::Queue;
+use eagle_coordinator::sessions::SessionPlacements;
 use eagle_coordinator::Coordinator;
 use eagle_engine::chat::ChatTemplate;
 use eagle_engine::loader::open_model;
+use eagle_membership::EtcdFlags;
 use eagle_proto::common::Empty;
 use eagle_proto::serve;
 use eagle_proto::v1::generation_server::GenerationServer;
+use eagle_proto::worker::worker_client::WorkerClient;
+use tonic::transport::Channel;
 
 #[derive(Parser)]
 #[command(
@@ -41,12 +46,12 @@ struct Args {
     )]
     listen: String,
     /// Verification worker addresses (repeat the flag, or separate with commas); new sessions
-    /// go to the least busy.
+    /// go to the least busy. With --etcd, workers come from etcd instead.
     #[arg(
         long = "worker",
         env = "EAGLE_COORDINATOR_WORKERS",
         value_delimiter = ',',
-        required = true
+        required_unless_present = "etcd"
     )]
     workers: Vec<String>,
     /// The draft service's address; without one, every request decodes plainly.
@@ -73,6 +78,16 @@ struct Args {
     /// How long to wait for the worker at start, in seconds.
     #[arg(long, env = "EAGLE_STARTUP_WAIT_S", default_value_t = 120)]
     startup_wait_s: u64,
+    /// With --etcd: how long a request waits for a healthy worker group before UNAVAILABLE,
+    /// in milliseconds.
+    #[arg(long, env = "EAGLE_ROUTE_WAIT_MS", default_value_t = 5_000)]
+    route_wait_ms: u64,
+    /// How long a multi-turn session's KV placement is kept (seconds); match the workers'
+    /// --idle-timeout-s, after which they drop the cache.
+    #[arg(long, env = "EAGLE_SESSION_TTL_S", default_value_t = 120)]
+    session_ttl_s: u64,
+    #[command(flatten)]
+    etcd: EtcdFlags,
 }
 
 #[tokio::main]
@@ -90,13 +105,46 @@ async fn run(a: Args) -> Result<()> {
     if let Some(name) = &a.chat_template {
         tokenizer.set_chat_template(ChatTemplate::by_name(name)?);
     }
-    let workers = WorkerPool::new(&a.workers)?;
     let draft = a.draft.as_deref().map(draft_client).transpose()?;
+    let session_ttl = Duration::from_secs(a.session_ttl_s);
+    let (reporter, health) = serve::health();
+    let (workers, etcd, sessions) = match a.etcd.config() {
+        None => (
+            WorkerPool::new(&a.workers)?,
+            None,
+            SessionPlacements::local(session_ttl),
+        ),
+        Some(cfg) => {
+            let m = etcd::start(
+                &cfg,
+                &a.model_name,
+                Duration::from_secs(a.startup_wait_s),
+                Duration::from_millis(a.route_wait_ms),
+                session_ttl,
+                &reporter,
+            )
+            .await?;
+            (
+                WorkerPool::from_etcd(m.routes.clone()),
+                Some(m.routes),
+                m.sessions,
+            )
+        }
+    };
+    let first_addr = match &etcd {
+        Some(r) => r.groups().first().map(|g| g.addr.clone()),
+        None => None,
+    };
+    let etcd_worker = first_addr.as_deref().map(worker_client).transpose()?;
 
     // Workers measure their verification costs at start; wait for them all.
     let t0 = Instant::now();
     let mut infos = Vec::new();
-    for (addr, client) in workers.all() {
+    let firsts: Vec<(&str, &WorkerClient<Channel>)> = match (&first_addr, &etcd_worker) {
+        (Some(a), Some(c)) => vec![(a.as_str(), c)],
+        _ => workers.all().collect(),
+    };
+    for (addr, client) in firsts {
         let info = loop {
             match client.clone().info(Empty {}).await {
                 Ok(i) => break i.into_inner(),
@@ -128,6 +176,8 @@ async fn run(a: Args) -> Result<()> {
     let backends = Backends {
         workers,
         draft,
+        etcd,
+        sessions,
         cost: info.cost_profile,
         tokenizer,
         model_name: a.model_name.clone(),
@@ -139,7 +189,6 @@ async fn run(a: Args) -> Result<()> {
         },
     };
     let coord = Coordinator::new(backends, Queue::start(a.max_running, a.max_waiting));
-    let (reporter, health) = serve::health();
     reporter
         .set_serving::<GenerationServer<Coordinator>>()
         .await;

@@ -14,6 +14,7 @@ pub const MAX_STOP_STRINGS: usize = 8;
 pub const MAX_STOP_BYTES: usize = 256;
 /// Raw prompt or chat text beyond this is refused before tokenising.
 pub const MAX_INPUT_BYTES: usize = 1 << 20;
+pub const MAX_SESSION_ID_BYTES: usize = 100;
 
 /// A request ready to run.
 #[derive(Clone, Debug)]
@@ -24,6 +25,8 @@ pub struct Job {
     /// None: plain decoding.
     pub spec: Option<SpecConfig>,
     pub stop: Vec<String>,
+    /// A multi-turn session whose KV cache this request extends.
+    pub session: Option<String>,
 }
 
 /// What the served model allows.
@@ -134,7 +137,22 @@ pub fn validate(req: &GenerateRequest, tok: &Tokenizer, lim: &Limits) -> Result<
     } else {
         None
     };
+    let session = match req.session_id.as_str() {
+        "" => None,
+        id if id.len() > MAX_SESSION_ID_BYTES
+            || !id
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b"._:-".contains(&c)) =>
+        {
+            return Err(invalid(format!(
+                "session_id must be 1 to {MAX_SESSION_ID_BYTES} bytes of letters, digits, '.', \
+                 '_', ':' or '-'"
+            )));
+        }
+        id => Some(id.to_string()),
+    };
     Ok(Job {
+        session,
         prompt,
         max_new_tokens: max_new,
         sampling,

@@ -105,6 +105,7 @@ fn stats(s: &Summary) -> (Usage, SpeculationStats) {
             prefill_ms: s.prefill_ms,
             queue_ms: s.queue_ms,
             wall_ms: s.wall_ms,
+            cached_prompt_tokens: s.cached_prompt_tokens as u32,
         },
     )
 }

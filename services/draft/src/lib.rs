@@ -65,6 +65,12 @@ impl DraftService {
         }
     }
 
+    /// Live sessions, read by the membership registration as this service's load.
+    pub fn load_probe(&self) -> impl Fn() -> u32 + Send + Sync + 'static {
+        let sessions = self.sessions.clone();
+        move || sessions.len() as u32
+    }
+
     /// Checks pairs from the wire and queues them on the session.
     fn commit(
         drafter: &Drafter,

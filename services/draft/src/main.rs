@@ -8,6 +8,8 @@ use eagle_draft::{DraftOptions, DraftService};
 use eagle_engine::device::{parse_device, parse_dtype};
 use eagle_engine::draft::Drafter;
 use eagle_engine::loader::open_model;
+use eagle_membership::record::Kind;
+use eagle_membership::service::{join_service, ServiceInfo};
 use eagle_proto::draft::draft_server::DraftServer;
 use eagle_proto::serve;
 
@@ -47,6 +49,8 @@ struct Args {
     /// Sessions idle this long (seconds) are reclaimed.
     #[arg(long, env = "EAGLE_IDLE_TIMEOUT_S", default_value_t = 120.0)]
     idle_timeout_s: f64,
+    #[command(flatten)]
+    etcd: eagle_membership::EtcdFlags,
 }
 
 #[tokio::main]
@@ -75,6 +79,7 @@ async fn run(a: Args) -> Result<()> {
     })
     .await??;
     tracing::info!(model = %a.model_name, head = %a.head.display(), "draft head loaded");
+    let model_name = a.model_name.clone();
     let svc = DraftService::new(
         drafter,
         DraftOptions {
@@ -86,12 +91,27 @@ async fn run(a: Args) -> Result<()> {
     );
     let (reporter, health) = serve::health();
     reporter.set_serving::<DraftServer<DraftService>>().await;
-    let (incoming, _addr) = serve::bind(&a.listen).await?;
+    let sessions = svc.load_probe();
+    let (incoming, addr) = serve::bind(&a.listen).await?;
+    let info = ServiceInfo {
+        kind: Kind::Draft,
+        model: &model_name,
+        device: &a.device,
+        capacity_bytes: a.cache_mb << 20,
+        rank: 0,
+        tp: 1,
+    };
+    let member = join_service(&a.etcd, info, addr, sessions, &reporter).await?;
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(serve::reflection())
         .add_service(DraftServer::new(svc).max_decoding_message_size(64 << 20))
-        .serve_with_incoming_shutdown(incoming, serve::shutdown_signal())
+        .serve_with_incoming_shutdown(incoming, async {
+            serve::shutdown_signal().await;
+            if let Some(m) = member {
+                m.leave().await;
+            }
+        })
         .await?;
     Ok(())
 }

@@ -137,6 +137,34 @@ impl KvCache {
         self.len = start + keep.len();
         Ok(())
     }
+
+    /// Grows the cache to `capacity` slots, keeping the committed ones (a later turn of a
+    /// multi-turn session needs more room than the first). Never shrinks.
+    pub fn grow(&mut self, capacity: usize) -> Result<()> {
+        if capacity <= self.capacity {
+            return Ok(());
+        }
+        let d = self.kv_dim;
+        for layer in self.layers.iter_mut() {
+            match layer {
+                LayerKv::Cpu { k, v } => {
+                    k.resize(capacity * d, 0.0);
+                    v.resize(capacity * d, 0.0);
+                }
+                LayerKv::Device { k, v } => {
+                    let pad = Tensor::zeros(
+                        (capacity - self.capacity, d),
+                        candle_core::DType::F32,
+                        k.device(),
+                    )?;
+                    *k = Tensor::cat(&[&*k, &pad], 0)?;
+                    *v = Tensor::cat(&[&*v, &pad], 0)?;
+                }
+            }
+        }
+        self.capacity = capacity;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -181,6 +209,35 @@ mod tests {
                 limit: 16
             })
         ));
+    }
+
+    #[test]
+    fn growing_keeps_the_committed_slots() {
+        for cpu in [true, false] {
+            let mut c = KvCache::new(1, 2, 4, &Device::Cpu, cpu).unwrap();
+            if let LayerKv::Cpu { k, .. } = &mut c.layers[0] {
+                k[..4].copy_from_slice(&[1., 2., 3., 4.]);
+            }
+            if let LayerKv::Device { k, .. } = &c.layers[0] {
+                let rows = Tensor::new(&[[1f32, 2.], [3., 4.]], &Device::Cpu).unwrap();
+                k.slice_set(&rows, 0, 0).unwrap();
+            }
+            c.advance(2);
+            c.grow(8).unwrap();
+            assert_eq!((c.len(), c.capacity()), (2, 8));
+            assert!(c.reserve(6).is_ok());
+            let firsts = match &c.layers[0] {
+                LayerKv::Cpu { k, .. } => k[..4].to_vec(),
+                LayerKv::Device { k, .. } => k
+                    .narrow(0, 0, 2)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap(),
+            };
+            assert_eq!(firsts, vec![1., 2., 3., 4.]);
+        }
     }
 
     #[test]

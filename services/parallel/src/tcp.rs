@@ -162,6 +162,18 @@ impl TcpGroup {
         })
     }
 
+    /// This end's address of the connection to rank 0 (ranks other than 0), or of the first
+    /// rank's connection (rank 0).
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        match self.handles.first() {
+            Some(h) => h.local_addr(),
+            None => Err(std::io::Error::new(
+                ErrorKind::NotConnected,
+                "a group of one",
+            )),
+        }
+    }
+
     /// Breaks the group: every blocked and later call fails with `why`.
     pub fn shutdown(&self, why: &str) {
         let mut b = self.broken.lock().unwrap();

@@ -108,6 +108,34 @@ impl<S: Send + 'static> SessionTable<S> {
         .map_err(|e| Status::internal(format!("session task failed: {e}")))?
     }
 
+    /// Changes the bytes held by session `id` (its cache grew), within the cap.
+    pub fn resize(&self, id: &str, bytes: u64) -> Result<(), Status> {
+        let mut map = self.lock();
+        let held: u64 = map
+            .iter()
+            .filter(|(k, _)| k.as_str() != id)
+            .map(|(_, e)| e.bytes)
+            .sum();
+        let Some(e) = map.get_mut(id) else {
+            return Err(crate::status::unknown_session(id));
+        };
+        if held + bytes > self.limit_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "session {id:?} needs {} MiB of cache; {} of {} MiB are held by other sessions",
+                bytes >> 20,
+                held >> 20,
+                self.limit_bytes >> 20
+            )));
+        }
+        e.bytes = bytes;
+        Ok(())
+    }
+
+    /// Whether session `id` is live.
+    pub fn contains(&self, id: &str) -> bool {
+        self.lock().contains_key(id)
+    }
+
     /// Removes a session; false if it was not there.
     pub fn remove(&self, id: &str) -> bool {
         self.lock().remove(id).is_some()
@@ -183,6 +211,13 @@ mod tests {
         t.get("b").unwrap();
         assert_eq!(t.reap(), 1);
         assert_eq!(t.get("a").unwrap_err().code(), tonic::Code::NotFound);
+        assert_eq!(
+            t.resize("b", 101).unwrap_err().code(),
+            tonic::Code::ResourceExhausted
+        );
+        t.resize("b", 100).unwrap();
+        assert_eq!(t.bytes(), 100);
+        assert!(t.contains("b"));
         assert!(t.remove("b"));
         assert!(t.is_empty());
     }

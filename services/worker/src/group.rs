@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use candle_core::DType;
 use eagle_engine::models::TargetModel;
 use eagle_parallel::TcpGroup;
 use eagle_proto::status::from_engine;
@@ -62,7 +63,12 @@ impl Group {
 
 /// A rank other than 0: runs rank 0's calls until it closes the group. Sessions idle past
 /// `idle` are dropped (rank 0 reclaims them no later, having seen their last call first).
-pub fn follow(tcp: &TcpGroup, target: &TargetModel, idle: Duration) -> anyhow::Result<()> {
+pub fn follow(
+    tcp: &TcpGroup,
+    target: &TargetModel,
+    wire: DType,
+    idle: Duration,
+) -> anyhow::Result<()> {
     let mut sessions: HashMap<String, (Sequence, Instant)> = HashMap::new();
     while let Some(bytes) = tcp.receive()? {
         let op = GroupOp::decode(bytes.as_slice())?;
@@ -71,10 +77,21 @@ pub fn follow(tcp: &TcpGroup, target: &TargetModel, idle: Duration) -> anyhow::R
         let result: Result<(), Status> = match op.op {
             Some(Op::Prefill(r)) => (|| {
                 let sampling = sampling_from_wire(r.sampling.as_ref())?;
-                let mut s = Sequence::new(target, r.capacity as usize, sampling)?;
-                let out = s.prefill(target, &r.tokens).map(|_| ());
-                sessions.insert(r.session_id, (s, now));
-                out
+                let capacity = r.capacity as usize;
+                if !r.reuse_cache {
+                    let s = Sequence::new(target, capacity, sampling.clone(), wire)?;
+                    sessions.insert(r.session_id.clone(), (s, now));
+                }
+                let Some((s, used)) = sessions.get_mut(&r.session_id) else {
+                    return Err(lost(&r.session_id));
+                };
+                *used = now;
+                let out = s.prefill(target, &r.tokens, r.reuse_cache, capacity, sampling);
+                if out.is_err() {
+                    // Rank 0 drops a session whose prefill failed.
+                    sessions.remove(&r.session_id);
+                }
+                out.map(|_| ())
             })(),
             Some(Op::Verify(r)) => match sessions.get_mut(&r.session_id) {
                 Some((s, used)) => {

@@ -3,10 +3,10 @@
 //! A session is one sequence's KV cache plus its sampling state. The coordinator prefills a
 //! prompt, then alternates verifying draft trees (or decoding one token when no draft is
 //! available) until it releases the session. All model math is the engine's
-//! [`TargetSession`]; this crate only validates, schedules and serialises.
+//! `eagle_engine::session::TargetSession`; this crate only validates, schedules and serialises.
 //!
-//! Invariant: a session's last chosen token is known here, and every tree or decode must start
-//! from it, so a confused or malicious caller cannot desynchronise the cache.
+//! Invariants: see [`sequence`] (the last chosen token, and the cached prefix a later turn of
+//! a multi-turn conversation reuses).
 //!
 //! As rank 0 of a tensor-parallel group ([`group`]), the service sends every model call to the
 //! other ranks before running it, in one order for the whole group.
@@ -14,16 +14,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 use eagle_engine::models::TargetModel;
-use eagle_engine::sampling::{choose, Rng, SamplingParams};
-use eagle_engine::session::TargetSession;
 use eagle_engine::spec::CostProfile;
-use eagle_engine::tree::DraftTree;
 use eagle_proto::common::{Empty, SessionRef};
 use eagle_proto::sessions::SessionTable;
-use eagle_proto::status::{from_engine, invalid};
-use eagle_proto::wire::{features_to_wire, sampling_from_wire, tree_from_wire};
+use eagle_proto::status::invalid;
+use eagle_proto::wire::{sampling_from_wire, tree_from_wire};
 use eagle_proto::worker::group_op::Op;
 use eagle_proto::worker::worker_server::Worker;
 use eagle_proto::worker::{
@@ -33,104 +30,13 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 pub mod group;
+mod sequence;
 pub use group::Group;
+use sequence::Sequence;
 
 fn prefill_op(r: PrefillRequest) -> GroupOp {
     GroupOp {
         op: Some(Op::Prefill(r)),
-    }
-}
-
-/// One sequence on the worker (on every rank of a tensor-parallel group).
-pub(crate) struct Sequence {
-    sess: TargetSession,
-    sampling: SamplingParams,
-    rng: Rng,
-    /// The last chosen token: not yet run through the target, the root of the next tree.
-    last: u32,
-}
-
-impl Sequence {
-    pub(crate) fn new(
-        target: &TargetModel,
-        capacity: usize,
-        sampling: SamplingParams,
-    ) -> Result<Self, Status> {
-        let sess = TargetSession::new(target, capacity).map_err(|e| from_engine(&e))?;
-        Ok(Sequence {
-            sess,
-            rng: Rng::new(sampling.seed),
-            sampling,
-            last: 0,
-        })
-    }
-
-    /// Runs the prompt and chooses the first new token.
-    pub(crate) fn prefill(
-        &mut self,
-        target: &TargetModel,
-        tokens: &[u32],
-    ) -> Result<(u32, Tensor), Status> {
-        let (feats, logits) = self
-            .sess
-            .prefill(target, tokens)
-            .map_err(|e| from_engine(&e))?;
-        self.last = choose(&logits, &self.sampling, &mut self.rng);
-        Ok((self.last, feats))
-    }
-
-    /// Verifies a tree rooted at the last chosen token.
-    pub(crate) fn verify(
-        &mut self,
-        target: &TargetModel,
-        tree: &DraftTree,
-    ) -> Result<(Vec<u32>, Tensor), Status> {
-        if tree.tokens[0] != self.last {
-            return Err(Status::failed_precondition(format!(
-                "verify: the tree's root {} is not the session's last token {}",
-                tree.tokens[0], self.last
-            )));
-        }
-        let room = self.sess.cache.capacity() - self.sess.cache.len();
-        if tree.len() > room {
-            return Err(Status::out_of_range(format!(
-                "verify: {} nodes but the session has room for {room}",
-                tree.len()
-            )));
-        }
-        let v = self
-            .sess
-            .verify(target, tree, &self.sampling, &mut self.rng)
-            .map_err(|e| from_engine(&e))?;
-        self.last = *v
-            .verdict
-            .tokens
-            .last()
-            .expect("a verdict has a bonus token");
-        Ok((v.verdict.tokens, v.features))
-    }
-
-    /// Runs the last chosen token alone and chooses the next.
-    pub(crate) fn decode(
-        &mut self,
-        target: &TargetModel,
-        token: u32,
-    ) -> Result<(u32, Tensor), Status> {
-        if token != self.last {
-            return Err(Status::failed_precondition(format!(
-                "decode: token {token} is not the session's last token {}",
-                self.last
-            )));
-        }
-        if self.sess.cache.len() >= self.sess.cache.capacity() {
-            return Err(Status::out_of_range("decode: the session's cache is full"));
-        }
-        let (feats, logits) = self
-            .sess
-            .decode(target, token)
-            .map_err(|e| from_engine(&e))?;
-        self.last = choose(&logits, &self.sampling, &mut self.rng);
-        Ok((self.last, feats))
     }
 }
 
@@ -189,18 +95,17 @@ impl WorkerService {
         }
     }
 
-    fn step(&self, tokens: Vec<u32>, feats: &candle_core::Tensor) -> Result<Step, Status> {
-        Ok(Step {
-            tokens,
-            features: Some(features_to_wire(feats, self.wire_dtype)?),
-        })
+    /// Live sessions, read by the membership registration as this worker's load.
+    pub fn load_probe(&self) -> impl Fn() -> u32 + Send + Sync + 'static {
+        let sessions = self.sessions.clone();
+        move || sessions.len() as u32
     }
 }
 
 #[tonic::async_trait]
 impl Worker for WorkerService {
     async fn prefill(&self, req: Request<PrefillRequest>) -> Result<Response<Step>, Status> {
-        let span = tracing::info_span!("worker.prefill", session = %req.get_ref().session_id, tokens = req.get_ref().tokens.len());
+        let span = tracing::info_span!("worker.prefill", session = %req.get_ref().session_id, tokens = req.get_ref().tokens.len(), cached = tracing::field::Empty);
         eagle_trace::adopt(&span, req.metadata());
         async {
             let r = req.into_inner();
@@ -223,20 +128,36 @@ impl Worker for WorkerService {
                 )));
             }
             let sampling = sampling_from_wire(r.sampling.as_ref())?;
-            let seq = Sequence::new(&self.target, capacity, sampling)?;
-            let bytes = seq.sess.cache.bytes() as u64;
-            self.sessions.insert(&r.session_id, seq, bytes)?;
             let id = r.session_id.clone();
-            let group = self.group.clone();
+            let reuse = r.reuse_cache && self.sessions.contains(&id);
+            if !reuse {
+                let seq = Sequence::new(&self.target, capacity, sampling.clone(), self.wire_dtype)?;
+                let bytes = seq.bytes_at(capacity);
+                self.sessions.insert(&id, seq, bytes)?;
+            }
+            // The other ranks take the same decision: reuse exactly when this rank does.
+            let mut op = r.clone();
+            op.reuse_cache = reuse;
+            let tokens = r.tokens;
+            let (table, group, sid) = (self.sessions.clone(), self.group.clone(), id.clone());
             let result = self
                 .sessions
                 .run(&id, &self.target, move |target, s| {
-                    let tokens = r.tokens.clone();
-                    Self::mirror(&group, || prefill_op(r), || s.prefill(target, &tokens))
+                    if capacity > s.sess.cache.capacity() {
+                        table.resize(&sid, s.bytes_at(capacity))?;
+                    }
+                    Self::mirror(
+                        &group,
+                        || prefill_op(op),
+                        || s.prefill(target, &tokens, reuse, capacity, sampling),
+                    )
                 })
                 .await;
+            if let Some(keep) = result.as_ref().ok().map(|st| st.cached_tokens) {
+                tracing::Span::current().record("cached", keep);
+            }
             match result {
-                Ok((next, feats)) => Ok(Response::new(self.step(vec![next], &feats)?)),
+                Ok(step) => Ok(Response::new(step)),
                 Err(e) => {
                     self.sessions.remove(&id);
                     Err(e)
@@ -257,7 +178,7 @@ impl Worker for WorkerService {
             tracing::Span::current().record("nodes", tree.len());
             let group = self.group.clone();
             let id = r.session_id.clone();
-            let (tokens, feats) = self
+            let step = self
                 .sessions
                 .run(&id, &self.target, move |target, s| {
                     let op = || GroupOp {
@@ -269,8 +190,8 @@ impl Worker for WorkerService {
                     Self::mirror(&group, op, || s.verify(target, &tree))
                 })
                 .await?;
-            tracing::Span::current().record("accepted", tokens.len());
-            Ok(Response::new(self.step(tokens, &feats)?))
+            tracing::Span::current().record("accepted", step.tokens.len());
+            Ok(Response::new(step))
         }
         .instrument(span)
         .await
@@ -284,7 +205,7 @@ impl Worker for WorkerService {
             let token = r.token;
             let group = self.group.clone();
             let id = r.session_id.clone();
-            let (next, feats) = self
+            let step = self
                 .sessions
                 .run(&id, &self.target, move |target, s| {
                     let op = || GroupOp {
@@ -293,7 +214,7 @@ impl Worker for WorkerService {
                     Self::mirror(&group, op, || s.decode(target, token))
                 })
                 .await?;
-            Ok(Response::new(self.step(vec![next], &feats)?))
+            Ok(Response::new(step))
         }
         .instrument(span)
         .await

@@ -9,6 +9,8 @@ use eagle_engine::generate::measure_costs;
 use eagle_engine::loader::open_model;
 use eagle_engine::models::TargetModel;
 use eagle_engine::parallel::Shard;
+use eagle_membership::record::Kind;
+use eagle_membership::service::{join_service, ServiceInfo};
 use eagle_proto::serve;
 use eagle_proto::worker::worker_server::WorkerServer;
 use eagle_worker::{WorkerOptions, WorkerService};
@@ -51,6 +53,8 @@ struct Args {
     idle_timeout_s: f64,
     #[command(flatten)]
     tp: TpArgs,
+    #[command(flatten)]
+    etcd: eagle_membership::EtcdFlags,
 }
 
 /// Tensor parallelism: one model split over several rank processes.
@@ -76,6 +80,10 @@ struct TpArgs {
     /// A rank silent this long inside a collective breaks the group (seconds).
     #[arg(long, env = "EAGLE_TP_TIMEOUT_S", default_value_t = 30.0)]
     tp_timeout_s: f64,
+    /// Rank 0 with --etcd: the group address published for the other ranks (default: the
+    /// bound --tp-listen address).
+    #[arg(long, env = "EAGLE_TP_ADVERTISE")]
+    tp_advertise: Option<String>,
 }
 
 #[tokio::main]
@@ -87,7 +95,12 @@ async fn main() {
     }
 }
 
-async fn run(a: Args) -> Result<()> {
+async fn run(mut a: Args) -> Result<()> {
+    if a.tp.tp > 1 && a.etcd.etcd.is_some() && a.etcd.group.is_none() {
+        // Every rank of the group registers under one group name.
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        a.etcd.group = Some(format!("tp-{}-{}", host.trim(), std::process::id()));
+    }
     let dtype = parse_dtype(&a.dtype)?;
     let wire_dtype = parse_dtype(&a.wire_dtype)?;
     let device = parse_device(&a.device)?;
@@ -124,6 +137,7 @@ async fn run(a: Args) -> Result<()> {
         Some((g, r)) => (Some(g), Some(r)),
         None => (None, None),
     };
+    let model_name = a.model_name.clone();
     let svc = WorkerService::with_group(
         target,
         cost,
@@ -137,7 +151,21 @@ async fn run(a: Args) -> Result<()> {
     );
     let (reporter, health) = serve::health();
     reporter.set_serving::<WorkerServer<WorkerService>>().await;
+    let sessions = svc.load_probe();
+    let (incoming, addr) = serve::bind(&a.listen).await?;
+    let info = ServiceInfo {
+        kind: Kind::Worker,
+        model: &model_name,
+        device: &a.device,
+        capacity_bytes: a.cache_mb << 20,
+        rank: 0,
+        tp: a.tp.tp as u32,
+    };
+    let member = join_service(&a.etcd, info, addr, sessions, &reporter).await?;
+    // Whoever comes first, a broken group or a shutdown, takes the registration out of etcd.
+    let member = std::sync::Arc::new(tokio::sync::Mutex::new(member));
     if let Some(g) = group.clone() {
+        let member = member.clone();
         // A broken group stays up to answer UNAVAILABLE, and says so in its health.
         tokio::spawn(async move {
             loop {
@@ -149,18 +177,25 @@ async fn run(a: Args) -> Result<()> {
                     reporter
                         .set_service_status("", tonic_health::ServingStatus::NotServing)
                         .await;
+                    if let Some(m) = member.lock().await.take() {
+                        m.leave().await;
+                    }
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         });
     }
-    let (incoming, _addr) = serve::bind(&a.listen).await?;
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(serve::reflection())
         .add_service(WorkerServer::new(svc).max_decoding_message_size(64 << 20))
-        .serve_with_incoming_shutdown(incoming, serve::shutdown_signal())
+        .serve_with_incoming_shutdown(incoming, async {
+            serve::shutdown_signal().await;
+            if let Some(m) = member.lock().await.take() {
+                m.leave().await;
+            }
+        })
         .await?;
     if let (Some(g), Some(r)) = (group, ranks) {
         tokio::task::spawn_blocking(move || r.stop(&g, Duration::from_secs(10))).await?;

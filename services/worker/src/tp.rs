@@ -3,6 +3,10 @@
 //! join from other hosts), and watches them; ranks 1..N join, load their shards and follow.
 //! On CUDA with the `nccl` feature the collectives run on NCCL (rank 0 sends the NCCL id over
 //! the group's channel); otherwise on the TCP backend.
+//!
+//! With `--etcd`, every rank registers as a member of the group (rank, TP size), so the
+//! coordinator routes only to complete groups, and ranks started by hand on other hosts find
+//! rank 0 through an etcd rendezvous instead of `--tp-join`.
 
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
@@ -16,6 +20,8 @@ use eagle_engine::generate::measure_costs;
 use eagle_engine::loader::open_model;
 use eagle_engine::models::TargetModel;
 use eagle_engine::parallel::{Collective, Shard};
+use eagle_membership::record::Kind;
+use eagle_membership::service::{join_service, ServiceInfo};
 use eagle_parallel::TcpGroup;
 use eagle_worker::group::{follow, Group};
 
@@ -85,14 +91,23 @@ pub fn leader(a: &Args, cfg: &ModelConfig, device: &Device) -> Result<(Shard, Ar
             } else {
                 a.device.clone()
             };
-            let child = Command::new(&exe)
-                .arg("--model")
+            let mut cmd = Command::new(&exe);
+            cmd.arg("--model")
                 .arg(&a.model)
                 .args(["--dtype", &a.dtype, "--device", &dev])
+                .args(["--wire-dtype", &a.wire_dtype])
                 .args(["--tp", &n.to_string(), "--tp-rank", &r.to_string()])
                 .args(["--tp-join", &addr.to_string()])
                 .args(["--tp-timeout-s", &a.tp.tp_timeout_s.to_string()])
-                .args(["--idle-timeout-s", &a.idle_timeout_s.to_string()])
+                .args(["--idle-timeout-s", &a.idle_timeout_s.to_string()]);
+            if let Some(e) = &a.etcd.etcd {
+                cmd.args(["--etcd", e, "--cluster", &a.etcd.cluster])
+                    .args(["--etcd-ttl-s", &a.etcd.etcd_ttl_s.to_string()]);
+                if let Some(g) = &a.etcd.group {
+                    cmd.args(["--group", g]);
+                }
+            }
+            let child = cmd
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .spawn()
@@ -100,6 +115,34 @@ pub fn leader(a: &Args, cfg: &ModelConfig, device: &Device) -> Result<(Shard, Ar
             println!("rank {r} pid {}", child.id());
             children.push((r, child));
         }
+    }
+    if let (Some(cfg), Some(group)) = (a.etcd.config(), a.etcd.group.clone()) {
+        // Publish this group's address for ranks started elsewhere; it completes in the
+        // background once they have all published theirs.
+        let my =
+            a.tp.tp_advertise
+                .clone()
+                .unwrap_or_else(|| addr.to_string());
+        tokio::runtime::Handle::current().spawn(async move {
+            let r = async {
+                let client = eagle_membership::connect(&cfg).await?;
+                let world = n as u32;
+                eagle_membership::rendezvous(
+                    &client,
+                    &cfg.cluster,
+                    &group,
+                    0,
+                    world,
+                    &my,
+                    JOIN_WAIT,
+                )
+                .await
+            };
+            match r.await {
+                Ok(addrs) => tracing::info!("rendezvous complete: {addrs:?}"),
+                Err(e) => tracing::warn!("rendezvous through etcd: {e}"),
+            }
+        });
     }
     let timeout = Duration::from_secs_f64(a.tp.tp_timeout_s);
     let tcp = Arc::new(TcpGroup::lead(&listener, n, JOIN_WAIT, timeout)?);
@@ -123,10 +166,32 @@ pub fn leader(a: &Args, cfg: &ModelConfig, device: &Device) -> Result<(Shard, Ar
 /// Ranks 1..N: join rank 0, load this rank's shard, measure as rank 0 does, then follow.
 pub fn follower(a: &Args, dtype: DType, device: Device) -> Result<()> {
     let (r, n) = (a.tp.tp_rank, a.tp.tp);
-    let join =
-        a.tp.tp_join
-            .clone()
-            .context("a rank other than 0 needs --tp-join (rank 0's group address)")?;
+    let rt = tokio::runtime::Handle::current();
+    let join = match (&a.tp.tp_join, a.etcd.config(), &a.etcd.group) {
+        (Some(j), _, _) => j.clone(),
+        (None, Some(cfg), Some(group)) => {
+            tracing::info!(rank = r, "finding rank 0 of group {group} through etcd");
+            let addrs = rt.block_on(async {
+                let client = eagle_membership::connect(&cfg).await?;
+                let (rank, world) = (r as u32, n as u32);
+                eagle_membership::rendezvous(
+                    &client,
+                    &cfg.cluster,
+                    group,
+                    rank,
+                    world,
+                    "",
+                    JOIN_WAIT,
+                )
+                .await
+            })?;
+            addrs[0].clone()
+        }
+        _ => anyhow::bail!(
+            "a rank other than 0 needs --tp-join (rank 0's group address), or --etcd and --group \
+             to find it there"
+        ),
+    };
     let timeout = Duration::from_secs_f64(a.tp.tp_timeout_s);
     let tcp = Arc::new(TcpGroup::join(join.as_str(), r, n, JOIN_WAIT, timeout)?);
     let comm = collective(tcp.clone(), &device)?;
@@ -140,8 +205,33 @@ pub fn follower(a: &Args, dtype: DType, device: Device) -> Result<()> {
         &mut progress(r),
     )?;
     measure_costs(&target)?;
+    // Registered as rank r of the group, so the group counts as complete only while this rank
+    // lives (its lease lapses when it dies).
+    let bound = tcp.local_addr()?;
+    let member = rt.block_on(async {
+        let (reporter, _health) = eagle_proto::serve::health();
+        let info = ServiceInfo {
+            kind: Kind::Worker,
+            model: &a.model_name,
+            device: &a.device,
+            capacity_bytes: a.cache_mb << 20,
+            rank: r as u32,
+            tp: n as u32,
+        };
+        join_service(&a.etcd, info, bound, || 0, &reporter).await
+    })?;
     tracing::info!(rank = r, "shard loaded; following rank 0");
-    follow(&tcp, &target, Duration::from_secs_f64(a.idle_timeout_s))?;
+    let wire = eagle_engine::device::parse_dtype(&a.wire_dtype)?;
+    let result = follow(
+        &tcp,
+        &target,
+        wire,
+        Duration::from_secs_f64(a.idle_timeout_s),
+    );
+    if let Some(m) = member {
+        rt.block_on(m.leave());
+    }
+    result?;
     tracing::info!(rank = r, "rank 0 closed the group");
     Ok(())
 }

@@ -1,0 +1,194 @@
+//! One sequence on the worker, the same on every rank of a tensor-parallel group: its KV cache
+//! (or this rank's shard of it), sampling state, last chosen token, and the tokens the cache
+//! holds with their features. Every model call the worker makes goes through these methods, on
+//! rank 0 and, mirrored, on the other ranks.
+//!
+//! Invariants:
+//! - The last chosen token is known here, and every tree or decode must start from it, so a
+//!   confused or malicious caller cannot desynchronise the cache.
+//! - The session knows the tokens its cache holds (and their features), so a later turn of a
+//!   multi-turn conversation (`reuse`) keeps only the prefix that matches its prompt token by
+//!   token and runs the rest: the cache then holds exactly what a fresh prefill of the whole
+//!   prompt would, and the kernels' batch invariance makes the logits the same bits.
+
+use candle_core::DType;
+use eagle_engine::models::TargetModel;
+use eagle_engine::sampling::{choose, Rng, SamplingParams};
+use eagle_engine::session::TargetSession;
+use eagle_engine::tree::DraftTree;
+use eagle_proto::common::Features;
+use eagle_proto::status::from_engine;
+use eagle_proto::wire::features_to_wire;
+use eagle_proto::worker::Step;
+use tonic::Status;
+
+pub(crate) struct Sequence {
+    pub(crate) sess: TargetSession,
+    sampling: SamplingParams,
+    rng: Rng,
+    /// The last chosen token: not yet run through the target, the root of the next tree.
+    last: u32,
+    /// The tokens in the cache, in position order, and their features in wire form.
+    cached: Vec<u32>,
+    features: Vec<u8>,
+    /// The dtype features travel in.
+    wire: DType,
+}
+
+/// How many leading tokens `a` and `b` share.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+impl Sequence {
+    pub(crate) fn new(
+        target: &TargetModel,
+        capacity: usize,
+        sampling: SamplingParams,
+        wire: DType,
+    ) -> Result<Self, Status> {
+        let sess = TargetSession::new(target, capacity).map_err(|e| from_engine(&e))?;
+        Ok(Sequence {
+            sess,
+            rng: Rng::new(sampling.seed),
+            sampling,
+            last: 0,
+            cached: Vec::new(),
+            features: Vec::new(),
+            wire,
+        })
+    }
+
+    /// Bytes the cache would hold at `capacity` slots.
+    pub(crate) fn bytes_at(&self, capacity: usize) -> u64 {
+        (self.sess.cache.bytes() / self.sess.cache.capacity().max(1) * capacity) as u64
+    }
+
+    fn row_bytes(&self, target: &TargetModel) -> usize {
+        target.cfg.hidden_size * self.wire.size_in_bytes()
+    }
+
+    /// Records tokens just run into the cache, with their features.
+    fn commit(&mut self, tokens: &[u32], f: &Features) {
+        self.cached.extend_from_slice(tokens);
+        self.features.extend_from_slice(&f.data);
+    }
+
+    /// Forgets everything after the first `n` cached tokens.
+    fn truncate(&mut self, n: usize, row_bytes: usize) {
+        self.cached.truncate(n);
+        self.features.truncate(n * row_bytes);
+        self.sess.cache.truncate(n);
+    }
+
+    /// Runs a prompt (with `reuse`, only what follows the longest cached prefix of it, keeping
+    /// at least one token to run) with room for `capacity` tokens, and chooses the next token.
+    /// The step's features cover every token the cache then holds.
+    pub(crate) fn prefill(
+        &mut self,
+        target: &TargetModel,
+        tokens: &[u32],
+        reuse: bool,
+        capacity: usize,
+        sampling: SamplingParams,
+    ) -> Result<Step, Status> {
+        let keep = if reuse {
+            common_prefix(&self.cached, tokens).min(tokens.len() - 1)
+        } else {
+            0
+        };
+        self.truncate(keep, self.row_bytes(target));
+        if capacity > self.sess.cache.capacity() {
+            self.sess
+                .cache
+                .grow(capacity)
+                .map_err(|e| from_engine(&e))?;
+        }
+        self.sampling = sampling;
+        self.rng = Rng::new(self.sampling.seed);
+        let (feats, logits) = self
+            .sess
+            .prefill(target, &tokens[keep..])
+            .map_err(|e| from_engine(&e))?;
+        self.last = choose(&logits, &self.sampling, &mut self.rng);
+        let f = features_to_wire(&feats, self.wire)?;
+        self.commit(&tokens[keep..], &f);
+        let all = Features {
+            rows: self.cached.len() as u32,
+            hidden: target.cfg.hidden_size as u32,
+            dtype: f.dtype,
+            data: self.features.clone(),
+        };
+        Ok(Step {
+            tokens: vec![self.last],
+            features: Some(all),
+            cached_tokens: keep as u32,
+        })
+    }
+
+    /// Verifies a tree rooted at the last chosen token.
+    pub(crate) fn verify(
+        &mut self,
+        target: &TargetModel,
+        tree: &DraftTree,
+    ) -> Result<Step, Status> {
+        if tree.tokens[0] != self.last {
+            return Err(Status::failed_precondition(format!(
+                "verify: the tree's root {} is not the session's last token {}",
+                tree.tokens[0], self.last
+            )));
+        }
+        let room = self.sess.cache.capacity() - self.sess.cache.len();
+        if tree.len() > room {
+            return Err(Status::out_of_range(format!(
+                "verify: {} nodes but the session has room for {room}",
+                tree.len()
+            )));
+        }
+        let v = self
+            .sess
+            .verify(target, tree, &self.sampling, &mut self.rng)
+            .map_err(|e| from_engine(&e))?;
+        let root = self.last;
+        let (bonus, path) = v
+            .verdict
+            .tokens
+            .split_last()
+            .expect("a verdict has a bonus token");
+        let f = features_to_wire(&v.features, self.wire)?;
+        let mut run = vec![root];
+        run.extend_from_slice(path);
+        self.commit(&run, &f);
+        self.last = *bonus;
+        Ok(Step {
+            tokens: v.verdict.tokens,
+            features: Some(f),
+            cached_tokens: 0,
+        })
+    }
+
+    /// Runs the last chosen token alone and chooses the next.
+    pub(crate) fn decode(&mut self, target: &TargetModel, token: u32) -> Result<Step, Status> {
+        if token != self.last {
+            return Err(Status::failed_precondition(format!(
+                "decode: token {token} is not the session's last token {}",
+                self.last
+            )));
+        }
+        if self.sess.cache.len() >= self.sess.cache.capacity() {
+            return Err(Status::out_of_range("decode: the session's cache is full"));
+        }
+        let (feats, logits) = self
+            .sess
+            .decode(target, token)
+            .map_err(|e| from_engine(&e))?;
+        self.last = choose(&logits, &self.sampling, &mut self.rng);
+        let f = features_to_wire(&feats, self.wire)?;
+        self.commit(&[token], &f);
+        Ok(Step {
+            tokens: vec![self.last],
+            features: Some(f),
+            cached_tokens: 0,
+        })
+    }
+}

@@ -1,0 +1,626 @@
+//! etcd membership end to end, against a real etcd server started by each test: members appear
+//! and vanish with their leases (a killed worker within its TTL, a stopped one at once), new
+//! sessions are balanced across groups and routed around a dead one, a multi-turn session's
+//! next turn reuses its group's KV cache (prefilling only the new tokens) with the same tokens
+//! as a fresh request, an etcd restart or stall under load fails no request, two ranks rendezvous,
+//! `eagle cluster status --json` lists the members, and `eagle cluster up --etcd local` starts
+//! a cluster of two groups registered in an etcd of its own.
+
+use std::time::{Duration, Instant};
+
+use eagle_membership::{connect, rendezvous, EtcdConfig, EtcdHealth, MembershipView};
+use eagle_proto::v1::generation_client::GenerationClient;
+use eagle_proto::v1::{generate_request::Input, ChatMessage, ChatMessages, GenerateRequest};
+use eagle_tests::etcd::Etcd;
+use eagle_tests::*;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const TTL_S: u64 = 2;
+
+fn env(etcd: &Etcd, cluster: &str, group: Option<&str>, ttl_s: u64) -> Vec<(String, String)> {
+    let mut v = vec![
+        ("EAGLE_ETCD".to_string(), etcd.url.clone()),
+        ("EAGLE_CLUSTER".to_string(), cluster.to_string()),
+        ("EAGLE_ETCD_TTL_S".to_string(), ttl_s.to_string()),
+    ];
+    if let Some(g) = group {
+        v.push(("EAGLE_GROUP".to_string(), g.to_string()));
+    }
+    v
+}
+
+fn start_worker(etcd: &Etcd, cluster: &str, group: &str) -> Service {
+    Service::start(
+        group,
+        &bin("eagle-worker"),
+        &base_args("127.0.0.1:0"),
+        &env(etcd, cluster, Some(group), TTL_S),
+    )
+}
+
+fn start_coordinator(etcd: &Etcd, cluster: &str) -> Service {
+    let mut args = base_args("127.0.0.1:0");
+    args.extend(["--route-wait-ms".to_string(), "3000".to_string()]);
+    Service::start(
+        "coordinator",
+        &bin("eagle-coordinator"),
+        &args,
+        &env(etcd, cluster, None, TTL_S),
+    )
+}
+
+async fn view(etcd: &Etcd, cluster: &str) -> MembershipView {
+    let cfg = EtcdConfig::new(&etcd.url, cluster);
+    let client = connect(&cfg).await.expect("connect to etcd");
+    MembershipView::start(client, &cfg, EtcdHealth::default()).await
+}
+
+/// Polls `cond` every 50 ms; returns how long it took, or panics after `within`.
+async fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    t0.elapsed()
+}
+
+async fn client(c: &Service) -> GenerationClient<Channel> {
+    GenerationClient::connect(format!("http://{}", c.addr))
+        .await
+        .expect("connect to the coordinator")
+}
+
+fn chat(msgs: &[(&str, &str)], session: &str, max_new: u32) -> GenerateRequest {
+    GenerateRequest {
+        input: Some(Input::Messages(ChatMessages {
+            messages: msgs
+                .iter()
+                .map(|(r, c)| ChatMessage {
+                    role: r.to_string(),
+                    content: c.to_string(),
+                })
+                .collect(),
+        })),
+        session_id: session.into(),
+        ..chat_request("", max_new)
+    }
+}
+
+fn prompt_ids(msgs: &[(&str, &str)]) -> Vec<u32> {
+    let e = reference_engine();
+    let m: Vec<_> = msgs
+        .iter()
+        .map(|(r, c)| eagle_engine::chat::Message::new(*r, *c))
+        .collect();
+    e.chat_prompt(&m).unwrap()
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_ranks_rendezvous() {
+    let etcd = Etcd::start();
+    let cfg = EtcdConfig::new(&etcd.url, "rdv");
+    let c = connect(&cfg).await.unwrap();
+    let t = Duration::from_secs(10);
+    let (c0, c1) = (c.clone(), c.clone());
+    let r0 =
+        tokio::spawn(async move { rendezvous(&c0, "rdv", "tp0", 0, 2, "10.0.0.1:7000", t).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r1 =
+        tokio::spawn(async move { rendezvous(&c1, "rdv", "tp0", 1, 2, "10.0.0.2:7000", t).await });
+    let want = vec!["10.0.0.1:7000".to_string(), "10.0.0.2:7000".to_string()];
+    assert_eq!(
+        r0.await.unwrap().unwrap(),
+        want,
+        "rank 0 sees both, in rank order"
+    );
+    assert_eq!(
+        r1.await.unwrap().unwrap(),
+        want,
+        "rank 1 sees both, in rank order"
+    );
+    // A rank whose peers never come fails at its deadline instead of waiting forever.
+    let t0 = Instant::now();
+    let e = rendezvous(&c, "rdv", "tp1", 0, 3, "a", Duration::from_millis(800)).await;
+    assert!(e.is_err(), "an incomplete group must not rendezvous");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_leases_kv_placement_and_failover() {
+    let etcd = Etcd::start();
+    let cl = "t1";
+    let (g0, g1) = std::thread::scope(|s| {
+        let a = s.spawn(|| start_worker(&etcd, cl, "g0"));
+        let b = s.spawn(|| start_worker(&etcd, cl, "g1"));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    // The draft service's lease is long, so only a revocation can remove it quickly.
+    let mut draft = start_draft("127.0.0.1:0", &env(&etcd, cl, Some("d0"), 30));
+    let coord = start_coordinator(&etcd, cl);
+    let v = std::sync::Arc::new(view(&etcd, cl).await);
+
+    // Members appear, with their process ids.
+    wait_for(
+        "two groups and a draft service",
+        Duration::from_secs(10),
+        || v.groups(Some(MODEL_NAME)).len() == 2 && v.drafts(MODEL_NAME).len() == 1,
+    )
+    .await;
+    let pids: Vec<u32> = v.members().iter().map(|m| m.rec.pid).collect();
+    for s in [&g0, &g1, &draft] {
+        assert!(pids.contains(&(s.pid() as u32)), "{} is registered", s.name);
+    }
+    let out = std::process::Command::new(bin("eagle"))
+        .args([
+            "cluster",
+            "status",
+            "--etcd",
+            &etcd.url,
+            "--cluster",
+            cl,
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed: Vec<u64> = st["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["pid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(listed.len(), 3, "{st}");
+    assert!(listed.contains(&(g0.pid() as u64)) && listed.contains(&(g1.pid() as u64)));
+    assert_eq!(st["groups"].as_array().unwrap().len(), 2, "{st}");
+
+    // Two sessions started together go to different groups.
+    let mut c = client(&coord).await;
+    let q1 = "Name three colours.";
+    let (mut ca, mut cb) = (c.clone(), c.clone());
+    let (ra, rb) = tokio::join!(
+        ca.generate(chat(&[("user", q1)], "a", 24)),
+        cb.generate(chat(&[("user", "Name three animals.")], "b", 24))
+    );
+    let (ra, _rb) = (ra.unwrap().into_inner(), rb.unwrap().into_inner());
+    wait_for("both placements in etcd", Duration::from_secs(5), || {
+        v.placement("a").is_some() && v.placement("b").is_some()
+    })
+    .await;
+    let home = v.placement("a").unwrap().group;
+    assert_ne!(
+        home,
+        v.placement("b").unwrap().group,
+        "balanced across groups"
+    );
+
+    // Later turns of session a go back to its group and prefill only the new tokens, with the
+    // tokens of a fresh request.
+    let mut conv: Vec<(String, String)> = vec![("user".into(), q1.into())];
+    // What the worker's cache surely holds: the prompt and every generated token but the
+    // last (the last chosen token is run only by the next step).
+    let mut cache: Vec<u32> = prompt_ids(&[("user", q1)]);
+    cache.extend_from_slice(&ra.token_ids[..ra.token_ids.len() - 1]);
+    conv.push(("assistant".into(), ra.text.clone()));
+    let (mut saved, mut total) = (0u32, ra.usage.unwrap().prompt_tokens);
+    for q in ["And three more?", "Which is warmest?", "Why?"] {
+        conv.push(("user".into(), q.into()));
+        let msgs: Vec<(&str, &str)> = conv.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
+        let req = chat(&msgs, "a", 24);
+        let r = c.generate(req.clone()).await.unwrap().into_inner();
+        let stats = r.stats.unwrap();
+        let prompt = prompt_ids(&msgs);
+        let lcp = common_prefix(&prompt, &cache) as u32;
+        assert!(
+            stats.cached_prompt_tokens >= lcp && lcp > 0,
+            "turn {}: {} cached, {lcp} known to match",
+            conv.len() / 2,
+            stats.cached_prompt_tokens
+        );
+        assert!(stats.cached_prompt_tokens < prompt.len() as u32);
+        assert_eq!(
+            r.token_ids,
+            reference_tokens(&req),
+            "same tokens as a fresh request"
+        );
+        saved += stats.cached_prompt_tokens;
+        total += r.usage.unwrap().prompt_tokens;
+        cache = prompt;
+        cache.extend_from_slice(&r.token_ids[..r.token_ids.len() - 1]);
+        conv.push(("assistant".into(), r.text));
+        assert_eq!(v.placement("a").map(|p| p.group), Some(home.clone()));
+    }
+    println!(
+        "MEASURE kv placement: 4 turns, {saved} of {total} prompt tokens reused from the cache"
+    );
+
+    // A request in flight on a group that dies fails with UNAVAILABLE; it does not hang.
+    conv.push(("user".into(), "Tell me a very long story.".into()));
+    let msgs: Vec<(&str, &str)> = conv.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
+    let mut stream = c
+        .stream_generate(chat(&msgs, "a", 400))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.next().await.unwrap().unwrap();
+    let (mut dead, live) = if home == "g0" { (g0, g1) } else { (g1, g0) };
+    dead.kill();
+    let killed = Instant::now();
+    // When the dead group leaves the view (its lease expires).
+    let gone = {
+        let v = v.clone();
+        tokio::spawn(async move {
+            while v.groups(Some(MODEL_NAME)).len() != 1 {
+                assert!(
+                    killed.elapsed() < Duration::from_secs(TTL_S + 8),
+                    "the dead group stays"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            killed.elapsed()
+        })
+    };
+    let end = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match stream.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Some(e),
+                None => return None,
+            }
+        }
+    })
+    .await
+    .expect("the in-flight request ends promptly");
+    assert_eq!(end.map(|e| e.code()), Some(Code::Unavailable));
+
+    // The session's next turn succeeds on the surviving group, from scratch, same tokens.
+    conv.pop();
+    conv.push(("user".into(), "Summarise our chat.".into()));
+    let msgs: Vec<(&str, &str)> = conv.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
+    let req = chat(&msgs, "a", 24);
+    let t0 = Instant::now();
+    let r = c.generate(req.clone()).await.unwrap().into_inner();
+    let (started, turn) = (t0.duration_since(killed), t0.elapsed());
+    assert_eq!(r.token_ids, reference_tokens(&req));
+    assert_eq!(
+        r.stats.unwrap().cached_prompt_tokens,
+        0,
+        "re-prefilled elsewhere"
+    );
+    let gone = gone.await.unwrap();
+    assert_eq!(v.groups(Some(MODEL_NAME))[0].name, live.name);
+    println!(
+        "MEASURE failover: a turn sent {:.0} ms after the kill -9 succeeded on the other group \
+         (in {:.0} ms, 24 tokens, first prefill refused then restarted); the dead member left \
+         the etcd view {:.0} ms after the kill (lease TTL {TTL_S} s)",
+        started.as_secs_f64() * 1e3,
+        turn.as_secs_f64() * 1e3,
+        gone.as_secs_f64() * 1e3
+    );
+    for p in &PROMPTS[..2] {
+        let req = chat_request(p, 12);
+        let r = c.generate(req.clone()).await.unwrap().into_inner();
+        assert_eq!(r.token_ids, reference_tokens(&req));
+    }
+
+    // A service that stops gracefully leaves at once (its lease is 30 s).
+    let t0 = Instant::now();
+    assert!(draft.terminate(Duration::from_secs(10)));
+    wait_for("the draft service leaves", Duration::from_secs(3), || {
+        v.drafts(MODEL_NAME).is_empty()
+    })
+    .await;
+    let t = t0.elapsed();
+    println!(
+        "MEASURE graceful leave: the draft service's member vanished {:.0} ms after SIGTERM",
+        t.as_secs_f64() * 1e3
+    );
+    let req = chat_request(PROMPTS[2], 12);
+    let r = c.generate(req.clone()).await.unwrap().into_inner();
+    assert_eq!(
+        r.token_ids,
+        reference_tokens(&req),
+        "plain decoding without a draft"
+    );
+    drop(live);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_restart_or_stall_under_load_fails_no_request() {
+    let mut etcd = Etcd::start();
+    let cl = "t2";
+    // Short session lifetimes, to see a KV placement expire with its cache at the end.
+    let short = ("EAGLE_IDLE_TIMEOUT_S".to_string(), "2".to_string());
+    let mut wenv = env(&etcd, cl, Some("g0"), TTL_S);
+    wenv.push(short.clone());
+    let w = Service::start("g0", &bin("eagle-worker"), &base_args("127.0.0.1:0"), &wenv);
+    let mut cenv = env(&etcd, cl, None, TTL_S);
+    cenv.push(("EAGLE_SESSION_TTL_S".to_string(), "2".to_string()));
+    let coord = Service::start(
+        "coordinator",
+        &bin("eagle-coordinator"),
+        &base_args("127.0.0.1:0"),
+        &cenv,
+    );
+    let c = client(&coord).await;
+    let req = chat_request(PROMPTS[0], 8);
+    let want = reference_tokens(&req);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (mut c, req, stop) = (c.clone(), req.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match c.generate(req.clone()).await {
+                    Ok(r) => {
+                        assert_eq!(r.into_inner().token_ids, want);
+                        ok += 1;
+                    }
+                    Err(e) => failed.push(format!("{:?}: {}", e.code(), e.message())),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let chan = tonic::transport::Endpoint::from_shared(format!("http://{}", coord.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(chan);
+    let etcd_status = |h: &mut tonic_health::pb::health_client::HealthClient<Channel>| {
+        let mut h = h.clone();
+        async move {
+            h.check(tonic_health::pb::HealthCheckRequest {
+                service: eagle_membership::ETCD_HEALTH_SERVICE.into(),
+            })
+            .await
+            .map(|r| r.into_inner().status)
+            .unwrap_or(-1)
+        }
+    };
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(etcd_status(&mut health).await, serving);
+
+    // etcd goes away for longer than the lease TTL, then comes back.
+    etcd.kill();
+    let t0 = Instant::now();
+    while etcd_status(&mut health).await != not_serving {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "health shows the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(TTL_S + 1)).await;
+    etcd.restart();
+    let t0 = Instant::now();
+    while etcd_status(&mut health).await != serving {
+        assert!(t0.elapsed() < Duration::from_secs(20), "health recovers");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Membership recovers: the worker is registered again.
+    let v = view(&etcd, cl).await;
+    wait_for(
+        "the worker registered again",
+        Duration::from_secs(10),
+        || v.groups(Some(MODEL_NAME)).len() == 1,
+    )
+    .await;
+    assert_eq!(v.members()[0].rec.pid, w.pid() as u32);
+    tokio::time::sleep(Duration::from_secs(TTL_S + 1)).await;
+    assert_eq!(
+        v.groups(Some(MODEL_NAME)).len(),
+        1,
+        "still there after the old lease's TTL"
+    );
+
+    // etcd stalls (SIGSTOP: connections stay open, nothing answers) past the lease TTL.
+    etcd.pause();
+    let t0 = Instant::now();
+    while etcd_status(&mut health).await != not_serving {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "health shows the stall"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "MEASURE a stalled etcd shows in health after {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(TTL_S + 1)).await;
+    etcd.resume();
+    let t0 = Instant::now();
+    while etcd_status(&mut health).await != serving {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "health recovers after the stall"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for(
+        "the worker registered after the stall",
+        Duration::from_secs(10),
+        || v.groups(Some(MODEL_NAME)).len() == 1,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    assert!(failed.is_empty(), "requests failed: {failed:?}");
+    assert!(ok >= 5, "only {ok} requests ran");
+
+    // A session's placement expires with its cache (both after 2 s idle).
+    let r = c
+        .clone()
+        .generate(GenerateRequest {
+            session_id: "x".into(),
+            ..req.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().token_ids, reference_tokens(&req));
+    wait_for("the placement", Duration::from_secs(5), || {
+        v.placement("x").is_some()
+    })
+    .await;
+    let t = wait_for("the placement expires", Duration::from_secs(10), || {
+        v.placement("x").is_none()
+    })
+    .await;
+    println!(
+        "MEASURE the placement expired {:.1} s after it appeared",
+        t.as_secs_f64()
+    );
+    let mut wc =
+        eagle_proto::worker::worker_client::WorkerClient::connect(format!("http://{}", w.addr))
+            .await
+            .unwrap();
+    let t0 = Instant::now();
+    while wc
+        .info(eagle_proto::common::Empty {})
+        .await
+        .unwrap()
+        .into_inner()
+        .active_sessions
+        != 0
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the worker reclaims the cache"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn cluster_up_with_a_local_etcd_and_status() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut up = Command::new(bin("eagle"))
+        .args([
+            "cluster",
+            "up",
+            "--etcd",
+            "local",
+            "--groups",
+            "2",
+            "--cluster",
+            "up1",
+        ])
+        .args(["--port", "0", "--model"])
+        .arg(smollm2())
+        .arg("--head")
+        .arg(random_head())
+        .env("EAGLE_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = up.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(u) = line.strip_prefix("started a local etcd at ") {
+                let _ = tx.send(u.trim().to_string());
+            }
+            eprintln!("{line}");
+        }
+    });
+    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    let ready = lines.next().expect("a line").unwrap();
+    let addr = ready
+        .strip_prefix("ready ")
+        .expect("ready ADDR")
+        .to_string();
+    let url = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the local etcd's address");
+
+    let out = Command::new(bin("eagle"))
+        .args([
+            "client",
+            "--addr",
+            &addr,
+            "--chat",
+            "--json",
+            "--max-new-tokens",
+            "8",
+        ])
+        .args(["--session-id", "s1", "--prompt", "Hello!"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let t0 = Instant::now();
+    let st = loop {
+        let out = Command::new(bin("eagle"))
+            .args([
+                "cluster",
+                "status",
+                "--etcd",
+                &url,
+                "--cluster",
+                "up1",
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if !st["placements"].as_array().unwrap().is_empty() || t0.elapsed() > Duration::from_secs(5)
+        {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        st["members"].as_array().unwrap().len(),
+        3,
+        "two workers and a draft: {st}"
+    );
+    assert_eq!(st["groups"].as_array().unwrap().len(), 2, "{st}");
+    let p = &st["placements"].as_array().unwrap()[0];
+    assert_eq!(p["session"], "s1", "{st}");
+    assert!(p["cached_tokens"].as_u64().unwrap() > 0, "{st}");
+
+    unsafe {
+        libc::kill(up.id() as i32, libc::SIGTERM);
+    }
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = up.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "cluster up did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status}");
+}
