@@ -624,3 +624,65 @@ fn cluster_up_with_a_local_etcd_and_status() {
     };
     assert!(status.success(), "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tp_ranks_rendezvous_through_etcd_and_serve_as_one_group() {
+    let etcd = Etcd::start();
+    let cl = "tp";
+    let e = env(&etcd, cl, Some("gtp"), TTL_S);
+    // Ranks 1 and 2 started by hand with no address for rank 0: they find it in etcd.
+    let mut ranks: Vec<std::process::Child> = (1..3)
+        .map(|r| {
+            let mut cmd = std::process::Command::new(bin("eagle-worker"));
+            cmd.args(base_args("127.0.0.1:0"))
+                .args(["--tp", "3", "--tp-rank", &r.to_string()])
+                .env("EAGLE_LOG", "warn")
+                .stdout(std::process::Stdio::null());
+            for (k, v) in &e {
+                cmd.env(k, v);
+            }
+            cmd.spawn().unwrap()
+        })
+        .collect();
+    let mut args = base_args("127.0.0.1:0");
+    args.extend(["--tp", "3", "--tp-no-spawn"].map(String::from));
+    let _rank0 = Service::start("rank 0", &bin("eagle-worker"), &args, &e);
+    let _draft = start_draft("127.0.0.1:0", &env(&etcd, cl, Some("d0"), TTL_S));
+    let coord = start_coordinator(&etcd, cl);
+    let v = view(&etcd, cl).await;
+    wait_for(
+        "a complete group of three ranks",
+        Duration::from_secs(10),
+        || {
+            v.groups(Some(MODEL_NAME))
+                .iter()
+                .any(|g| g.tp == 3 && g.ranks.len() == 3)
+        },
+    )
+    .await;
+    let mut c = client(&coord).await;
+    let req = chat(&[("user", "What is the capital of France?")], "", 24);
+    let r = c.generate(req.clone()).await.unwrap().into_inner();
+    assert_eq!(
+        r.token_ids,
+        reference_tokens(&req),
+        "through the TP 3 group"
+    );
+
+    // A rank dies: rank 0 leaves etcd at once, so the group is gone from the membership well
+    // before the dead rank's lease would lapse.
+    ranks[1].kill().unwrap();
+    let took = wait_for(
+        "the broken group leaves",
+        Duration::from_secs(TTL_S),
+        || v.groups(Some(MODEL_NAME)).is_empty(),
+    )
+    .await;
+    eprintln!("rank killed -> group out of the membership in {took:?}");
+    let e = c.generate(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    for mut r in ranks {
+        let _ = r.kill();
+        let _ = r.wait();
+    }
+}

@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use eagle_proto::v1::{generate_request::Input, ChatMessage, ChatMessages};
 use eagle_tests::*;
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -38,6 +39,38 @@ async fn tp3_eagle_greedy_equals_the_unsharded_engine() {
         accepted.iter().any(|&a| a > 1.2),
         "the shipped head's drafts are accepted through the group: {accepted:?}"
     );
+
+    // A multi-turn session: every rank keeps its shard of the cache between turns and reuses
+    // the same prefix, so the second turn prefills only its new tokens and still comes out
+    // token for token.
+    let turn = |msgs: &[(&str, &str)]| eagle_proto::v1::GenerateRequest {
+        input: Some(Input::Messages(ChatMessages {
+            messages: msgs
+                .iter()
+                .map(|(r, c)| ChatMessage {
+                    role: r.to_string(),
+                    content: c.to_string(),
+                })
+                .collect(),
+        })),
+        session_id: "tp-session".into(),
+        ..chat_request("", 24)
+    };
+    let q = "Name a large city.";
+    let r1 = c.generate(turn(&[("user", q)])).await.unwrap().into_inner();
+    let req = turn(&[
+        ("user", q),
+        ("assistant", &r1.text),
+        ("user", "And another?"),
+    ]);
+    let r2 = c.generate(req.clone()).await.unwrap().into_inner();
+    assert_eq!(
+        r2.token_ids,
+        reference_tokens(&req),
+        "second turn through TP 3"
+    );
+    let cached = r2.stats.unwrap().cached_prompt_tokens;
+    assert!(cached >= r1.usage.unwrap().prompt_tokens, "{cached} cached");
 }
 
 #[test]

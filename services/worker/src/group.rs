@@ -51,6 +51,20 @@ impl Group {
         f()
     }
 
+    /// Sends an empty call every `every` while the group is idle, so a rank that died (on this
+    /// host or another) is noticed without waiting for the next request. Start it only once
+    /// every model call goes through [`Group::mirror`] (after loading and measuring).
+    pub fn spawn_heartbeat(self: &Arc<Self>, every: Duration) {
+        let g = Arc::downgrade(self);
+        std::thread::spawn(move || loop {
+            std::thread::sleep(every);
+            let Some(g) = g.upgrade() else { return };
+            if g.broken().is_some() || g.mirror(&GroupOp { op: None }, || Ok(())).is_err() {
+                return;
+            }
+        });
+    }
+
     /// Why the group is broken, once a rank has died or stopped answering.
     pub fn broken(&self) -> Option<String> {
         self.tcp.broken()

@@ -137,6 +137,10 @@ async fn run(mut a: Args) -> Result<()> {
         Some((g, r)) => (Some(g), Some(r)),
         None => (None, None),
     };
+    if let Some(g) = &group {
+        // Only now: loading and measuring ran collectives outside the group's call order.
+        g.spawn_heartbeat(Duration::from_millis(250));
+    }
     let model_name = a.model_name.clone();
     let svc = WorkerService::with_group(
         target,
