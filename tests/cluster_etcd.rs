@@ -3,8 +3,9 @@
 //! sessions are balanced across groups and routed around a dead one, a multi-turn session's
 //! next turn reuses its group's KV cache (prefilling only the new tokens) with the same tokens
 //! as a fresh request, an etcd restart or stall under load fails no request, two ranks rendezvous,
-//! `eagle cluster status --json` lists the members, and `eagle cluster up --etcd local` starts
-//! a cluster of two groups registered in an etcd of its own.
+//! `eagle cluster status --json` lists the members, `eagle cluster up --etcd local` starts
+//! a cluster of two groups registered in an etcd of its own, and a tensor-parallel group
+//! registers all its ranks and reuses a session's cache on every rank.
 
 use std::time::{Duration, Instant};
 
@@ -669,12 +670,12 @@ async fn tp_ranks_rendezvous_through_etcd_and_serve_as_one_group() {
         "through the TP 3 group"
     );
 
-    // A rank dies: rank 0 leaves etcd at once, so the group is gone from the membership well
-    // before the dead rank's lease would lapse.
+    // A rank dies: rank 0's heartbeat notices and it leaves etcd at once, so the group is gone
+    // from the membership before the dead rank's lease would lapse.
     ranks[1].kill().unwrap();
     let took = wait_for(
         "the broken group leaves",
-        Duration::from_secs(TTL_S),
+        Duration::from_millis(1500),
         || v.groups(Some(MODEL_NAME)).is_empty(),
     )
     .await;
@@ -685,4 +686,54 @@ async fn tp_ranks_rendezvous_through_etcd_and_serve_as_one_group() {
         let _ = r.kill();
         let _ = r.wait();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tp_group_registers_every_rank_and_reuses_its_cache() {
+    let etcd = Etcd::start();
+    let cl = "tp";
+    let mut args = base_args("127.0.0.1:0");
+    args.extend(["--tp".to_string(), "3".to_string()]);
+    let _w = Service::start(
+        "tp3",
+        &bin("eagle-worker"),
+        &args,
+        &env(&etcd, cl, None, TTL_S),
+    );
+    let _d = start_draft("127.0.0.1:0", &env(&etcd, cl, Some("d0"), TTL_S));
+    let coord = start_coordinator(&etcd, cl);
+    let v = view(&etcd, cl).await;
+    wait_for(
+        "a complete group of three ranks",
+        Duration::from_secs(10),
+        || {
+            v.groups(Some(MODEL_NAME))
+                .iter()
+                .any(|g| g.tp == 3 && g.ranks.len() == 3)
+        },
+    )
+    .await;
+
+    // A later turn reuses the cache on every rank and gives a fresh request's tokens.
+    let mut c = client(&coord).await;
+    let q = "Name three colours.";
+    let r1 = c
+        .generate(chat(&[("user", q)], "t", 16))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r1.token_ids,
+        reference_tokens(&chat(&[("user", q)], "", 16))
+    );
+    let msgs = [
+        ("user", q),
+        ("assistant", r1.text.as_str()),
+        ("user", "And three more?"),
+    ];
+    let req = chat(&msgs, "t", 16);
+    let r2 = c.generate(req.clone()).await.unwrap().into_inner();
+    assert_eq!(r2.token_ids, reference_tokens(&req));
+    let cached = r2.stats.unwrap().cached_prompt_tokens;
+    assert!(cached >= r1.usage.unwrap().prompt_tokens, "{cached} cached");
 }

@@ -99,7 +99,9 @@ pub fn leader(a: &Args, cfg: &ModelConfig, device: &Device) -> Result<(Shard, Ar
                 .args(["--tp", &n.to_string(), "--tp-rank", &r.to_string()])
                 .args(["--tp-join", &addr.to_string()])
                 .args(["--tp-timeout-s", &a.tp.tp_timeout_s.to_string()])
-                .args(["--idle-timeout-s", &a.idle_timeout_s.to_string()]);
+                .args(["--idle-timeout-s", &a.idle_timeout_s.to_string()])
+                // The ranks register under rank 0's model name (a group agrees on it).
+                .args(["--model-name", &a.model_name]);
             if let Some(e) = &a.etcd.etcd {
                 cmd.args(["--etcd", e, "--cluster", &a.etcd.cluster])
                     .args(["--etcd-ttl-s", &a.etcd.etcd_ttl_s.to_string()]);
@@ -116,7 +118,9 @@ pub fn leader(a: &Args, cfg: &ModelConfig, device: &Device) -> Result<(Shard, Ar
             children.push((r, child));
         }
     }
-    if let (Some(cfg), Some(group)) = (a.etcd.config(), a.etcd.group.clone()) {
+    if let (true, Some(cfg), Some(group)) =
+        (a.tp.tp_no_spawn, a.etcd.config(), a.etcd.group.clone())
+    {
         // Publish this group's address for ranks started elsewhere; it completes in the
         // background once they have all published theirs.
         let my =
