@@ -68,31 +68,14 @@ impl TcpGroup {
         let mut slots: Vec<Option<TcpStream>> = (1..world).map(|_| None).collect();
         while slots.iter().any(Option::is_none) {
             match listener.accept() {
-                Ok((mut s, peer)) => {
-                    s.set_nonblocking(false)
-                        .map_err(|e| io_err("group socket", e))?;
-                    s.set_read_timeout(Some(Duration::from_secs(10)))
-                        .map_err(|e| io_err("group socket", e))?;
-                    let mut hello = [0u8; 16];
-                    s.read_exact(&mut hello)
-                        .map_err(|e| io_err(format!("hello from {peer}"), e))?;
-                    let rank = u32::from_le_bytes(hello[8..12].try_into().unwrap()) as usize;
-                    let their_world =
-                        u32::from_le_bytes(hello[12..16].try_into().unwrap()) as usize;
-                    if &hello[..8] != HELLO || their_world != world || rank == 0 || rank >= world {
-                        return Err(group_error(format!(
-                            "{peer} is not rank 1..{world} of a group of {world} (says rank \
-                             {rank} of {their_world})"
-                        )));
+                Ok((s, peer)) => match hello(s, world, timeout) {
+                    // A stray or stale connection is dropped; formation goes on.
+                    Err(why) => tracing::warn!("ignoring a connection from {peer}: {why}"),
+                    Ok((rank, _)) if slots[rank - 1].is_some() => {
+                        tracing::warn!("ignoring a second rank {rank} from {peer}")
                     }
-                    if slots[rank - 1].is_some() {
-                        return Err(group_error(format!("rank {rank} joined twice")));
-                    }
-                    s.set_nodelay(true).map_err(|e| io_err("group socket", e))?;
-                    s.set_read_timeout(Some(timeout))
-                        .map_err(|e| io_err("group socket", e))?;
-                    slots[rank - 1] = Some(s);
-                }
+                    Ok((rank, s)) => slots[rank - 1] = Some(s),
+                },
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     if Instant::now() > deadline {
                         let missing: Vec<String> = slots
@@ -126,6 +109,20 @@ impl TcpGroup {
         })
     }
 
+    /// Waits until every rank has reached this point, for at most `wait` (longer than the
+    /// collectives' timeout: ranks may take very different times to load their shards).
+    pub fn barrier(&self, wait: Duration) -> Result<()> {
+        let set = |t: Duration| {
+            for h in &self.handles {
+                let _ = h.set_read_timeout(Some(t));
+            }
+        };
+        set(wait);
+        let r = self.all_reduce_sum(&mut [0.0]);
+        set(self.timeout);
+        r
+    }
+
     /// Rank `rank` of `world`: connects to rank 0 at `addr`, retrying for at most `wait`.
     pub fn join(
         addr: impl ToSocketAddrs + std::fmt::Display,
@@ -151,6 +148,8 @@ impl TcpGroup {
         hello.extend_from_slice(&(world as u32).to_le_bytes());
         s.write_all(&hello).map_err(|e| io_err("hello", e))?;
         s.set_nodelay(true).map_err(|e| io_err("group socket", e))?;
+        s.set_write_timeout(Some(timeout))
+            .map_err(|e| io_err("group socket", e))?;
         let handle = s.try_clone().map_err(|e| io_err("group socket", e))?;
         Ok(TcpGroup {
             rank,
@@ -275,6 +274,29 @@ impl TcpGroup {
             }
         }
     }
+}
+
+/// Reads a rank's hello on a fresh connection: its rank, and the stream set up for the group.
+fn hello(mut s: TcpStream, world: usize, timeout: Duration) -> std::io::Result<(usize, TcpStream)> {
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut hello = [0u8; 16];
+    s.read_exact(&mut hello)?;
+    let rank = u32::from_le_bytes(hello[8..12].try_into().unwrap()) as usize;
+    let their_world = u32::from_le_bytes(hello[12..16].try_into().unwrap()) as usize;
+    if &hello[..8] != HELLO || their_world != world || rank == 0 || rank >= world {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidData,
+            format!(
+                "not rank 1..{world} of a group of {world} (says rank {rank} of {their_world})"
+            ),
+        ));
+    }
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(timeout))?;
+    // A peer that stops reading (stopped, or its host gone) must not block a send for ever.
+    s.set_write_timeout(Some(timeout))?;
+    Ok((rank, s))
 }
 
 impl Drop for TcpGroup {

@@ -38,13 +38,18 @@ impl Group {
         }
     }
 
-    /// Sends `op` to every other rank, then runs `f` (which runs the same call here).
+    /// Under the group's lock: runs `check` (which may refuse the call: then nothing is sent),
+    /// sends `op` to every other rank, then runs `f` (which runs the same call here). Checks of
+    /// rank 0's session table belong in `check`, so no other call can change the table between
+    /// the check and the broadcast.
     pub fn mirror<T>(
         &self,
+        check: impl FnOnce() -> Result<(), Status>,
         op: &GroupOp,
         f: impl FnOnce() -> Result<T, Status>,
     ) -> Result<T, Status> {
         let _one_at_a_time = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        check()?;
         self.tcp
             .broadcast(&op.encode_to_vec())
             .map_err(|e| from_engine(&e))?;
@@ -59,7 +64,8 @@ impl Group {
         std::thread::spawn(move || loop {
             std::thread::sleep(every);
             let Some(g) = g.upgrade() else { return };
-            if g.broken().is_some() || g.mirror(&GroupOp { op: None }, || Ok(())).is_err() {
+            let beat = g.mirror(|| Ok(()), &GroupOp { op: None }, || Ok(()));
+            if g.broken().is_some() || beat.is_err() {
                 return;
             }
         });
@@ -75,8 +81,10 @@ impl Group {
     }
 }
 
-/// A rank other than 0: runs rank 0's calls until it closes the group. Sessions idle past
-/// `idle` are dropped (rank 0 reclaims them no later, having seen their last call first).
+/// A rank other than 0: runs rank 0's calls until it closes the group. Rank 0 reclaims idle
+/// sessions on its own clock (its reaper runs every quarter of `idle`), so a rank drops a
+/// session only well after rank 0 must have: idle for twice `idle` plus a minute. A session id
+/// rank 0 reuses after reclaiming it simply replaces the stale one here.
 pub fn follow(
     tcp: &TcpGroup,
     target: &TargetModel,
@@ -87,7 +95,8 @@ pub fn follow(
     while let Some(bytes) = tcp.receive()? {
         let op = GroupOp::decode(bytes.as_slice())?;
         let now = Instant::now();
-        sessions.retain(|_, (_, used)| now.duration_since(*used) < idle);
+        let keep = idle * 2 + Duration::from_secs(60);
+        sessions.retain(|_, (_, used)| now.duration_since(*used) < keep);
         let result: Result<(), Status> = match op.op {
             Some(Op::Prefill(r)) => (|| {
                 let sampling = sampling_from_wire(r.sampling.as_ref())?;
@@ -130,9 +139,14 @@ pub fn follow(
             None => Ok(()),
         };
         if let Err(e) = result {
-            // Rank 0 refused the same call the same way; only a broken group or a session
-            // this rank lost is fatal.
-            if e.code() == Code::Unavailable || e.code() == Code::DataLoss {
+            // Rank 0 refuses a bad call the same way (same checks, same state), before any
+            // collective. Any other failure is this rank's alone: rank 0 would wait for it in a
+            // collective, so leave the group at once and let it fail fast.
+            let same_on_rank_0 = matches!(
+                e.code(),
+                Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange
+            );
+            if !same_on_rank_0 {
                 anyhow::bail!(
                     "rank {}: {}",
                     eagle_engine::parallel::Collective::rank(tcp),

@@ -83,14 +83,27 @@ impl WorkerService {
         }
     }
 
-    /// Runs `f` here and, in a tensor-parallel group, on every rank (`op` tells them what).
+    /// Runs `f` here and, in a tensor-parallel group, on every rank (`op` tells them what),
+    /// if session `id` is still in `table` once the group's lock is held (a release may have
+    /// won the race for it; then nothing is sent).
     fn mirror<T>(
         group: &Option<Arc<Group>>,
+        table: &SessionTable<Sequence>,
+        id: &str,
         op: impl FnOnce() -> GroupOp,
         f: impl FnOnce() -> Result<T, Status>,
     ) -> Result<T, Status> {
         match group {
-            Some(g) => g.mirror(&op(), f),
+            Some(g) => {
+                let check = || {
+                    if table.contains(id) {
+                        Ok(())
+                    } else {
+                        Err(eagle_proto::status::unknown_session(id))
+                    }
+                };
+                g.mirror(check, &op(), f)
+            }
             None => f(),
         }
     }
@@ -148,6 +161,8 @@ impl Worker for WorkerService {
                     }
                     Self::mirror(
                         &group,
+                        &table,
+                        &sid,
                         || prefill_op(op),
                         || s.prefill(target, &tokens, reuse, capacity, sampling),
                     )
@@ -176,8 +191,9 @@ impl Worker for WorkerService {
             let wire = r.tree.ok_or_else(|| invalid("verify: no tree"))?;
             let tree = tree_from_wire(&wire, self.target.cfg.vocab_size)?;
             tracing::Span::current().record("nodes", tree.len());
-            let group = self.group.clone();
+            let (group, table) = (self.group.clone(), self.sessions.clone());
             let id = r.session_id.clone();
+            let sid = id.clone();
             let step = self
                 .sessions
                 .run(&id, &self.target, move |target, s| {
@@ -187,7 +203,7 @@ impl Worker for WorkerService {
                             tree: Some(wire),
                         })),
                     };
-                    Self::mirror(&group, op, || s.verify(target, &tree))
+                    Self::mirror(&group, &table, &sid, op, || s.verify(target, &tree))
                 })
                 .await?;
             tracing::Span::current().record("accepted", step.tokens.len());
@@ -203,15 +219,16 @@ impl Worker for WorkerService {
         async {
             let r = req.into_inner();
             let token = r.token;
-            let group = self.group.clone();
+            let (group, table) = (self.group.clone(), self.sessions.clone());
             let id = r.session_id.clone();
+            let sid = id.clone();
             let step = self
                 .sessions
                 .run(&id, &self.target, move |target, s| {
                     let op = || GroupOp {
                         op: Some(Op::Decode(r)),
                     };
-                    Self::mirror(&group, op, || s.decode(target, token))
+                    Self::mirror(&group, &table, &sid, op, || s.decode(target, token))
                 })
                 .await?;
             Ok(Response::new(step))
@@ -225,15 +242,28 @@ impl Worker for WorkerService {
         eagle_trace::adopt(&span, req.metadata());
         let _g = span.enter();
         let id = req.into_inner().session_id;
-        self.sessions.remove(&id);
-        // A broken group has nothing left to free on the other ranks.
-        if let Some(g) = self.group.clone().filter(|g| g.broken().is_none()) {
-            let op = GroupOp {
-                op: Some(Op::Release(SessionRef { session_id: id })),
-            };
-            tokio::task::spawn_blocking(move || g.mirror(&op, || Ok(())))
-                .await
-                .map_err(|e| Status::internal(format!("release: {e}")))??;
+        match self.group.clone().filter(|g| g.broken().is_none()) {
+            // In a group, the removal and the broadcast happen under the group's lock, so a
+            // call for the session reaches every rank before the release or not at all.
+            Some(g) => {
+                let table = self.sessions.clone();
+                let op = GroupOp {
+                    op: Some(Op::Release(SessionRef {
+                        session_id: id.clone(),
+                    })),
+                };
+                let remove = move || {
+                    table.remove(&id);
+                    Ok(())
+                };
+                tokio::task::spawn_blocking(move || g.mirror(remove, &op, || Ok(())))
+                    .await
+                    .map_err(|e| Status::internal(format!("release: {e}")))??;
+            }
+            // A broken group has nothing left to free on the other ranks.
+            None => {
+                self.sessions.remove(&id);
+            }
         }
         Ok(Response::new(Empty {}))
     }

@@ -127,6 +127,10 @@ async fn run(mut a: Args) -> Result<()> {
             shard,
             &mut tp::progress(0),
         )?;
+        if let Some((g, _)) = &group {
+            // Ranks load at their own pace; meet before the measurements' first collective.
+            g.tcp().barrier(tp::JOIN_WAIT)?;
+        }
         tracing::info!("measuring verification costs");
         let cost = measure_costs(&target)?;
         Ok((target, cost, group))

@@ -28,7 +28,7 @@ use eagle_worker::group::{follow, Group};
 use crate::Args;
 
 /// How long ranks may take to join (they start before loading).
-const JOIN_WAIT: Duration = Duration::from_secs(120);
+pub const JOIN_WAIT: Duration = Duration::from_secs(120);
 
 /// Logs loading progress about every tenth of the layers.
 pub fn progress(rank: usize) -> impl FnMut(usize, usize) {
@@ -86,10 +86,13 @@ pub fn leader(a: &Args, cfg: &ModelConfig, device: &Device) -> Result<(Shard, Ar
     if !a.tp.tp_no_spawn {
         let exe = std::env::current_exe().context("finding this binary to start the ranks")?;
         for r in 1..n {
-            let dev = if a.device.starts_with("cuda") {
-                format!("cuda:{r}")
-            } else {
-                a.device.clone()
+            let dev = match a.device.strip_prefix("cuda") {
+                // Rank r on the r-th GPU after rank 0's.
+                Some(rest) => {
+                    let base: usize = rest.trim_start_matches(':').parse().unwrap_or(0);
+                    format!("cuda:{}", base + r)
+                }
+                None => a.device.clone(),
             };
             let mut cmd = Command::new(&exe);
             cmd.arg("--model")
@@ -208,6 +211,8 @@ pub fn follower(a: &Args, dtype: DType, device: Device) -> Result<()> {
         Shard::of(comm),
         &mut progress(r),
     )?;
+    // Ranks load at their own pace; meet before the first collective of the measurements.
+    tcp.barrier(JOIN_WAIT)?;
     measure_costs(&target)?;
     // Registered as rank r of the group, so the group counts as complete only while this rank
     // lives (its lease lapses when it dies).

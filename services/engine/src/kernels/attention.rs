@@ -20,7 +20,7 @@ pub struct Visibility {
     pub extra: Vec<Vec<u32>>,
     /// The device path's dense mask over `total` slots, built once per pass and shared by every
     /// layer (uploading it per layer would synchronise the GPU each time).
-    pub dense: std::sync::OnceLock<(usize, candle_core::Tensor)>,
+    pub(crate) dense: std::sync::OnceLock<(usize, candle_core::Tensor)>,
 }
 
 impl PartialEq for Visibility {

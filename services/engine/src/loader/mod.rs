@@ -13,6 +13,11 @@ use crate::error::{EngineError, Result};
 /// dtype the file holds (quantized GGUF tensors are dequantized to f32).
 pub trait WeightSource: Send + Sync {
     fn get(&self, name: &str) -> Result<Option<Tensor>>;
+    /// A tensor's shape, if the source holds it. Sources that know it without reading the data
+    /// (safetensors headers) override this.
+    fn shape(&self, name: &str) -> Result<Option<Vec<usize>>> {
+        Ok(self.get(name)?.map(|t| t.dims().to_vec()))
+    }
     /// Rows (`dim` 0) or columns (`dim` 1) `range` of a tensor, for tensor-parallel ranks.
     /// Sources that can slice before reading (memory-mapped safetensors) override this, so a
     /// rank never materialises the whole matrix.
@@ -114,6 +119,18 @@ impl<'a> Weights<'a> {
                 found: want,
             });
         }
+        // The whole tensor must have the shape the config says, as for an unsharded load.
+        match self.src.shape(&full_name)? {
+            None => return Err(self.missing(name)),
+            Some(found) if found != full => {
+                return Err(EngineError::Shape {
+                    name: full_name,
+                    expected: full.to_vec(),
+                    found,
+                })
+            }
+            Some(_) => {}
+        }
         let t = self
             .src
             .get_part(&full_name, dim, range)?
@@ -131,7 +148,7 @@ impl<'a> Weights<'a> {
 
     /// Whether the source holds `name`, without reading it.
     pub fn has(&self, name: &str) -> Result<bool> {
-        Ok(self.src.get_part(&self.full(name), 0, 0..0)?.is_some())
+        Ok(self.src.shape(&self.full(name))?.is_some())
     }
 
     /// A matrix in the engine dtype.

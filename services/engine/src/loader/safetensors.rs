@@ -91,6 +91,10 @@ impl WeightSource for SafetensorsSource {
         Ok(Some(t))
     }
 
+    fn shape(&self, name: &str) -> Result<Option<Vec<usize>>> {
+        Ok(self.st.get(name).ok().map(|v| v.shape().to_vec()))
+    }
+
     fn get_part(&self, name: &str, dim: usize, range: Range<usize>) -> Result<Option<Tensor>> {
         let Ok(view) = self.st.get(name) else {
             return Ok(None);

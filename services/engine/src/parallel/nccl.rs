@@ -151,10 +151,12 @@ impl Collective for Nccl {
     }
     fn all_reduce_tensor(&self, t: &Tensor) -> Result<Tensor> {
         let t = t.to_dtype(candle_core::DType::F32)?.contiguous()?;
-        Ok(t.apply_op1_no_bwd(&AllReduce(self))?)
+        t.apply_op1_no_bwd(&AllReduce(self))
+            .map_err(|e| group_error(format!("NCCL: {e}")))
     }
     fn all_gather_tensor(&self, t: &Tensor) -> Result<Tensor> {
         let t = t.to_dtype(candle_core::DType::F32)?.contiguous()?;
-        Ok(t.apply_op1_no_bwd(&AllGather(self))?)
+        t.apply_op1_no_bwd(&AllGather(self))
+            .map_err(|e| group_error(format!("NCCL: {e}")))
     }
 }
