@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use eagle_membership::{connect, rendezvous, EtcdConfig, EtcdHealth, MembershipView};
 use eagle_proto::v1::generation_client::GenerationClient;
-use eagle_proto::v1::{generate_request::Input, ChatMessage, ChatMessages, GenerateRequest};
+use eagle_proto::v1::GenerateRequest;
 use eagle_tests::etcd::Etcd;
 use eagle_tests::*;
 use tokio_stream::StreamExt;
@@ -72,22 +72,6 @@ async fn client(c: &Service) -> GenerationClient<Channel> {
     GenerationClient::connect(format!("http://{}", c.addr))
         .await
         .expect("connect to the coordinator")
-}
-
-fn chat(msgs: &[(&str, &str)], session: &str, max_new: u32) -> GenerateRequest {
-    GenerateRequest {
-        input: Some(Input::Messages(ChatMessages {
-            messages: msgs
-                .iter()
-                .map(|(r, c)| ChatMessage {
-                    role: r.to_string(),
-                    content: c.to_string(),
-                })
-                .collect(),
-        })),
-        session_id: session.into(),
-        ..chat_request("", max_new)
-    }
 }
 
 fn prompt_ids(msgs: &[(&str, &str)]) -> Vec<u32> {
@@ -191,8 +175,8 @@ async fn groups_leases_kv_placement_and_failover() {
     let q1 = "Name three colours.";
     let (mut ca, mut cb) = (c.clone(), c.clone());
     let (ra, rb) = tokio::join!(
-        ca.generate(chat(&[("user", q1)], "a", 24)),
-        cb.generate(chat(&[("user", "Name three animals.")], "b", 24))
+        ca.generate(chat_turn(&[("user", q1)], "a", 24)),
+        cb.generate(chat_turn(&[("user", "Name three animals.")], "b", 24))
     );
     let (ra, _rb) = (ra.unwrap().into_inner(), rb.unwrap().into_inner());
     wait_for("both placements in etcd", Duration::from_secs(5), || {
@@ -218,7 +202,7 @@ async fn groups_leases_kv_placement_and_failover() {
     for q in ["And three more?", "Which is warmest?", "Why?"] {
         conv.push(("user".into(), q.into()));
         let msgs: Vec<(&str, &str)> = conv.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
-        let req = chat(&msgs, "a", 24);
+        let req = chat_turn(&msgs, "a", 24);
         let r = c.generate(req.clone()).await.unwrap().into_inner();
         let stats = r.stats.unwrap();
         let prompt = prompt_ids(&msgs);
@@ -250,7 +234,7 @@ async fn groups_leases_kv_placement_and_failover() {
     conv.push(("user".into(), "Tell me a very long story.".into()));
     let msgs: Vec<(&str, &str)> = conv.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
     let mut stream = c
-        .stream_generate(chat(&msgs, "a", 400))
+        .stream_generate(chat_turn(&msgs, "a", 400))
         .await
         .unwrap()
         .into_inner();
@@ -289,7 +273,7 @@ async fn groups_leases_kv_placement_and_failover() {
     conv.pop();
     conv.push(("user".into(), "Summarise our chat.".into()));
     let msgs: Vec<(&str, &str)> = conv.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
-    let req = chat(&msgs, "a", 24);
+    let req = chat_turn(&msgs, "a", 24);
     let t0 = Instant::now();
     let r = c.generate(req.clone()).await.unwrap().into_inner();
     let (started, turn) = (t0.duration_since(killed), t0.elapsed());
@@ -662,7 +646,7 @@ async fn tp_ranks_rendezvous_through_etcd_and_serve_as_one_group() {
     )
     .await;
     let mut c = client(&coord).await;
-    let req = chat(&[("user", "What is the capital of France?")], "", 24);
+    let req = chat_turn(&[("user", "What is the capital of France?")], "", 24);
     let r = c.generate(req.clone()).await.unwrap().into_inner();
     assert_eq!(
         r.token_ids,
@@ -718,20 +702,20 @@ async fn a_tp_group_registers_every_rank_and_reuses_its_cache() {
     let mut c = client(&coord).await;
     let q = "Name three colours.";
     let r1 = c
-        .generate(chat(&[("user", q)], "t", 16))
+        .generate(chat_turn(&[("user", q)], "t", 16))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(
         r1.token_ids,
-        reference_tokens(&chat(&[("user", q)], "", 16))
+        reference_tokens(&chat_turn(&[("user", q)], "", 16))
     );
     let msgs = [
         ("user", q),
         ("assistant", r1.text.as_str()),
         ("user", "And three more?"),
     ];
-    let req = chat(&msgs, "t", 16);
+    let req = chat_turn(&msgs, "t", 16);
     let r2 = c.generate(req.clone()).await.unwrap().into_inner();
     assert_eq!(r2.token_ids, reference_tokens(&req));
     let cached = r2.stats.unwrap().cached_prompt_tokens;

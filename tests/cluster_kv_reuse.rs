@@ -7,7 +7,6 @@
 use std::time::Duration;
 
 use eagle_proto::common::Empty;
-use eagle_proto::v1::{generate_request::Input, ChatMessage, ChatMessages, GenerateRequest};
 use eagle_proto::worker::PrefillRequest;
 use eagle_tests::*;
 use tokio_stream::StreamExt;
@@ -20,22 +19,6 @@ fn prefill(id: &str, tokens: &[u32], capacity: u32, reuse: bool) -> PrefillReque
         capacity,
         sampling: None,
         reuse_cache: reuse,
-    }
-}
-
-fn chat(msgs: &[(&str, &str)], session: &str, max_new: u32) -> GenerateRequest {
-    GenerateRequest {
-        input: Some(Input::Messages(ChatMessages {
-            messages: msgs
-                .iter()
-                .map(|(r, c)| ChatMessage {
-                    role: r.to_string(),
-                    content: c.to_string(),
-                })
-                .collect(),
-        })),
-        session_id: session.into(),
-        ..chat_request("", max_new)
     }
 }
 
@@ -103,7 +86,7 @@ async fn sessions_reuse_their_cache_and_lose_nothing() {
     let mut c = cluster.client().await;
     let q = "Name a large city.";
     let r1 = c
-        .generate(chat(&[("user", q)], "s", 16))
+        .generate(chat_turn(&[("user", q)], "s", 16))
         .await
         .unwrap()
         .into_inner();
@@ -112,7 +95,7 @@ async fn sessions_reuse_their_cache_and_lose_nothing() {
         ("assistant", r1.text.as_str()),
         ("user", "And another?"),
     ];
-    let req = chat(&follow, "s", 16);
+    let req = chat_turn(&follow, "s", 16);
     let r2 = c.generate(req.clone()).await.unwrap().into_inner();
     assert_eq!(r2.token_ids, reference_tokens(&req));
     let cached = r2.stats.unwrap().cached_prompt_tokens;
@@ -124,26 +107,30 @@ async fn sessions_reuse_their_cache_and_lose_nothing() {
     );
 
     // An unrelated prompt under the same session id still comes out right.
-    let req = chat(&[("user", "What is 2 + 2?")], "s", 12);
+    let req = chat_turn(&[("user", "What is 2 + 2?")], "s", 12);
     let r = c.generate(req.clone()).await.unwrap().into_inner();
     assert_eq!(r.token_ids, reference_tokens(&req));
 
     // One request per session at a time.
     let mut long = c
-        .stream_generate(chat(&[("user", "Tell me a very long story.")], "s", 400))
+        .stream_generate(chat_turn(
+            &[("user", "Tell me a very long story.")],
+            "s",
+            400,
+        ))
         .await
         .unwrap()
         .into_inner();
     long.next().await.unwrap().unwrap();
     let busy = c
-        .generate(chat(&[("user", "Hi")], "s", 4))
+        .generate(chat_turn(&[("user", "Hi")], "s", 4))
         .await
         .unwrap_err();
     assert_eq!(busy.code(), Code::Aborted, "{}", busy.message());
     drop(long);
 
     let bad = c
-        .generate(chat(&[("user", "Hi")], "no spaces", 4))
+        .generate(chat_turn(&[("user", "Hi")], "no spaces", 4))
         .await
         .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);

@@ -6,7 +6,6 @@
 
 use std::time::{Duration, Instant};
 
-use eagle_proto::v1::{generate_request::Input, ChatMessage, ChatMessages};
 use eagle_tests::*;
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -43,19 +42,7 @@ async fn tp3_eagle_greedy_equals_the_unsharded_engine() {
     // A multi-turn session: every rank keeps its shard of the cache between turns and reuses
     // the same prefix, so the second turn prefills only its new tokens and still comes out
     // token for token.
-    let turn = |msgs: &[(&str, &str)]| eagle_proto::v1::GenerateRequest {
-        input: Some(Input::Messages(ChatMessages {
-            messages: msgs
-                .iter()
-                .map(|(r, c)| ChatMessage {
-                    role: r.to_string(),
-                    content: c.to_string(),
-                })
-                .collect(),
-        })),
-        session_id: "tp-session".into(),
-        ..chat_request("", 24)
-    };
+    let turn = |msgs: &[(&str, &str)]| chat_turn(msgs, "tp-session", 24);
     let q = "Name a large city.";
     let r1 = c.generate(turn(&[("user", q)])).await.unwrap().into_inner();
     let req = turn(&[

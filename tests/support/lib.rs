@@ -346,6 +346,28 @@ pub fn chat_request(user: &str, max_new: u32) -> eagle_proto::v1::GenerateReques
     }
 }
 
+/// A chat request of several messages (role, content) in session `session` ("" for none),
+/// greedy unless changed.
+pub fn chat_turn(
+    msgs: &[(&str, &str)],
+    session: &str,
+    max_new: u32,
+) -> eagle_proto::v1::GenerateRequest {
+    eagle_proto::v1::GenerateRequest {
+        input: Some(Input::Messages(ChatMessages {
+            messages: msgs
+                .iter()
+                .map(|(r, c)| ChatMessage {
+                    role: r.to_string(),
+                    content: c.to_string(),
+                })
+                .collect(),
+        })),
+        session_id: session.into(),
+        ..chat_request("", max_new)
+    }
+}
+
 /// The in-process engine with no head (vanilla decoding is the reference), loaded once.
 pub fn reference_engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
