@@ -219,11 +219,17 @@ impl TcpGroup {
     /// Other ranks: the next command, waiting as long as it takes; `None` once rank 0 has
     /// closed the group.
     pub fn receive(&self) -> Result<Option<Vec<u8>>> {
+        self.receive_within(None)
+    }
+
+    /// [`TcpGroup::receive`], failing (and breaking the group) when rank 0 says nothing for
+    /// `within` (rank 0 heartbeats an idle group, so silence means it or its host is gone).
+    pub fn receive_within(&self, within: Option<Duration>) -> Result<Option<Vec<u8>>> {
         let mut links = self.links()?;
         let Links::Follower(s) = &mut *links else {
             return Err(group_error("rank 0 does not receive commands"));
         };
-        s.set_read_timeout(None)
+        s.set_read_timeout(within)
             .map_err(|e| io_err("group socket", e))?;
         let frame = read_frame(s, TAG_COMMAND, None);
         s.set_read_timeout(Some(self.timeout))

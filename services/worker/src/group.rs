@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::DType;
 use eagle_engine::models::TargetModel;
+use eagle_engine::parallel::Collective;
 use eagle_parallel::TcpGroup;
 use eagle_proto::status::from_engine;
 use eagle_proto::wire::{sampling_from_wire, tree_from_wire};
@@ -56,15 +57,21 @@ impl Group {
         f()
     }
 
-    /// Sends an empty call every `every` while the group is idle, so a rank that died (on this
-    /// host or another) is noticed without waiting for the next request. Start it only once
+    /// Sends an empty call every `every` while the group is idle, answered by a one-number
+    /// all-reduce, so a rank that died or stopped (on this host or another) is noticed without
+    /// waiting for the next request, and the other ranks know rank 0 lives. Start it only once
     /// every model call goes through [`Group::mirror`] (after loading and measuring).
     pub fn spawn_heartbeat(self: &Arc<Self>, every: Duration) {
         let g = Arc::downgrade(self);
         std::thread::spawn(move || loop {
             std::thread::sleep(every);
             let Some(g) = g.upgrade() else { return };
-            let beat = g.mirror(|| Ok(()), &GroupOp { op: None }, || Ok(()));
+            let round_trip = || {
+                g.tcp
+                    .all_reduce_sum(&mut [0.0])
+                    .map_err(|e| from_engine(&e))
+            };
+            let beat = g.mirror(|| Ok(()), &GroupOp { op: None }, round_trip);
             if g.broken().is_some() || beat.is_err() {
                 return;
             }
@@ -92,7 +99,9 @@ pub fn follow(
     idle: Duration,
 ) -> anyhow::Result<()> {
     let mut sessions: HashMap<String, (Sequence, Instant)> = HashMap::new();
-    while let Some(bytes) = tcp.receive()? {
+    // Rank 0 heartbeats an idle group every 250 ms; a minute of silence means it is gone.
+    let silence = Some(Duration::from_secs(60));
+    while let Some(bytes) = tcp.receive_within(silence)? {
         let op = GroupOp::decode(bytes.as_slice())?;
         let now = Instant::now();
         let keep = idle * 2 + Duration::from_secs(60);
@@ -136,7 +145,8 @@ pub fn follow(
                 sessions.remove(&r.session_id);
                 Ok(())
             }
-            None => Ok(()),
+            // The heartbeat: answer it.
+            None => tcp.all_reduce_sum(&mut [0.0]).map_err(|e| from_engine(&e)),
         };
         if let Err(e) = result {
             // Rank 0 refuses a bad call the same way (same checks, same state), before any
