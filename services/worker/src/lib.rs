@@ -19,7 +19,7 @@ use eagle_engine::models::TargetModel;
 use eagle_engine::spec::CostProfile;
 use eagle_proto::common::{Empty, SessionRef};
 use eagle_proto::sessions::SessionTable;
-use eagle_proto::status::invalid;
+use eagle_proto::status::{invalid, unknown_session};
 use eagle_proto::wire::{sampling_from_wire, tree_from_wire};
 use eagle_proto::worker::group_op::Op;
 use eagle_proto::worker::worker_server::Worker;
@@ -33,12 +33,6 @@ pub mod group;
 mod sequence;
 pub use group::Group;
 use sequence::Sequence;
-
-fn prefill_op(r: PrefillRequest) -> GroupOp {
-    GroupOp {
-        op: Some(Op::Prefill(r)),
-    }
-}
 
 pub struct WorkerService {
     target: Arc<TargetModel>,
@@ -83,29 +77,35 @@ impl WorkerService {
         }
     }
 
-    /// Runs `f` here and, in a tensor-parallel group, on every rank (`op` tells them what),
-    /// if session `id` is still in `table` once the group's lock is held (a release may have
-    /// won the race for it; then nothing is sent).
-    fn mirror<T>(
-        group: &Option<Arc<Group>>,
-        table: &SessionTable<Sequence>,
+    /// Runs `call` on session `id` (on a blocking thread, holding the session) here and, in a
+    /// tensor-parallel group, on every other rank, which `op` tells what to run. `prepare` runs
+    /// first, on this rank alone, and may refuse the call before anything is sent. In a group
+    /// the call is sent only if the session is still in the table once the group's lock is held
+    /// (a release may have won the race for it).
+    async fn call<T: Send + 'static>(
+        &self,
         id: &str,
-        op: impl FnOnce() -> GroupOp,
-        f: impl FnOnce() -> Result<T, Status>,
+        op: GroupOp,
+        prepare: impl FnOnce(&mut Sequence) -> Result<(), Status> + Send + 'static,
+        call: impl FnOnce(&TargetModel, &mut Sequence) -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
-        match group {
-            Some(g) => {
-                let check = || {
-                    if table.contains(id) {
+        let (group, table, sid) = (self.group.clone(), self.sessions.clone(), id.to_string());
+        self.sessions
+            .run(id, &self.target, move |target, s| {
+                prepare(s)?;
+                let Some(g) = group else {
+                    return call(target, s);
+                };
+                let still_there = || {
+                    if table.contains(&sid) {
                         Ok(())
                     } else {
-                        Err(eagle_proto::status::unknown_session(id))
+                        Err(unknown_session(&sid))
                     }
                 };
-                g.mirror(check, &op(), f)
-            }
-            None => f(),
-        }
+                g.mirror(still_there, &op, || call(target, s))
+            })
+            .await
     }
 
     /// Live sessions, read by the membership registration as this worker's load.
@@ -152,20 +152,19 @@ impl Worker for WorkerService {
             let mut op = r.clone();
             op.reuse_cache = reuse;
             let tokens = r.tokens;
-            let (table, group, sid) = (self.sessions.clone(), self.group.clone(), id.clone());
+            let (table, sid) = (self.sessions.clone(), id.clone());
+            let grow = move |s: &mut Sequence| {
+                if capacity > s.sess.cache.capacity() {
+                    table.resize(&sid, s.bytes_at(capacity))?;
+                }
+                Ok(())
+            };
+            let op = GroupOp {
+                op: Some(Op::Prefill(op)),
+            };
             let result = self
-                .sessions
-                .run(&id, &self.target, move |target, s| {
-                    if capacity > s.sess.cache.capacity() {
-                        table.resize(&sid, s.bytes_at(capacity))?;
-                    }
-                    Self::mirror(
-                        &group,
-                        &table,
-                        &sid,
-                        || prefill_op(op),
-                        || s.prefill(target, &tokens, reuse, capacity, sampling),
-                    )
+                .call(&id, op, grow, move |target, s| {
+                    s.prefill(target, &tokens, reuse, capacity, sampling)
                 })
                 .await;
             if let Some(keep) = result.as_ref().ok().map(|st| st.cached_tokens) {
@@ -191,20 +190,20 @@ impl Worker for WorkerService {
             let wire = r.tree.ok_or_else(|| invalid("verify: no tree"))?;
             let tree = tree_from_wire(&wire, self.target.cfg.vocab_size)?;
             tracing::Span::current().record("nodes", tree.len());
-            let (group, table) = (self.group.clone(), self.sessions.clone());
-            let id = r.session_id.clone();
-            let sid = id.clone();
+            let id = r.session_id;
+            let op = GroupOp {
+                op: Some(Op::Verify(VerifyRequest {
+                    session_id: id.clone(),
+                    tree: Some(wire),
+                })),
+            };
             let step = self
-                .sessions
-                .run(&id, &self.target, move |target, s| {
-                    let op = || GroupOp {
-                        op: Some(Op::Verify(VerifyRequest {
-                            session_id: r.session_id,
-                            tree: Some(wire),
-                        })),
-                    };
-                    Self::mirror(&group, &table, &sid, op, || s.verify(target, &tree))
-                })
+                .call(
+                    &id,
+                    op,
+                    |_| Ok(()),
+                    move |target, s| s.verify(target, &tree),
+                )
                 .await?;
             tracing::Span::current().record("accepted", step.tokens.len());
             Ok(Response::new(step))
@@ -219,17 +218,17 @@ impl Worker for WorkerService {
         async {
             let r = req.into_inner();
             let token = r.token;
-            let (group, table) = (self.group.clone(), self.sessions.clone());
             let id = r.session_id.clone();
-            let sid = id.clone();
+            let op = GroupOp {
+                op: Some(Op::Decode(r)),
+            };
             let step = self
-                .sessions
-                .run(&id, &self.target, move |target, s| {
-                    let op = || GroupOp {
-                        op: Some(Op::Decode(r)),
-                    };
-                    Self::mirror(&group, &table, &sid, op, || s.decode(target, token))
-                })
+                .call(
+                    &id,
+                    op,
+                    |_| Ok(()),
+                    move |target, s| s.decode(target, token),
+                )
                 .await?;
             Ok(Response::new(step))
         }
