@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use eagle_tests::*;
 
@@ -90,20 +90,8 @@ fn cluster_up_serves_the_client_and_stops_on_sigterm() {
         "the worker started ranks 1 and 2: {ranks:?}"
     );
     children.extend(ranks);
-    unsafe {
-        libc::kill(up.id() as i32, libc::SIGTERM);
-    }
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = up.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "cluster up did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status =
+        terminate_child(&mut up, Duration::from_secs(30)).expect("cluster up did not stop");
     assert!(status.success(), "{status}");
     for pid in children {
         assert!(

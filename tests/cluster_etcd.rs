@@ -593,20 +593,8 @@ fn cluster_up_with_a_local_etcd_and_status() {
     assert_eq!(p["session"], "s1", "{st}");
     assert!(p["cached_tokens"].as_u64().unwrap() > 0, "{st}");
 
-    unsafe {
-        libc::kill(up.id() as i32, libc::SIGTERM);
-    }
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = up.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "cluster up did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status =
+        terminate_child(&mut up, Duration::from_secs(30)).expect("cluster up did not stop");
     assert!(status.success(), "{status}");
 }
 

@@ -153,19 +153,24 @@ impl Service {
 
     /// SIGTERM; returns whether it exited within `within`.
     pub fn terminate(&mut self, within: Duration) -> bool {
-        // SAFETY: signalling our own child.
-        unsafe {
-            libc::kill(self.pid(), libc::SIGTERM);
-        }
-        let t0 = Instant::now();
-        while t0.elapsed() < within {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        false
+        terminate_child(&mut self.child, within).is_some()
     }
+}
+
+/// Sends `child` SIGTERM and waits at most `within` for it to exit; its exit status, if it did.
+pub fn terminate_child(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let t0 = Instant::now();
+    while t0.elapsed() < within {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
 }
 
 impl Drop for Service {
@@ -335,15 +340,7 @@ pub fn prompt_request(prompt: &str, max_new: u32) -> eagle_proto::v1::GenerateRe
 
 /// A one-message chat request, greedy unless changed.
 pub fn chat_request(user: &str, max_new: u32) -> eagle_proto::v1::GenerateRequest {
-    eagle_proto::v1::GenerateRequest {
-        input: Some(Input::Messages(ChatMessages {
-            messages: vec![ChatMessage {
-                role: "user".into(),
-                content: user.into(),
-            }],
-        })),
-        ..prompt_request("", max_new)
-    }
+    chat_turn(&[("user", user)], "", max_new)
 }
 
 /// A chat request of several messages (role, content) in session `session` ("" for none),
@@ -364,7 +361,7 @@ pub fn chat_turn(
                 .collect(),
         })),
         session_id: session.into(),
-        ..chat_request("", max_new)
+        ..prompt_request("", max_new)
     }
 }
 

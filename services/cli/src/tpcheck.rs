@@ -12,6 +12,7 @@ use clap::Args;
 use eagle_engine::loader::open_model;
 use eagle_engine::models::TargetModel;
 use eagle_engine::parallel::{Collective, Shard, Single};
+use eagle_engine::sampling::argmax;
 use eagle_engine::session::TargetSession;
 
 use crate::runtime::{parse_device, parse_dtype, resolve_or_fetch};
@@ -47,13 +48,6 @@ fn group_of_one(device: &Device) -> Result<(Arc<dyn Collective>, &'static str)> 
 
 /// Greedy tokens from `prompt` and the mean seconds per decoded token.
 fn greedy(target: &TargetModel, prompt: &[u32], n: usize) -> Result<(Vec<u32>, f64)> {
-    let argmax = |l: &[f32]| {
-        l.iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map(|(i, _)| i as u32)
-            .unwrap()
-    };
     let mut s = TargetSession::new(target, prompt.len() + n + 1)?;
     let (_, logits) = s.prefill(target, prompt)?;
     let mut out = vec![argmax(&logits)];
