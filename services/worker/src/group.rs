@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use candle_core::DType;
 use eagle_engine::models::TargetModel;
 use eagle_engine::parallel::Collective;
 use eagle_parallel::TcpGroup;
@@ -92,12 +91,7 @@ impl Group {
 /// sessions on its own clock (its reaper runs every quarter of `idle`), so a rank drops a
 /// session only well after rank 0 must have: idle for twice `idle` plus a minute. A session id
 /// rank 0 reuses after reclaiming it simply replaces the stale one here.
-pub fn follow(
-    tcp: &TcpGroup,
-    target: &TargetModel,
-    wire: DType,
-    idle: Duration,
-) -> anyhow::Result<()> {
+pub fn follow(tcp: &TcpGroup, target: &TargetModel, idle: Duration) -> anyhow::Result<()> {
     let mut sessions: HashMap<String, (Sequence, Instant)> = HashMap::new();
     // Rank 0 heartbeats an idle group every 250 ms; a minute of silence means it is gone.
     let silence = Some(Duration::from_secs(60));
@@ -111,7 +105,7 @@ pub fn follow(
                 let sampling = sampling_from_wire(r.sampling.as_ref())?;
                 let capacity = r.capacity as usize;
                 if !r.reuse_cache {
-                    let s = Sequence::new(target, capacity, sampling.clone(), wire)?;
+                    let s = Sequence::new(target, capacity, sampling.clone(), None)?;
                     sessions.insert(r.session_id.clone(), (s, now));
                 }
                 let Some((s, used)) = sessions.get_mut(&r.session_id) else {

@@ -144,7 +144,12 @@ impl Worker for WorkerService {
             let id = r.session_id.clone();
             let reuse = r.reuse_cache && self.sessions.contains(&id);
             if !reuse {
-                let seq = Sequence::new(&self.target, capacity, sampling.clone(), self.wire_dtype)?;
+                let seq = Sequence::new(
+                    &self.target,
+                    capacity,
+                    sampling.clone(),
+                    Some(self.wire_dtype),
+                )?;
                 let bytes = seq.bytes_at(capacity);
                 self.sessions.insert(&id, seq, bytes)?;
             }

@@ -11,7 +11,7 @@
 //!   token and runs the rest: the cache then holds exactly what a fresh prefill of the whole
 //!   prompt would, and the kernels' batch invariance makes the logits the same bits.
 
-use candle_core::DType;
+use candle_core::{DType, Tensor};
 use eagle_engine::models::TargetModel;
 use eagle_engine::sampling::{choose, Rng, SamplingParams};
 use eagle_engine::session::TargetSession;
@@ -28,11 +28,12 @@ pub(crate) struct Sequence {
     rng: Rng,
     /// The last chosen token: not yet run through the target, the root of the next tree.
     last: u32,
-    /// The tokens in the cache, in position order, and their features in wire form.
+    /// The tokens in the cache, in position order, and (on rank 0) their features in wire form.
     cached: Vec<u32>,
     features: Vec<u8>,
-    /// The dtype features travel in.
-    wire: DType,
+    /// The dtype features travel in; `None` on the other ranks of a tensor-parallel group,
+    /// which send no features and so neither convert nor keep them.
+    wire: Option<DType>,
 }
 
 /// How many leading tokens `a` and `b` share.
@@ -45,7 +46,7 @@ impl Sequence {
         target: &TargetModel,
         capacity: usize,
         sampling: SamplingParams,
-        wire: DType,
+        wire: Option<DType>,
     ) -> Result<Self, Status> {
         let sess = TargetSession::new(target, capacity).map_err(|e| from_engine(&e))?;
         Ok(Sequence {
@@ -65,13 +66,20 @@ impl Sequence {
     }
 
     fn row_bytes(&self, target: &TargetModel) -> usize {
-        target.cfg.hidden_size * self.wire.size_in_bytes()
+        self.wire
+            .map_or(0, |w| target.cfg.hidden_size * w.size_in_bytes())
     }
 
-    /// Records tokens just run into the cache, with their features.
-    fn commit(&mut self, tokens: &[u32], f: &Features) {
+    /// Records tokens just run into the cache and, where features are sent, returns theirs in
+    /// wire form and keeps a copy.
+    fn commit(&mut self, tokens: &[u32], feats: &Tensor) -> Result<Option<Features>, Status> {
         self.cached.extend_from_slice(tokens);
+        let Some(wire) = self.wire else {
+            return Ok(None);
+        };
+        let f = features_to_wire(feats, wire)?;
         self.features.extend_from_slice(&f.data);
+        Ok(Some(f))
     }
 
     /// Forgets everything after the first `n` cached tokens.
@@ -111,17 +119,15 @@ impl Sequence {
             .prefill(target, &tokens[keep..])
             .map_err(|e| from_engine(&e))?;
         self.last = choose(&logits, &self.sampling, &mut self.rng);
-        let f = features_to_wire(&feats, self.wire)?;
-        self.commit(&tokens[keep..], &f);
-        let all = Features {
+        let all = self.commit(&tokens[keep..], &feats)?.map(|f| Features {
             rows: self.cached.len() as u32,
             hidden: target.cfg.hidden_size as u32,
             dtype: f.dtype,
             data: self.features.clone(),
-        };
+        });
         Ok(Step {
             tokens: vec![self.last],
-            features: Some(all),
+            features: all,
             cached_tokens: keep as u32,
         })
     }
@@ -155,14 +161,13 @@ impl Sequence {
             .tokens
             .split_last()
             .expect("a verdict has a bonus token");
-        let f = features_to_wire(&v.features, self.wire)?;
         let mut run = vec![root];
         run.extend_from_slice(path);
-        self.commit(&run, &f);
+        let features = self.commit(&run, &v.features)?;
         self.last = *bonus;
         Ok(Step {
             tokens: v.verdict.tokens,
-            features: Some(f),
+            features,
             cached_tokens: 0,
         })
     }
@@ -183,11 +188,10 @@ impl Sequence {
             .decode(target, token)
             .map_err(|e| from_engine(&e))?;
         self.last = choose(&logits, &self.sampling, &mut self.rng);
-        let f = features_to_wire(&feats, self.wire)?;
-        self.commit(&[token], &f);
+        let features = self.commit(&[token], &feats)?;
         Ok(Step {
             tokens: vec![self.last],
-            features: Some(f),
+            features,
             cached_tokens: 0,
         })
     }

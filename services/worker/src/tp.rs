@@ -98,7 +98,6 @@ pub fn leader(a: &Args, cfg: &ModelConfig, device: &Device) -> Result<(Shard, Ar
             cmd.arg("--model")
                 .arg(&a.model)
                 .args(["--dtype", &a.dtype, "--device", &dev])
-                .args(["--wire-dtype", &a.wire_dtype])
                 .args(["--tp", &n.to_string(), "--tp-rank", &r.to_string()])
                 .args(["--tp-join", &addr.to_string()])
                 .args(["--tp-timeout-s", &a.tp.tp_timeout_s.to_string()])
@@ -230,13 +229,7 @@ pub fn follower(a: &Args, dtype: DType, device: Device) -> Result<()> {
         join_service(&a.etcd, info, bound, || 0, &reporter).await
     })?;
     tracing::info!(rank = r, "shard loaded; following rank 0");
-    let wire = eagle_engine::device::parse_dtype(&a.wire_dtype)?;
-    let result = follow(
-        &tcp,
-        &target,
-        wire,
-        Duration::from_secs_f64(a.idle_timeout_s),
-    );
+    let result = follow(&tcp, &target, Duration::from_secs_f64(a.idle_timeout_s));
     if let Some(m) = member {
         rt.block_on(m.leave());
     }
