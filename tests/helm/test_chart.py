@@ -1,0 +1,575 @@
+#!/usr/bin/env python3
+"""The Helm chart's tests (helm/eagle-serve): Helm's own lint and rendering, Kubernetes API
+schemas, the chart's invariants, refused values, and the CPU demo's rendered commands started
+as a real local cluster that must answer like the in-process engine.
+
+Run: tests/helm/run.sh (installs the pinned packages), or python3 tests/helm/test_chart.py
+[NAME_SUBSTRING ...]. Prints one line per test and `N passed, M failed`; exits 1 on failure.
+The local cluster test needs target/release (eagle, eagle-coordinator, eagle-draft,
+eagle-worker), etcd on PATH (Debian etcd-server) and flock (util-linux).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import helm_python as helm  # noqa: E402
+import kubernetes_validate  # noqa: E402
+
+from chart import (  # noqa: E402
+    CHART,
+    NAMESPACE,
+    REPO,
+    by_name,
+    containers,
+    deep_merge,
+    example_names,
+    example_values,
+    lint,
+    manifests,
+    of_kind,
+    pod_spec,
+    render,
+    strip,
+)
+from local_cluster import BIN_DIR, LocalCluster  # noqa: E402
+
+# The Kubernetes versions every manifest is validated against: the chart's minimum
+# (Chart.yaml kubeVersion >=1.27: native gRPC probes are GA there) and a current release.
+KUBE_VERSIONS = ["1.27.0", "1.34.0"]
+# Kinds that are not part of the Kubernetes API (CRDs); checked by hand below.
+CRD_KINDS = {"ServiceMonitor"}
+
+TESTS = []
+
+
+def test(fn):
+    TESTS.append(fn)
+    return fn
+
+
+def all_renders():
+    """(label, values, docs) for the defaults and every example."""
+    out = [("defaults", None, manifests(render(None)))]
+    for name in example_names():
+        v = example_values(name)
+        out.append((f"examples/{name}", v, manifests(render(v))))
+    return out
+
+
+# ---- Helm's engine: lint and template ---------------------------------------------------
+
+
+@test
+def lint_defaults_and_examples():
+    """helm lint --strict passes on the defaults and every example (info messages allowed)."""
+    for label, values in [("defaults", None)] + [(f"examples/{n}", example_values(n)) for n in example_names()]:
+        report = lint(values)
+        bad = [m for m in report["messages"] if m["severity"] >= 2]
+        assert not bad and not report["errors"], f"{label}: {bad or report['errors']}"
+    assert len(example_names()) == 4, example_names()
+
+
+@test
+def template_defaults_and_examples():
+    """helm template renders the defaults and every example into the expected objects."""
+    for label, values, docs in all_renders():
+        kinds = sorted({d["kind"] for d in docs})
+        for k in ["Deployment", "Service", "StatefulSet", "ServiceAccount", "PodDisruptionBudget"]:
+            assert k in kinds, f"{label}: no {k} in {kinds}"
+        names = [d["metadata"]["name"] for d in docs if d["kind"] != "Service"]
+        assert len(names) == len(set((d["kind"], d["metadata"]["name"]) for d in docs if d["kind"] != "Service")), label
+        notes = render(values)["eagle-serve/templates/NOTES.txt"]
+        assert "eagle client --addr" in notes, f"{label}: NOTES.txt lacks the client command"
+
+
+@test
+def kubernetes_api_schemas():
+    """Every rendered object validates (strict: no unknown fields) against the Kubernetes API
+    schemas of each version in KUBE_VERSIONS."""
+    n = 0
+    for label, _, docs in all_renders():
+        for d in docs:
+            if d["kind"] in CRD_KINDS:
+                continue
+            for version in KUBE_VERSIONS:
+                try:
+                    kubernetes_validate.validate(strip(d), version, strict=True)
+                except kubernetes_validate.ValidationError as e:
+                    raise AssertionError(
+                        f"{label}: {d['kind']}/{d['metadata']['name']} is not valid Kubernetes {version}: "
+                        f"{e.message} at {'/'.join(map(str, e.absolute_path))}"
+                    )
+                n += 1
+    assert n > 50, n
+
+
+@test
+def optional_parts_render_valid():
+    """Metrics (annotations, ports, ServiceMonitor), TLS and API-key mounts, a chart-made model
+    PVC, persistent 3-member etcd and an external etcd all render into valid objects; they stay
+    off by default."""
+    defaults = manifests(render(None))
+    text = json.dumps([strip(d) for d in defaults])
+    assert "prometheus.io/scrape" not in text and "ServiceMonitor" not in text
+    assert "/etc/eagle/tls" not in text and "/etc/eagle/api-keys" not in text
+    values = {
+        "metrics": {"enabled": True, "serviceMonitor": {"enabled": True}},
+        "security": {"tls": {"enabled": True, "secretName": "eagle-tls"}, "apiKeys": {"enabled": True, "secretName": "eagle-keys"}},
+        "modelStorage": {"type": "pvc", "size": "5Gi"},
+        "etcd": {"replicas": 3, "persistence": {"enabled": True}},
+    }
+    docs = manifests(render(values))
+    for d in docs:
+        if d["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(strip(d), KUBE_VERSIONS[-1], strict=True)
+    sm = of_kind(docs, "ServiceMonitor")
+    assert len(sm) == 1 and sm[0]["spec"]["endpoints"][0]["port"] == "metrics", sm
+    assert sm[0]["apiVersion"] == "monitoring.coreos.com/v1"
+    for w in of_kind(docs, "Deployment") + of_kind(docs, "StatefulSet"):
+        if w["metadata"]["labels"]["app.kubernetes.io/component"] == "etcd":
+            assert w["spec"]["replicas"] == 3 and w["spec"]["volumeClaimTemplates"], w["metadata"]["name"]
+            init = w["spec"]["template"]["spec"]["containers"][0]["args"]
+            assert init[init.index("--initial-cluster") + 1].count("=http://") == 3
+            continue
+        ann = w["spec"]["template"]["metadata"]["annotations"]
+        assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/port"] == "9090", ann
+        c = pod_spec(w)["containers"][0]
+        mounts = {m["mountPath"] for m in c["volumeMounts"]}
+        assert {"/etc/eagle/tls", "/etc/eagle/api-keys"} <= mounts, mounts
+        assert "metrics" in {p["name"] for p in c["ports"]}
+        claims = [v["persistentVolumeClaim"]["claimName"] for v in pod_spec(w)["volumes"] if "persistentVolumeClaim" in v]
+        assert claims == ["demo-eagle-serve-models"], claims
+    assert of_kind(docs, "PersistentVolumeClaim")
+    ext = manifests(render({"etcd": {"mode": "external", "urls": ["http://etcd.infra.svc:2379"]}}))
+    assert not [d for d in ext if d["metadata"]["labels"].get("app.kubernetes.io/component") == "etcd"]
+    coord = by_name(ext, "Deployment", "demo-eagle-serve-coordinator")
+    args = pod_spec(coord)["containers"][0]["args"]
+    assert args[args.index("--etcd") + 1] == "http://etcd.infra.svc:2379", args
+
+
+# ---- chart invariants ---------------------------------------------------------------------
+
+
+def worker_sets(docs):
+    return [d for d in of_kind(docs, "StatefulSet") if d["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"]
+
+
+def arg(args, flag):
+    assert flag in args, f"{flag} missing from {args}"
+    return args[args.index(flag) + 1]
+
+
+def gpu_count(c):
+    r = c.get("resources", {})
+    lim = r.get("limits", {}).get("nvidia.com/gpu", 0)
+    req = r.get("requests", {}).get("nvidia.com/gpu", 0)
+    assert lim == req, f"{c['name']}: GPU limit {lim} != request {req}"
+    return int(lim)
+
+
+# What each example must deploy: [(group, tp, pods, gpus per pod)].
+EXPECTED_GROUPS = {
+    "defaults": [("g0", 1, 1, 0)],
+    "examples/cpu-demo": [("g0", 1, 1, 0)],
+    "examples/llama3-70b-tp8": [("llama", 8, 1, 8)],
+    "examples/mixtral-8x7b": [("mixtral-0", 4, 1, 4), ("mixtral-1", 4, 1, 4)],
+    "examples/qwen2-72b-tp8-multinode": [("qwen", 8, 8, 1)],
+}
+
+
+@test
+def tp_statefulsets_replicas_and_gpus():
+    """Each worker group is one StatefulSet with tp / gpusPerPod replicas, the GPUs it needs,
+    and the worker flags of its layout (rank 0 spawns, or rank = pod ordinal via etcd)."""
+    for label, values, docs in all_renders():
+        got = []
+        for sts in worker_sets(docs):
+            group = sts["metadata"]["labels"]["eagle-serve/group"]
+            c = pod_spec(sts)["containers"][0]
+            args = c["args"]
+            tp = int(arg(args, "--tp"))
+            pods = sts["spec"]["replicas"]
+            gpus = gpu_count(c)
+            got.append((group, tp, pods, gpus))
+            assert sts["spec"]["podManagementPolicy"] == "Parallel", label
+            assert arg(args, "--group") == group and arg(args, "--etcd").startswith("http"), args
+            assert arg(args, "--advertise") == "$(POD_IP):50061", args
+            device = arg(args, "--device")
+            assert device == ("cuda" if gpus else "cpu"), (label, device, gpus)
+            if pods == 1:
+                assert c["command"] == ["eagle-worker"], c["command"]
+                assert "--tp-no-spawn" not in args and "--tp-rank" not in args, args
+            else:
+                assert pods == tp and gpus in (0, 1), (label, pods, tp, gpus)
+                assert c["command"][:2] == ["/bin/sh", "-c"] and '--tp-rank "${POD_NAME##*-}"' in c["command"][2], c["command"]
+                assert args[0] == "eagle-worker" and "--tp-no-spawn" in args, args
+                assert arg(args, "--tp-advertise") == "$(POD_IP):7070" and arg(args, "--tp-listen") == "0.0.0.0:7070"
+            if gpus > 1:
+                shm = [m for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+                assert shm, f"{label}: a multi-GPU pod has no /dev/shm volume"
+        assert sorted(got) == sorted(EXPECTED_GROUPS[label]), f"{label}: {got}"
+
+
+@test
+def probes_point_at_grpc_health_ports():
+    """Every eagle container that serves gRPC has startup, readiness and liveness probes, all
+    native gRPC probes on its own grpc port (grpc.health.v1), and that port is what its
+    --listen flag binds; only pod-per-rank worker pods (ranks above 0 serve no gRPC) go
+    without. etcd's probes use its client port."""
+    checked = 0
+    for label, _, docs in all_renders():
+        for w in of_kind(docs, "Deployment") + of_kind(docs, "StatefulSet"):
+            comp = w["metadata"]["labels"]["app.kubernetes.io/component"]
+            for c in containers(w, init=False):
+                ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+                if comp == "etcd":
+                    assert c["readinessProbe"]["httpGet"]["port"] == "client" and "client" in ports
+                    assert c["livenessProbe"]["tcpSocket"]["port"] == "client"
+                    continue
+                per_rank = w["metadata"].get("annotations", {}).get("eagle-serve/layout") == "pod-per-rank"
+                kinds = [k for k in ("startupProbe", "readinessProbe", "livenessProbe") if k in c]
+                if per_rank:
+                    assert not kinds, f"{label}: pod-per-rank {w['metadata']['name']} has probes {kinds}"
+                    continue
+                assert kinds == ["startupProbe", "readinessProbe", "livenessProbe"], (label, c["name"], kinds)
+                listen = int(arg(c["args"], "--listen").rsplit(":", 1)[1])
+                assert ports["grpc"] == listen, (label, c["name"], ports, listen)
+                for k in kinds:
+                    assert set(c[k]) >= {"grpc"} and not {"httpGet", "tcpSocket", "exec"} & set(c[k]), c[k]
+                    assert c[k]["grpc"]["port"] == ports["grpc"], (label, c["name"], k, c[k])
+                    assert c[k]["grpc"]["service"] in ("", "eagle.etcd"), c[k]
+                checked += 1
+    assert checked >= 12, checked
+
+
+@test
+def services_select_pods_and_named_ports():
+    """Every Service selects pods of the render and every targetPort names a port they declare."""
+    for label, _, docs in all_renders():
+        pods = [(w["spec"]["template"]["metadata"]["labels"], containers(w, init=False)) for w in of_kind(docs, "Deployment") + of_kind(docs, "StatefulSet")]
+        for svc in of_kind(docs, "Service"):
+            sel = svc["spec"]["selector"]
+            matched = [cs for labels, cs in pods if all(labels.get(k) == v for k, v in sel.items())]
+            assert matched, f"{label}: Service {svc['metadata']['name']} selects nothing"
+            for p in svc["spec"]["ports"]:
+                names = {pp["name"] for cs in matched for c in cs for pp in c.get("ports", [])}
+                assert p["targetPort"] in names, (label, svc["metadata"]["name"], p, names)
+        for sts in of_kind(docs, "StatefulSet"):
+            assert any(s["metadata"]["name"] == sts["spec"]["serviceName"] and s["spec"].get("clusterIP") == "None" for s in of_kind(docs, "Service")), sts["metadata"]["name"]
+
+
+@test
+def security_context_and_service_account():
+    """Every pod runs as non-root with a read-only root filesystem, no privilege escalation,
+    no capabilities, its own service account and no API token; /tmp is writable."""
+    for label, _, docs in all_renders():
+        sa = of_kind(docs, "ServiceAccount")
+        assert len(sa) == 1 and sa[0]["automountServiceAccountToken"] is False
+        for w in of_kind(docs, "Deployment") + of_kind(docs, "StatefulSet"):
+            spec = pod_spec(w)
+            assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] != 0
+            assert spec["serviceAccountName"] == sa[0]["metadata"]["name"] and spec["automountServiceAccountToken"] is False
+            for c in containers(w):
+                sc = c["securityContext"]
+                assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False, (label, c["name"])
+                assert sc["capabilities"]["drop"] == ["ALL"]
+                if w["metadata"]["labels"]["app.kubernetes.io/component"] != "etcd":
+                    assert "/tmp" in {m["mountPath"] for m in c["volumeMounts"]}, (label, c["name"])
+
+
+@test
+def pod_disruption_budgets():
+    """A PodDisruptionBudget covers each component, the workers' one all worker pods."""
+    for label, _, docs in all_renders():
+        pdbs = {d["metadata"]["name"]: d for d in of_kind(docs, "PodDisruptionBudget")}
+        comps = {w["metadata"]["labels"]["app.kubernetes.io/component"] for w in of_kind(docs, "Deployment") + of_kind(docs, "StatefulSet")}
+        for comp in comps:
+            pdb = pdbs[f"demo-eagle-serve-{comp}"]
+            assert pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == comp
+            assert pdb["spec"]["maxUnavailable"] == 1
+
+
+@test
+def model_sources():
+    """The fetch init container runs `eagle fetch` into the writable model volume (under a file
+    lock), which the main containers mount read-only as EAGLE_HOME; a pre-populated claim
+    (model.fetch empty) has no init container."""
+    docs = manifests(render(None))
+    for w in of_kind(docs, "Deployment") + of_kind(docs, "StatefulSet"):
+        if w["metadata"]["labels"]["app.kubernetes.io/component"] == "etcd":
+            continue
+        spec = pod_spec(w)
+        (init,) = spec["initContainers"]
+        assert init["command"] == ["flock", "/models/.fetch.lock", "eagle", "fetch", "smollm2-135m"], init["command"]
+        assert [m for m in init["volumeMounts"] if m["name"] == "models" and not m.get("readOnly")]
+        main = spec["containers"][0]
+        assert [m for m in main["volumeMounts"] if m["name"] == "models" and m["readOnly"] is True]
+        env = {e["name"]: e.get("value") for e in main["env"]}
+        assert env["EAGLE_HOME"] == "/models"
+        assert arg(main["args"], "--model") == "/models/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf"
+    docs = manifests(render(example_values("llama3-70b-tp8")))
+    for w in of_kind(docs, "Deployment") + of_kind(docs, "StatefulSet"):
+        if w["metadata"]["labels"]["app.kubernetes.io/component"] == "etcd":
+            continue
+        spec = pod_spec(w)
+        assert "initContainers" not in spec, w["metadata"]["name"]
+        claims = [v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v]
+        assert claims == ["llama3-70b-weights"], claims
+
+
+# ---- refused values -----------------------------------------------------------------------
+
+BAD_VALUES = [
+    # (what, values, a string the error must contain: the value's name)
+    ("TP degree 0", {"workers": {"groups": [{"name": "g0", "tp": 0}]}}, "/workers/groups/0/tp"),
+    ("TP degree -2", {"workers": {"groups": [{"name": "g0", "tp": -2}]}}, "/workers/groups/0/tp"),
+    ("TP degree 2.5", {"workers": {"groups": [{"name": "g0", "tp": 2.5}]}}, "/workers/groups/0/tp"),
+    ("GPUs per pod not dividing TP", {"workers": {"groups": [{"name": "g0", "tp": 8, "gpusPerPod": 3}]}}, "workers.groups[0].gpusPerPod"),
+    ("GPUs per pod dividing TP but not a layout", {"workers": {"groups": [{"name": "a", "tp": 2}, {"name": "b", "tp": 8, "gpusPerPod": 4}]}}, "workers.groups[1].gpusPerPod"),
+    ("GPUs per pod 0", {"workers": {"groups": [{"name": "g0", "tp": 2, "gpusPerPod": 0}]}}, "/workers/groups/0/gpusPerPod"),
+    ("missing model (empty path)", {"model": {"path": ""}}, "/model/path"),
+    ("missing model (path removed)", {"model": {"path": None}}, "at '/model': missing property 'path'"),
+    ("no worker group", {"workers": {"groups": []}}, "/workers/groups"),
+    ("group without tp", {"workers": {"groups": [{"name": "g0"}]}}, "tp"),
+    ("group name not a DNS label", {"workers": {"groups": [{"name": "G_0", "tp": 1}]}}, "/workers/groups/0/name"),
+    ("misspelt group setting", {"workers": {"groups": [{"name": "g0", "tp": 2, "gpuPerPod": 1}]}}, "gpuPerPod"),
+    ("duplicate group names", {"workers": {"groups": [{"name": "g0", "tp": 1}, {"name": "g0", "tp": 1}]}}, "workers.groups[1].name"),
+    ("2-member etcd", {"etcd": {"replicas": 2}}, "/etcd/replicas"),
+    ("3-member etcd without persistence", {"etcd": {"replicas": 3}}, "etcd.persistence.enabled"),
+    ("external etcd without URLs", {"etcd": {"mode": "external"}}, "etcd.urls"),
+    ("unknown device", {"device": "tpu"}, "/device"),
+    ("unknown dtype", {"model": {"dtype": "int3"}}, "/model/dtype"),
+    ("emptyDir model volume without fetch", {"model": {"fetch": ""}}, "model.fetch"),
+    ("group override of fetch on emptyDir", {"workers": {"groups": [{"name": "g0", "tp": 1, "model": {"fetch": ""}}]}}, "workers.groups[0].model.fetch"),
+    ("existingClaim without a name", {"modelStorage": {"type": "existingClaim"}}, "modelStorage.existingClaim"),
+    ("TLS without a Secret", {"security": {"tls": {"enabled": True}}}, "security.tls.secretName"),
+    ("ServiceMonitor without metrics", {"metrics": {"serviceMonitor": {"enabled": True}}}, "metrics.serviceMonitor.enabled"),
+    ("Grafana dashboard before one ships", {"metrics": {"grafanaDashboard": {"enabled": True}}}, "metrics.grafanaDashboard.enabled"),
+]
+
+
+@test
+def bad_values_refused_naming_the_value():
+    """Each bad value is refused by the values schema or a template `fail`, and the message
+    names the value."""
+    for what, values, name in BAD_VALUES:
+        try:
+            render(values)
+        except (helm.HelmValuesError, helm.HelmRenderError) as e:
+            assert name in str(e), f"{what}: the message does not name {name!r}: {e}"
+        else:
+            raise AssertionError(f"{what}: rendered without complaint")
+    # And the good neighbours of those values render.
+    for values in [
+        {"workers": {"groups": [{"name": "g0", "tp": 3, "gpusPerPod": 1}]}},
+        {"workers": {"groups": [{"name": "g0", "tp": 3, "gpusPerPod": 3}]}},
+        {"workers": {"groups": [{"name": "g0", "tp": 2, "count": 3}]}},
+        {"etcd": {"replicas": 3, "persistence": {"enabled": True}}},
+    ]:
+        render(values)
+
+
+# ---- the binaries know every flag ---------------------------------------------------------
+
+
+def binaries_ready():
+    return all((BIN_DIR / b).exists() for b in ("eagle", "eagle-coordinator", "eagle-draft", "eagle-worker"))
+
+
+def help_flags(binary, *sub):
+    out = subprocess.run([str(BIN_DIR / binary), *sub, "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return set(re.findall(r"(--[a-z][a-z0-9-]*)", out.stdout))
+
+
+@test
+def every_flag_is_known_to_its_binary():
+    """Every --flag the chart passes (defaults and all examples, GPU ones included) is one the
+    binary lists in its --help, and every fetched model is in `eagle fetch --list`."""
+    assert binaries_ready(), f"no release binaries in {BIN_DIR} (cargo build --release --workspace)"
+    known = {b: help_flags(b) for b in ("eagle-coordinator", "eagle-draft", "eagle-worker")}
+    known["eagle fetch"] = help_flags("eagle", "fetch")
+    registry = subprocess.run([str(BIN_DIR / "eagle"), "fetch", "--list"], capture_output=True, text=True, timeout=60).stdout.split()
+    for label, _, docs in all_renders():
+        for w in of_kind(docs, "Deployment") + of_kind(docs, "StatefulSet"):
+            for c in containers(w):
+                argv = c.get("command", []) + c.get("args", [])
+                if argv[0] == "etcd":
+                    continue
+                if argv[0] == "flock":
+                    assert argv[4] in registry, f"{label}: `eagle fetch {argv[4]}`: not in the registry {registry}"
+                    continue
+                binary = argv[0] if argv[0] != "/bin/sh" else argv[4]
+                flags = {a for a in argv if a.startswith("--")}
+                unknown = flags - known[binary]
+                assert not unknown, f"{label}: {binary} does not know {sorted(unknown)}"
+
+
+# ---- the chart's commands start a real cluster ------------------------------------------
+
+PROMPT = "Why is the sky blue?"
+MAX_NEW = 48
+
+
+def eagle_home():
+    return pathlib.Path(os.environ.get("EAGLE_HOME") or pathlib.Path.home() / ".cache" / "eagle")
+
+
+def run_local_cluster(values, label, deadline_s=240.0):
+    """Starts the render of `values` as local processes; returns (cluster, coordinator address,
+    the client's JSON, the engine's JSON)."""
+    assert binaries_ready(), f"no release binaries in {BIN_DIR}"
+    for tool in ("etcd", "flock"):
+        assert shutil.which(tool), f"{tool} is not on PATH (Debian etcd-server, util-linux)"
+    docs = manifests(render(values))
+    cluster = LocalCluster(docs, eagle_home(), domain="cluster.local")
+    t0 = time.monotonic()
+    deadline = t0 + deadline_s
+    seen = []
+    try:
+        etcd_pods = [p for p in cluster.pods if p.labels["app.kubernetes.io/component"] == "etcd"]
+        others = [p for p in cluster.pods if p not in etcd_pods]
+        assert etcd_pods, f"{label}: no bundled etcd"
+        for p in etcd_pods:
+            cluster.start(p)
+        for p in etcd_pods:
+            seen += cluster.wait_probe(p, "readiness", time.monotonic() + 30)
+        # Init containers (the real `eagle fetch`: idempotent, so a second pod's is quick).
+        for p in others:
+            cluster.run_init(p, timeout=max(30.0, deadline - time.monotonic()))
+        for p in others:
+            cluster.start(p)
+        for p in others:
+            seen += cluster.wait_probe(p, "startup", deadline)
+        for p in others:
+            seen += cluster.wait_probe(p, "readiness", deadline)
+            seen += cluster.wait_probe(p, "liveness", deadline)
+        coord_svc = "demo-eagle-serve-coordinator"
+        port = cluster.services[coord_svc]["spec"]["ports"][0]["port"]
+        addr = cluster.service_addr(coord_svc, port)
+        client = subprocess.run(
+            [str(BIN_DIR / "eagle"), "client", "--addr", addr, "--chat", "--prompt", PROMPT,
+             "--max-new-tokens", str(MAX_NEW), "--json"],
+            capture_output=True, text=True, timeout=max(10.0, deadline - time.monotonic()),
+        )
+        assert client.returncode == 0, f"eagle client failed: {client.stderr[-2000:]}"
+        got = json.loads(client.stdout.strip().splitlines()[-1])
+        # The engine in-process, with the model, head and dtype the chart gave the services.
+        worker = next(p for p in others if p.labels["app.kubernetes.io/component"] == "worker")
+        draft = next(p for p in others if p.labels["app.kubernetes.io/component"] == "draft")
+        wargv, _ = cluster.command_of(worker, worker.spec["containers"][0])
+        dargv, _ = cluster.command_of(draft, draft.spec["containers"][0])
+        ref = subprocess.run(
+            [str(BIN_DIR / "eagle"), "generate", "--model", arg(wargv, "--model"), "--head", arg(dargv, "--head"),
+             "--dtype", arg(wargv, "--dtype"), "--prompt", PROMPT, "--max-new-tokens", str(MAX_NEW), "--json"],
+            capture_output=True, text=True, timeout=max(10.0, deadline - time.monotonic()),
+            env={**os.environ, "EAGLE_HOME": str(eagle_home())},
+        )
+        assert ref.returncode == 0, f"eagle generate failed: {ref.stderr[-2000:]}"
+        want = json.loads(ref.stdout.strip().splitlines()[-1])
+        # Membership as the chart named it: cluster name and group in etcd.
+        etcd_addr = cluster.service_addr("demo-eagle-serve-etcd", 2379)
+        status = subprocess.run(
+            [str(BIN_DIR / "eagle"), "cluster", "status", "--etcd", f"http://{etcd_addr}", "--cluster", "demo", "--json"],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert status.returncode == 0, status.stderr[-2000:]
+        return cluster, seen, got, want, json.loads(status.stdout), time.monotonic() - t0
+    except BaseException:
+        print(cluster.dump_logs(), file=sys.stderr)
+        cluster.stop(grace=2)
+        cluster.cleanup()
+        raise
+
+
+@test
+def cpu_demo_commands_start_a_real_cluster():
+    """The CPU demo's rendered pods (etcd, the fetch init containers, worker, draft service,
+    coordinator) run as local processes from their manifests' commands, arguments and
+    environment; all their probes pass; the coordinator answers Generate with the tokens of
+    `eagle generate` (the in-process engine) on the same prompt, with speculation; the worker
+    group is registered in etcd under the chart's cluster and group names; everything stops on
+    SIGTERM within the grace period."""
+    cluster, seen, got, want, status, took = run_local_cluster(example_values("cpu-demo"), "cpu-demo")
+    try:
+        assert got["token_ids"] == want["token_ids"], f"cluster {got['token_ids']} != engine {want['token_ids']}"
+        assert len(got["token_ids"]) > 0 and got["text"] == want["text"]
+        # The draft service, found through etcd, took part: fewer target steps than tokens.
+        assert got["stats"]["steps"] < len(got["token_ids"]), f"no speculation: {got['stats']}"
+        blob = json.dumps(status)
+        assert '"g0"' in blob and '"worker"' in blob and '"draft"' in blob, blob[:2000]
+        probes = [s for s in seen if "grpc" in s]
+        assert len(probes) >= 9, seen  # 3 kinds x coordinator, draft, worker
+        assert any("'eagle.etcd': SERVING" in s for s in probes), probes
+    except BaseException:
+        print(cluster.dump_logs(), file=sys.stderr)
+        raise
+    finally:
+        killed = cluster.stop(grace=15)
+        cluster.cleanup()
+    assert not killed, f"needed SIGKILL: {killed}"
+    print(f"    {len(got['token_ids'])} tokens identical, {got['stats']['steps']} steps "
+          f"(mean accepted {got['stats']['mean_accepted']:.2f}), "
+          f"{len(seen)} probes passed, {took:.1f} s to answer")
+
+
+@test
+def pod_per_rank_group_starts_through_etcd_rendezvous():
+    """The pod-per-rank layout (TP 3, one rank per pod, rank = pod ordinal) started from its
+    rendered commands: rank 0 waits with --tp-no-spawn, ranks 1 and 2 find it through the etcd
+    rendezvous, the group serves, and the coordinator's tokens equal the engine's."""
+    values = deep_merge(example_values("cpu-demo"), {"workers": {"groups": [{"name": "g0", "tp": 3, "gpusPerPod": 1}]}})
+    cluster, seen, got, want, status, took = run_local_cluster(values, "pod-per-rank")
+    try:
+        assert len([p for p in cluster.pods if p.labels["app.kubernetes.io/component"] == "worker"]) == 3
+        assert got["token_ids"] == want["token_ids"], f"cluster {got['token_ids']} != engine {want['token_ids']}"
+        ranks = sorted(m.get("rank") for m in status.get("members", []) if m.get("kind") == "worker")
+        assert ranks == [0, 1, 2], status
+    except BaseException:
+        print(cluster.dump_logs(), file=sys.stderr)
+        raise
+    finally:
+        killed = cluster.stop(grace=15)
+        cluster.cleanup()
+    assert not killed, f"needed SIGKILL: {killed}"
+    print(f"    3 ranks in 3 pods, {len(got['token_ids'])} tokens identical, {took:.1f} s to answer")
+
+
+# ---- runner -------------------------------------------------------------------------------
+
+
+def main(argv):
+    selected = [t for t in TESTS if not argv or any(a in t.__name__ for a in argv)]
+    passed = failed = 0
+    t_all = time.monotonic()
+    print(f"helm chart tests: {CHART.relative_to(REPO)}, helm-python-sdk (Helm {helm.helm_sdk_version()}), "
+          f"Kubernetes schemas {', '.join(KUBE_VERSIONS)}")
+    for t in selected:
+        t0 = time.monotonic()
+        try:
+            t()
+        except Exception as e:  # noqa: BLE001
+            failed += 1
+            detail = str(e) if isinstance(e, AssertionError) else traceback.format_exc()
+            print(f"FAIL {t.__name__} ({time.monotonic() - t0:.1f} s): {detail}")
+        else:
+            passed += 1
+            print(f"ok   {t.__name__} ({time.monotonic() - t0:.1f} s)")
+    print(f"{len(selected)} chart tests in {time.monotonic() - t_all:.0f} s")
+    print(f"helm: {passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
