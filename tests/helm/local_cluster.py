@@ -278,7 +278,8 @@ class LocalCluster:
             if not spec:
                 continue
             while True:
-                self.check_alive(pod)
+                for other in self.pods:  # a container that died fails the wait at once
+                    self.check_alive(other)
                 ok, what = self.probe(pod, spec)
                 if ok:
                     seen.append(f"{pod.name}/{c['name']} {kind}: {what}")
