@@ -8,3 +8,7 @@ cargo build --release --workspace
 cargo run --release -q -p eagle-cli -- fetch smollm2-135m >/dev/null
 cargo run --release -q -p eagle-cli -- fetch qwen2.5-coder-0.5b >/dev/null
 cargo test --release --workspace -- --test-threads 2 "$@"
+# The Helm chart's tests (helm/eagle-serve; Python, about a minute): Helm lint and template,
+# Kubernetes API schemas, chart invariants, refused values, and the CPU demo's rendered
+# commands started as a local cluster from the release binaries built above.
+./tests/helm/run.sh
