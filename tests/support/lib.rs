@@ -33,7 +33,15 @@ pub fn bin_dir() -> PathBuf {
     dir.to_path_buf()
 }
 
+/// The weights every process of these tests runs: f32, the reference engine's dtype, so each
+/// cluster answer is compared token for token with [`reference_engine`]. Set once for every
+/// child (`EAGLE_DTYPE`, which all binaries read), before the first one starts. The default
+/// mode's (`auto`: quantized blocks) losslessness is the engine tests' and the Helm test's.
+pub const TEST_DTYPE: &str = "f32";
+
 pub fn bin(name: &str) -> PathBuf {
+    static PIN_DTYPE: std::sync::Once = std::sync::Once::new();
+    PIN_DTYPE.call_once(|| std::env::set_var("EAGLE_DTYPE", TEST_DTYPE));
     let p = bin_dir().join(name);
     assert!(
         p.exists(),
@@ -374,6 +382,7 @@ pub fn reference_engine() -> &'static Engine {
                 model: smollm2(),
                 head: None,
                 dtype: DType::F32,
+                quant: eagle_engine::Quant::None,
                 device: Device::Cpu,
             },
             &mut |_, _| {},

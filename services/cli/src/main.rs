@@ -85,8 +85,10 @@ pub struct ModelArgs {
     /// head under $EAGLE_HOME/heads/<model>, if any.
     #[arg(long, env = "EAGLE_HEAD")]
     pub head: Option<PathBuf>,
-    /// Weight dtype for the engine: f32, bf16 or f16.
-    #[arg(long, env = "EAGLE_DTYPE", default_value = "f32")]
+    /// Weights: auto (the fastest lossless mode: a quantized GGUF runs in its own block format
+    /// with integer kernels, anything else in bf16), q8_0 (every matrix quantized to Q8_0 at
+    /// load), f32, bf16 or f16. Quantized formats run on the CPU; on a GPU auto means bf16.
+    #[arg(long, env = "EAGLE_DTYPE", default_value = "auto")]
     pub dtype: String,
     /// Device: cpu, or cuda / cuda:N (needs a build with `--features cuda`).
     #[arg(long, env = "EAGLE_DEVICE", default_value = "cpu")]

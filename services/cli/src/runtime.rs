@@ -15,6 +15,11 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
     Ok(eagle_engine::device::parse_dtype(s)?)
 }
 
+/// `--dtype` of the model flags: a dense dtype or a quantized mode (`auto`, `q8_0`).
+pub fn parse_precision(s: &str) -> Result<eagle_engine::device::Precision> {
+    Ok(eagle_engine::device::parse_precision(s)?)
+}
+
 pub fn parse_device(s: &str) -> Result<Device> {
     eagle_engine::device::parse_device(s).with_context(|| format!("opening device {s}"))
 }
@@ -93,10 +98,12 @@ pub fn resolve_head(args: &ModelArgs, policy: HeadPolicy) -> Result<Option<PathB
 pub fn load_engine(args: &ModelArgs, policy: HeadPolicy) -> Result<Engine> {
     let model = resolve_or_fetch(&args.model)?;
     let head = resolve_head(args, policy)?;
+    let precision = parse_precision(&args.dtype)?;
     let opts = LoadOptions {
         model: model.clone(),
         head,
-        dtype: parse_dtype(&args.dtype)?,
+        dtype: precision.dtype,
+        quant: precision.quant,
         device: parse_device(&args.device)?,
     };
     let bar = ProgressBar::new(0).with_style(

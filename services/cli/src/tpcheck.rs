@@ -15,7 +15,7 @@ use eagle_engine::parallel::{Collective, Shard, Single};
 use eagle_engine::sampling::argmax;
 use eagle_engine::session::TargetSession;
 
-use crate::runtime::{parse_device, parse_dtype, resolve_or_fetch};
+use crate::runtime::{parse_device, parse_precision, resolve_or_fetch};
 use crate::ModelArgs;
 
 #[derive(Args)]
@@ -61,7 +61,8 @@ fn greedy(target: &TargetModel, prompt: &[u32], n: usize) -> Result<(Vec<u32>, f
 
 pub fn run(a: TpCheckArgs) -> Result<()> {
     let path = resolve_or_fetch(&a.model.model)?;
-    let dtype = parse_dtype(&a.model.dtype)?;
+    // Tensor-parallel ranks run dense: `auto` and `q8_0` mean bf16 here.
+    let dtype = parse_precision(&a.model.dtype)?.dtype;
     let device = parse_device(&a.model.device)?;
     let opened = open_model(&path)?;
     let prompt = opened

@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use eagle_draft::{DraftOptions, DraftService};
-use eagle_engine::device::{parse_device, parse_dtype};
+use eagle_engine::device::{check_precision, parse_device, parse_precision};
 use eagle_engine::draft::Drafter;
 use eagle_engine::loader::open_model;
 use eagle_membership::record::Kind;
@@ -37,8 +37,9 @@ struct Args {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, env = "EAGLE_DRAFT_LISTEN", default_value = "127.0.0.1:50071")]
     listen: String,
-    /// Weight dtype: f32, bf16 or f16.
-    #[arg(long, env = "EAGLE_DTYPE", default_value = "f32")]
+    /// Weights: auto (a quantized GGUF's own blocks, else bf16), q8_0, f32, bf16 or f16. The
+    /// head runs dense: bf16 under auto and q8_0.
+    #[arg(long, env = "EAGLE_DTYPE", default_value = "auto")]
     dtype: String,
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, env = "EAGLE_DEVICE", default_value = "cpu")]
@@ -63,8 +64,9 @@ async fn main() {
 }
 
 async fn run(a: Args) -> Result<()> {
-    let dtype = parse_dtype(&a.dtype)?;
     let device = parse_device(&a.device)?;
+    let precision = parse_precision(&a.dtype)?;
+    check_precision(&precision, &device)?;
     let (model, head) = (a.model.clone(), a.head.clone());
     let drafter = tokio::task::spawn_blocking(move || -> Result<Drafter> {
         let opened = open_model(&model).with_context(|| format!("opening {}", model.display()))?;
@@ -72,7 +74,8 @@ async fn run(a: Args) -> Result<()> {
             opened.source.as_ref(),
             &opened.config,
             &head,
-            dtype,
+            precision.dtype,
+            precision.quant,
             &device,
         )
         .with_context(|| format!("loading the EAGLE head {}", head.display()))

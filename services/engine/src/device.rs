@@ -3,6 +3,44 @@
 use candle_core::{DType, Device};
 
 use crate::error::{EngineError, Result};
+use crate::loader::Quant;
+
+/// What `--dtype` asks for: the dense dtype (activations are f32 whatever it is) and whether
+/// matrices stay quantized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Precision {
+    pub dtype: DType,
+    pub quant: Quant,
+}
+
+/// `auto` (the fastest lossless choice: a quantized GGUF's matrices in their own blocks, the
+/// rest bf16, which streams half of f32's bytes), `q8_0` (every matrix as Q8_0), `f32`, `bf16`
+/// or `f16`. On a GPU `auto` means bf16; `q8_0` runs on the CPU only.
+pub fn parse_precision(s: &str) -> Result<Precision> {
+    let (dtype, quant) = match s {
+        "auto" => (DType::BF16, Quant::Native),
+        "q8_0" => (DType::BF16, Quant::Q8_0),
+        other => (
+            parse_dtype(other).map_err(|_| {
+                EngineError::Config(format!(
+                    "unknown dtype {other:?}: use auto, q8_0, f32, bf16 or f16"
+                ))
+            })?,
+            Quant::None,
+        ),
+    };
+    Ok(Precision { dtype, quant })
+}
+
+/// Checks that `device` can run `p`.
+pub fn check_precision(p: &Precision, device: &Device) -> Result<()> {
+    if p.quant == Quant::Q8_0 && !device.is_cpu() {
+        return Err(EngineError::Config(
+            "--dtype q8_0 runs on the CPU only: use bf16 or f32 on a GPU".into(),
+        ));
+    }
+    Ok(())
+}
 
 /// `f32`, `bf16` or `f16`.
 pub fn parse_dtype(s: &str) -> Result<DType> {

@@ -25,8 +25,8 @@ use crate::error::{EngineError, Result};
 use crate::head::EagleHead;
 use crate::kernels::attention::Visibility;
 use crate::kv_cache::KvCache;
-use crate::layers::{use_cpu_kernels, Linear};
-use crate::loader::{WeightSource, Weights};
+use crate::layers::{use_cpu_kernels, Linear, Matrix};
+use crate::loader::{Quant, WeightSource, Weights};
 use crate::models::target::{embed_rows, lm_head, load_embed_and_lm_head};
 use crate::models::TargetModel;
 use crate::sampling::{log_softmax, sample_without_replacement, top_k, warp, Rng, SamplingParams};
@@ -36,7 +36,7 @@ use crate::tree::{rerank, Candidate, DraftTree};
 /// The head plus what it borrows from the target: the token embedding and the LM head.
 pub struct Drafter {
     pub head: Arc<EagleHead>,
-    embed: Tensor,
+    embed: Matrix,
     /// The target's LM head, or the head's own over a reduced draft vocabulary.
     lm_head: Linear,
     /// With a reduced draft vocabulary: draft row -> target id.
@@ -106,7 +106,7 @@ impl Drafter {
 
     /// The head with the target's embedding, and the head's own reduced-vocabulary LM head if
     /// it has one, else the target's.
-    fn assemble(head: Arc<EagleHead>, embed: Tensor, target_lm_head: Linear, vocab: usize) -> Self {
+    fn assemble(head: Arc<EagleHead>, embed: Matrix, target_lm_head: Linear, vocab: usize) -> Self {
         let (lm_head, d2t) = match &head.draft_vocab {
             Some(dv) => (dv.lm_head.clone(), Some(dv.d2t.clone())),
             None => (target_lm_head, None),
@@ -127,10 +127,11 @@ impl Drafter {
         cfg: &ModelConfig,
         head_dir: &std::path::Path,
         dtype: DType,
+        quant: Quant,
         device: &Device,
     ) -> Result<Self> {
         cfg.validate()?;
-        let w = Weights::new(src, dtype, device.clone());
+        let w = Weights::new(src, dtype, device.clone()).with_quant(quant);
         let (embed, lm_head) = load_embed_and_lm_head(&w, cfg)?;
         let head = EagleHead::load(head_dir, cfg, dtype, device)?;
         Ok(Self::assemble(

@@ -18,7 +18,7 @@ use crate::chat::Message;
 use crate::draft::{DraftSession, Drafter};
 use crate::error::{EngineError, Result};
 use crate::head::EagleHead;
-use crate::loader::open_model;
+use crate::loader::{open_model, Quant};
 use crate::models::TargetModel;
 use crate::sampling::{choose, Rng, SamplingParams};
 use crate::session::TargetSession;
@@ -105,6 +105,8 @@ pub struct LoadOptions {
     pub model: PathBuf,
     pub head: Option<PathBuf>,
     pub dtype: DType,
+    /// Whether matrices stay quantized (CPU): see [`Quant`] and `device::parse_precision`.
+    pub quant: Quant,
     pub device: Device,
 }
 
@@ -120,11 +122,20 @@ impl Engine {
     /// Loads the model and head; `progress(done, total)` reports layers loaded.
     pub fn load(opts: &LoadOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<Self> {
         let opened = open_model(&opts.model)?;
-        let target = TargetModel::load(
+        crate::device::check_precision(
+            &crate::device::Precision {
+                dtype: opts.dtype,
+                quant: opts.quant,
+            },
+            &opts.device,
+        )?;
+        let target = TargetModel::load_with(
             opened.source.as_ref(),
             opened.config,
             opts.dtype,
+            opts.quant,
             &opts.device,
+            crate::parallel::Shard::single(),
             progress,
         )?;
         let drafter = match &opts.head {

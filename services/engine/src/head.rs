@@ -81,7 +81,10 @@ impl DraftVocab {
     /// Adds `lm_head.weight` and `d2t` (EAGLE-3 offsets: draft index i is target id
     /// `i + d2t[i]`) to a published-name tensor map.
     pub fn insert_tensors(&self, map: &mut HashMap<String, Tensor>, device: &Device) -> Result<()> {
-        map.insert("lm_head.weight".into(), self.lm_head.weight.clone());
+        map.insert(
+            "lm_head.weight".into(),
+            self.lm_head.weight.dense()?.clone(),
+        );
         let offsets: Vec<i64> = self
             .d2t
             .iter()
@@ -320,27 +323,30 @@ impl EagleHead {
         let c = &self.cfg;
         let mut map: HashMap<String, Tensor> = HashMap::new();
         let (qd, kvd) = (c.q_dim(), c.kv_dim());
-        map.insert("fc.weight".into(), self.fc.weight.clone());
+        map.insert("fc.weight".into(), self.fc.weight.dense()?.clone());
         if let Some(b) = &self.fc.bias {
             map.insert("fc.bias".into(), b.clone());
         }
         let a = &self.layer.attn;
         let p = "layers.0.self_attn";
-        map.insert(format!("{p}.q_proj.weight"), a.qkv.weight.narrow(0, 0, qd)?);
+        map.insert(
+            format!("{p}.q_proj.weight"),
+            a.qkv.weight.dense()?.narrow(0, 0, qd)?,
+        );
         map.insert(
             format!("{p}.k_proj.weight"),
-            a.qkv.weight.narrow(0, qd, kvd)?,
+            a.qkv.weight.dense()?.narrow(0, qd, kvd)?,
         );
         map.insert(
             format!("{p}.v_proj.weight"),
-            a.qkv.weight.narrow(0, qd + kvd, kvd)?,
+            a.qkv.weight.dense()?.narrow(0, qd + kvd, kvd)?,
         );
         if let Some(b) = &a.qkv.bias {
             map.insert(format!("{p}.q_proj.bias"), b.narrow(0, 0, qd)?);
             map.insert(format!("{p}.k_proj.bias"), b.narrow(0, qd, kvd)?);
             map.insert(format!("{p}.v_proj.bias"), b.narrow(0, qd + kvd, kvd)?);
         }
-        map.insert(format!("{p}.o_proj.weight"), a.o.weight.clone());
+        map.insert(format!("{p}.o_proj.weight"), a.o.weight.dense()?.clone());
         let f = c.intermediate_size;
         let m = self
             .layer
@@ -349,15 +355,15 @@ impl EagleHead {
             .expect("an EAGLE head's layer is dense");
         map.insert(
             "layers.0.mlp.gate_proj.weight".into(),
-            m.gate_up.weight.narrow(0, 0, f)?,
+            m.gate_up.weight.dense()?.narrow(0, 0, f)?,
         );
         map.insert(
             "layers.0.mlp.up_proj.weight".into(),
-            m.gate_up.weight.narrow(0, f, f)?,
+            m.gate_up.weight.dense()?.narrow(0, f, f)?,
         );
         map.insert(
             "layers.0.mlp.down_proj.weight".into(),
-            m.down.weight.clone(),
+            m.down.weight.dense()?.clone(),
         );
         map.insert(
             "layers.0.post_attention_layernorm.weight".into(),

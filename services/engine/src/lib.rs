@@ -26,5 +26,6 @@ pub mod verify;
 
 pub use error::{EngineError, Result};
 pub use generate::{Engine, FinishReason, GenerateOutput, GenerateRequest, LoadOptions, Mode};
+pub use loader::Quant;
 pub use sampling::SamplingParams;
 pub use spec::{SpecConfig, TreeShape};

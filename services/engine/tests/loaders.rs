@@ -193,6 +193,8 @@ fn head_files_missing_or_malformed_are_clear_errors() {
     let a = head
         .fc
         .weight
+        .dense()
+        .unwrap()
         .flatten_all()
         .unwrap()
         .to_vec1::<f32>()
@@ -200,6 +202,8 @@ fn head_files_missing_or_malformed_are_clear_errors() {
     let b = back
         .fc
         .weight
+        .dense()
+        .unwrap()
         .flatten_all()
         .unwrap()
         .to_vec1::<f32>()
@@ -282,17 +286,30 @@ fn head_weights(head: &EagleHead) -> Vec<(&'static str, Vec<f32>)> {
             .unwrap();
         out.push((name, v));
     };
-    push("fc.weight", &head.fc.weight);
+    push("fc.weight", head.fc.weight.dense().unwrap());
     push("fc.bias", head.fc.bias.as_ref().expect("fc.bias"));
-    push("layer.attn.qkv.weight", &head.layer.attn.qkv.weight);
-    push("layer.attn.o.weight", &head.layer.attn.o.weight);
+    push(
+        "layer.attn.qkv.weight",
+        head.layer.attn.qkv.weight.dense().unwrap(),
+    );
+    push(
+        "layer.attn.o.weight",
+        head.layer.attn.o.weight.dense().unwrap(),
+    );
     push(
         "layer.mlp.gate_up.weight",
-        &head.layer.mlp.dense().unwrap().gate_up.weight,
+        head.layer
+            .mlp
+            .dense()
+            .unwrap()
+            .gate_up
+            .weight
+            .dense()
+            .unwrap(),
     );
     push(
         "layer.mlp.down.weight",
-        &head.layer.mlp.dense().unwrap().down.weight,
+        head.layer.mlp.dense().unwrap().down.weight.dense().unwrap(),
     );
     push("layer.post_norm.weight", &head.layer.post_norm.weight);
     out

@@ -2,8 +2,9 @@
 //!
 //! 1. `quantized_llama` reads the GGUF itself (permuted q/k rows, interleaved rotary) and
 //!    multiplies quantized weights by quantized activations. That checks our loader end to end
-//!    (name mapping, q/k un-permutation, tied head); activation quantization limits agreement,
-//!    so the tolerance is: logits correlate above 0.995 and the top-5 sets share 3 tokens.
+//!    (name mapping, q/k un-permutation, tied head), in f32 and through our own integer
+//!    kernels on the GGUF's blocks; activation quantization limits agreement, so the tolerance
+//!    is: logits correlate above 0.995 and the top-5 sets share 3 tokens.
 //! 2. The f32 `llama` model fed the same dequantized weights checks our layer math tightly:
 //!    max |logit difference| below 2e-3 and the same argmax.
 //! 3. Mixtral (no small real checkpoint exists): candle's f32 `mixtral` and ours on the same
@@ -37,6 +38,9 @@ fn logits_match_candle_quantized_llama() {
     let mut file = std::fs::File::open(&path).unwrap();
     let content = gguf_file::Content::read(&mut file).unwrap();
     let mut reference = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
+    let opened = eagle_engine::loader::open_model(&path).unwrap();
+    let quantized =
+        common::load_target_quant(&opened, opened.config.clone(), eagle_engine::Quant::Native);
     // Fixed token sequences (ChatML-ish ids and ordinary text ids).
     let prompts: Vec<Vec<u32>> = vec![
         vec![
@@ -68,6 +72,12 @@ fn logits_match_candle_quantized_llama() {
             &ours,
             &ref_logits,
             &format!("prompt of {} tokens", prompt.len()),
+        );
+        let ours = common::last_logits(&quantized, &prompt);
+        assert_tracks(
+            &ours,
+            &ref_logits,
+            &format!("prompt of {} tokens, quantized kernels", prompt.len()),
         );
     }
 }
@@ -105,6 +115,11 @@ fn qwen2_logits_match_candle_quantized_qwen2() {
         .unwrap();
     let ours = common::last_logits(&target, &prompt);
     assert_tracks(&ours, &ref_logits, "qwen2");
+    // Its own Q4_K_M blocks through our integer kernels track the same reference.
+    let quantized =
+        common::load_target_quant(&opened, opened.config.clone(), eagle_engine::Quant::Native);
+    let ours = common::last_logits(&quantized, &prompt);
+    assert_tracks(&ours, &ref_logits, "qwen2, quantized kernels");
 }
 
 /// Our logits track a quantized-activation reference: correlation above 0.995 and top-5 sets

@@ -25,6 +25,7 @@ fn the_shipped_head_is_lossless_and_accepts_tokens() {
             model: common::smollm2_path(),
             head: Some(head),
             dtype: DType::BF16,
+            quant: eagle_engine::Quant::None,
             device: Device::Cpu,
         },
         &mut |_, _| {},

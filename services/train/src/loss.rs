@@ -74,9 +74,10 @@ pub fn eagle_loss(pred: &Tensor, next: &Tensor, heads: &LossHeads, w_cls: f64) -
     let z = heads.draft.forward(&pred.detach())?;
     let log_q = candle_nn::ops::log_softmax(&z, D::Minus1)?;
     let ploss = (&p * &log_q)?.sum(D::Minus1)?.mean_all()?.neg()?;
+    let w = heads.draft.weight.dense()?;
     let g = (log_q.exp()? - &p)?
-        .to_dtype(heads.draft.weight.dtype())?
-        .matmul(&heads.draft.weight)?
+        .to_dtype(w.dtype())?
+        .matmul(w)?
         .to_dtype(DType::F32)?;
     let g = (g * (w_cls / n.max(1) as f64))?.detach();
     let surrogate = (pred * g)?.sum_all()?;

@@ -24,7 +24,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use eagle_engine::config::ModelConfig;
 use eagle_engine::head::{DraftVocab, EagleHead};
-use eagle_engine::layers::Linear;
+use eagle_engine::layers::{Linear, Matrix};
 use eagle_engine::loader::{open_model, Weights};
 use eagle_engine::models::target::embed_rows;
 use eagle_engine::models::TargetModel;
@@ -101,7 +101,7 @@ impl Default for TrainConfig {
 pub struct FrozenTarget {
     pub cfg: ModelConfig,
     /// [vocab, hidden].
-    pub embed: Tensor,
+    pub embed: Matrix,
     pub lm_head: Linear,
     pub device: Device,
 }
@@ -129,7 +129,7 @@ impl FrozenTarget {
         };
         Ok(FrozenTarget {
             cfg,
-            embed,
+            embed: Matrix::Dense(embed),
             lm_head: Linear::new(lm, None)?,
             device: device.clone(),
         })
@@ -445,7 +445,7 @@ pub fn train(
             let keep = top_tokens(&counts, n);
             vocab_coverage = Some(coverage(&counts, &keep));
             let idx = Tensor::new(keep.as_slice(), &device)?;
-            let rows = target.lm_head.weight.index_select(&idx, 0)?;
+            let rows = target.lm_head.weight.dense()?.index_select(&idx, 0)?;
             params.draft = Some(DraftVocab::new(
                 Linear::new(rows, None)?,
                 keep,

@@ -64,7 +64,13 @@ fn reduced(target: &TargetModel, n: usize) -> EagleHead {
         .collect();
     ids.sort_unstable();
     let idx = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap();
-    let rows = target.lm_head.weight.index_select(&idx, 0).unwrap();
+    let rows = target
+        .lm_head
+        .weight
+        .dense()
+        .unwrap()
+        .index_select(&idx, 0)
+        .unwrap();
     head.draft_vocab = Some(
         DraftVocab::new(Linear::new(rows, None).unwrap(), ids, target.cfg.vocab_size).unwrap(),
     );

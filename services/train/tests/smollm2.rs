@@ -27,6 +27,7 @@ fn reduced_vocabulary_head_is_lossless() {
         model: model(),
         head: None,
         dtype: DType::F32,
+        quant: eagle_engine::Quant::None,
         device: Device::Cpu,
     };
     let mut engine = Engine::load(&opts, &mut |_, _| {}).unwrap();
@@ -34,7 +35,13 @@ fn reduced_vocabulary_head_is_lossless() {
     // The 4096 lowest ids (BPE merge order: the commonest pieces) plus the chat markers.
     let ids: Vec<u32> = (0..4096u32).collect();
     let idx = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap();
-    let rows = target.lm_head.weight.index_select(&idx, 0).unwrap();
+    let rows = target
+        .lm_head
+        .weight
+        .dense()
+        .unwrap()
+        .index_select(&idx, 0)
+        .unwrap();
     let mut head = EagleHead::init_random(&target.cfg, 5, DType::F32, &Device::Cpu).unwrap();
     head.draft_vocab = Some(
         DraftVocab::new(Linear::new(rows, None).unwrap(), ids, target.cfg.vocab_size).unwrap(),

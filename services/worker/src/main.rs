@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use eagle_engine::device::{parse_device, parse_dtype};
+use eagle_engine::device::{check_precision, parse_device, parse_dtype, parse_precision};
 use eagle_engine::generate::measure_costs;
 use eagle_engine::loader::open_model;
 use eagle_engine::models::TargetModel;
@@ -36,8 +36,9 @@ struct Args {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, env = "EAGLE_WORKER_LISTEN", default_value = "127.0.0.1:50061")]
     listen: String,
-    /// Weight dtype: f32, bf16 or f16.
-    #[arg(long, env = "EAGLE_DTYPE", default_value = "f32")]
+    /// Weights: auto (a quantized GGUF's own blocks, else bf16; tensor-parallel ranks load
+    /// bf16 slices), q8_0, f32, bf16 or f16.
+    #[arg(long, env = "EAGLE_DTYPE", default_value = "auto")]
     dtype: String,
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, env = "EAGLE_DEVICE", default_value = "cpu")]
@@ -101,9 +102,11 @@ async fn run(mut a: Args) -> Result<()> {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         a.etcd.group = Some(format!("tp-{}-{}", host.trim(), std::process::id()));
     }
-    let dtype = parse_dtype(&a.dtype)?;
+    let precision = parse_precision(&a.dtype)?;
+    let dtype = precision.dtype;
     let wire_dtype = parse_dtype(&a.wire_dtype)?;
     let device = parse_device(&a.device)?;
+    check_precision(&precision, &device)?;
     if a.tp.tp_rank > 0 {
         let a2 = a.clone();
         return tokio::task::spawn_blocking(move || tp::follower(&a2, dtype, device)).await?;
@@ -119,10 +122,11 @@ async fn run(mut a: Args) -> Result<()> {
         } else {
             (Shard::single(), None)
         };
-        let target = TargetModel::load_shard(
+        let target = TargetModel::load_with(
             opened.source.as_ref(),
             opened.config,
             dtype,
+            precision.quant,
             &device,
             shard,
             &mut tp::progress(0),

@@ -8,6 +8,7 @@
 pub mod attention;
 pub mod decoder;
 pub mod linear;
+pub mod matrix;
 pub mod mlp;
 pub mod moe;
 pub mod norm;
@@ -16,6 +17,7 @@ pub mod rotary;
 pub use attention::Attention;
 pub use decoder::{DecoderLayer, FeedForward};
 pub use linear::Linear;
+pub use matrix::Matrix;
 pub use mlp::Mlp;
 pub use moe::SparseMoe;
 pub use norm::RmsNorm;

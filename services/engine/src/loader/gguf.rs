@@ -11,11 +11,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 
 use super::WeightSource;
 use crate::config::{Arch, ModelConfig};
 use crate::error::{EngineError, Result};
+use crate::kernels::quant::{ggml, Rows as QRows};
 
 pub struct GgufFile {
     pub path: PathBuf,
@@ -126,6 +128,20 @@ impl GgufFile {
         Ok(info.shape.dims().to_vec())
     }
 
+    /// The raw bytes of a tensor as the file stores them.
+    fn read_raw(&self, gguf_name: &str, bytes: usize) -> Result<Vec<u8>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let info = &self.content.tensor_infos[gguf_name];
+        let mut file = self.file.lock().expect("gguf file lock poisoned");
+        let mut data = vec![0u8; bytes];
+        file.seek(SeekFrom::Start(
+            self.content.tensor_data_offset + info.offset,
+        ))
+        .and_then(|_| file.read_exact(&mut data))
+        .map_err(|e| EngineError::io(&self.path, e))?;
+        Ok(data)
+    }
+
     fn read_f32(&self, gguf_name: &str) -> Result<Tensor> {
         let mut file = self.file.lock().expect("gguf file lock poisoned");
         let q = self
@@ -226,9 +242,60 @@ impl WeightSource for GgufFile {
         Ok(Some(t))
     }
 
+    fn get_quant(&self, name: &str) -> Result<Option<QRows>> {
+        let Some((g, rows)) = gguf_name(name) else {
+            return Ok(None);
+        };
+        let Some(info) = self.content.tensor_infos.get(&g) else {
+            return Ok(None);
+        };
+        let Some(ty) = ggml_name(info.ggml_dtype) else {
+            return Ok(None);
+        };
+        let dims = info.shape.dims();
+        let (Some((per, bytes)), [n, k]) = (ggml::block_shape(ty), dims) else {
+            return Ok(None);
+        };
+        let data = self.read_raw(&g, n * k / per * bytes)?;
+        let decoded = ggml::decode(ty, &data, *n, *k).ok_or_else(|| {
+            EngineError::malformed(&self.path, format!("tensor {g}: unreadable {ty} blocks"))
+        })?;
+        let permuted = self.arch_name == "llama" || self.arch_name == "mistral";
+        Ok(Some(match (rows, permuted) {
+            (Some(Rows::Q), true) => decoded.permute(&unpermute_order(*n, self.n_heads)),
+            (Some(Rows::K), true) => decoded.permute(&unpermute_order(*n, self.n_kv_heads)),
+            _ => decoded,
+        }))
+    }
+
     fn describe(&self) -> String {
         self.path.display().to_string()
     }
+}
+
+/// The ggml name of a type this engine keeps quantized.
+fn ggml_name(t: GgmlDType) -> Option<&'static str> {
+    Some(match t {
+        GgmlDType::Q4_0 => "Q4_0",
+        GgmlDType::Q4_1 => "Q4_1",
+        GgmlDType::Q5_0 => "Q5_0",
+        GgmlDType::Q8_0 => "Q8_0",
+        GgmlDType::Q4K => "Q4_K",
+        GgmlDType::Q6K => "Q6_K",
+        _ => return None,
+    })
+}
+
+/// [`unpermute`] as a row order: HF row i is GGUF row `order[i]`.
+fn unpermute_order(rows: usize, n_heads: usize) -> Vec<usize> {
+    let d = rows / n_heads;
+    (0..rows)
+        .map(|i| {
+            let (h, rem) = (i / d, i % d);
+            let (s, r) = (rem / (d / 2), rem % (d / 2));
+            h * d + 2 * r + s
+        })
+        .collect()
 }
 
 fn md_get<'a>(md: &'a HashMap<String, Value>, key: &str, path: &Path) -> Result<&'a Value> {
@@ -281,6 +348,22 @@ mod tests {
             back.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             hf.flatten_all().unwrap().to_vec1::<f32>().unwrap()
         );
+    }
+
+    #[test]
+    fn unpermute_order_matches_unpermute() {
+        let t = Tensor::arange(0f32, 16.0, &Device::Cpu)
+            .unwrap()
+            .reshape((16, 1))
+            .unwrap();
+        let back = unpermute(&t, 2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let order: Vec<f32> = unpermute_order(16, 2).iter().map(|&i| i as f32).collect();
+        assert_eq!(back, order);
     }
 
     #[test]

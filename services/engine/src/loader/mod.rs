@@ -8,6 +8,20 @@ pub mod safetensors;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{EngineError, Result};
+use crate::kernels::quant::{ggml, QMatrix, Rows};
+use crate::layers::Matrix;
+
+/// Whether weight matrices stay quantized (CPU only; other devices always load dense).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Quant {
+    /// Every matrix dense in the engine dtype.
+    #[default]
+    None,
+    /// Matrices the file holds in a supported block format stay in it; the rest are dense.
+    Native,
+    /// Every matrix as Q8_0: the file's own Q8_0 blocks, everything else quantized at load.
+    Q8_0,
+}
 
 /// A store of named tensors. `get` returns the tensor in HF layout, on the CPU, in whatever
 /// dtype the file holds (quantized GGUF tensors are dequantized to f32).
@@ -32,6 +46,11 @@ pub trait WeightSource: Send + Sync {
             None => Ok(None),
         }
     }
+    /// A matrix's quantized blocks as the file holds them (rows in HF order), if it holds
+    /// `name` in one of `ggml::SUPPORTED`'s formats.
+    fn get_quant(&self, _name: &str) -> Result<Option<Rows>> {
+        Ok(None)
+    }
     /// Where these weights come from, for error messages.
     fn describe(&self) -> String;
 }
@@ -44,6 +63,7 @@ pub struct Weights<'a> {
     prefix: String,
     pub dtype: DType,
     pub device: Device,
+    pub quant: Quant,
 }
 
 impl<'a> Weights<'a> {
@@ -53,7 +73,13 @@ impl<'a> Weights<'a> {
             prefix: String::new(),
             dtype,
             device,
+            quant: Quant::None,
         }
+    }
+
+    /// The same view with matrices loaded as `quant` says (on the CPU).
+    pub fn with_quant(self, quant: Quant) -> Self {
+        Weights { quant, ..self }
     }
 
     /// A view under `prefix.` (like `VarBuilder::pp`).
@@ -160,6 +186,44 @@ impl<'a> Weights<'a> {
         self.fetch(name, shape)?
             .map(|t| Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?))
             .transpose()
+    }
+
+    /// A weight matrix [out, in]: quantized when `self.quant` asks for it and the format allows
+    /// (on the CPU), else dense in the engine dtype.
+    pub fn get_matrix(&self, name: &str, shape: &[usize]) -> Result<Matrix> {
+        self.get_matrix_opt(name, shape)?
+            .ok_or_else(|| self.missing(name))
+    }
+
+    pub fn get_matrix_opt(&self, name: &str, shape: &[usize]) -> Result<Option<Matrix>> {
+        if self.quant == Quant::None || !self.device.is_cpu() || shape.len() != 2 {
+            return Ok(self.get_opt(name, shape)?.map(Matrix::Dense));
+        }
+        let full = self.full(name);
+        let quant = |rows: Rows| Matrix::Quant(std::sync::Arc::new(QMatrix::new(rows.pack())));
+        if let Some(rows) = self.src.get_quant(&full)? {
+            if [rows.n, rows.k] != shape {
+                return Err(EngineError::Shape {
+                    name: full,
+                    expected: shape.to_vec(),
+                    found: vec![rows.n, rows.k],
+                });
+            }
+            if self.quant == Quant::Native || rows.source == "Q8_0" {
+                return Ok(Some(quant(rows)));
+            }
+        }
+        if self.quant == Quant::Q8_0 {
+            if let Some(t) = self.fetch(name, shape)? {
+                let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                if let Some(rows) = ggml::quantize_q8_0(&v, shape[0], shape[1]) {
+                    return Ok(Some(quant(rows)));
+                }
+                return Ok(Some(Matrix::Dense(t.to_dtype(self.dtype)?)));
+            }
+            return Ok(None);
+        }
+        Ok(self.get_opt(name, shape)?.map(Matrix::Dense))
     }
 
     /// A vector (norm weight, bias) kept in f32.

@@ -19,15 +19,15 @@ use crate::error::{EngineError, Result};
 use crate::kernels::dot::WeightElem;
 use crate::kernels::{attention::Visibility, with_cpu_slice};
 use crate::kv_cache::KvCache;
-use crate::layers::{use_cpu_kernels, DecoderLayer, Linear, RmsNorm, Rope};
-use crate::loader::{WeightSource, Weights};
+use crate::layers::{use_cpu_kernels, DecoderLayer, Linear, Matrix, RmsNorm, Rope};
+use crate::loader::{Quant, WeightSource, Weights};
 use crate::parallel::Shard;
 
 pub struct TargetModel {
     pub cfg: ModelConfig,
-    /// [vocab, hidden] in the engine dtype; also the LM head when tied. On a sharded rank, the
-    /// rows of `shard.vocab(..)`, zero-padded to `shard.vocab_rows(..)`.
-    pub embed: Tensor,
+    /// [vocab, hidden] in the engine dtype or quantized; also the LM head when tied. On a
+    /// sharded rank, the rows of `shard.vocab(..)`, zero-padded to `shard.vocab_rows(..)`.
+    pub embed: Matrix,
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
     pub lm_head: Linear,
@@ -39,19 +39,21 @@ pub struct TargetModel {
 
 /// The token embedding [vocab, hidden] and the LM head (the embedding itself when tied, or when
 /// the checkpoint has no separate `lm_head.weight`).
-pub fn load_embed_and_lm_head(w: &Weights, cfg: &ModelConfig) -> Result<(Tensor, Linear)> {
+pub fn load_embed_and_lm_head(w: &Weights, cfg: &ModelConfig) -> Result<(Matrix, Linear)> {
     let (v, h) = (cfg.vocab_size, cfg.hidden_size);
-    let embed = w.get("model.embed_tokens.weight", &[v, h])?;
-    let lm_head = match w.get_opt("lm_head.weight", &[v, h])? {
-        Some(t) if !cfg.tie_word_embeddings => Linear::new(t, None)?,
-        _ => Linear::new(embed.clone(), None)?,
+    let embed = w.get_matrix("model.embed_tokens.weight", &[v, h])?;
+    let separate = if cfg.tie_word_embeddings {
+        None
+    } else {
+        w.get_matrix_opt("lm_head.weight", &[v, h])?
     };
+    let lm_head = Linear::from_matrix(separate.unwrap_or_else(|| embed.clone()), None)?;
     Ok((embed, lm_head))
 }
 
 /// This rank's block of the embedding and LM head: rows `shard.vocab(..)`, zero-padded to
 /// `shard.vocab_rows(..)` so every rank's logits block has one width.
-fn load_vocab_block(w: &Weights, cfg: &ModelConfig, shard: &Shard) -> Result<(Tensor, Linear)> {
+fn load_vocab_block(w: &Weights, cfg: &ModelConfig, shard: &Shard) -> Result<(Matrix, Linear)> {
     let (v, h) = (cfg.vocab_size, cfg.hidden_size);
     let rows = shard.vocab(v);
     let pad = shard.vocab_rows(v) - rows.len();
@@ -70,7 +72,7 @@ fn load_vocab_block(w: &Weights, cfg: &ModelConfig, shard: &Shard) -> Result<(Te
     } else {
         Linear::new(embed.clone(), None)?
     };
-    Ok((embed, lm_head))
+    Ok((Matrix::Dense(embed), lm_head))
 }
 
 impl TargetModel {
@@ -95,9 +97,28 @@ impl TargetModel {
         shard: Shard,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
+        TargetModel::load_with(src, cfg, dtype, Quant::None, device, shard, progress)
+    }
+
+    /// Loads this rank's part with matrices quantized as `quant` says (see [`Quant`]); a
+    /// sharded rank loads dense slices.
+    pub fn load_with(
+        src: &dyn WeightSource,
+        cfg: ModelConfig,
+        dtype: DType,
+        quant: Quant,
+        device: &Device,
+        shard: Shard,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
         cfg.validate()?;
         Shard::check(&cfg, shard.world)?;
-        let w = Weights::new(src, dtype, device.clone());
+        let quant = if shard.is_sharded() {
+            Quant::None
+        } else {
+            quant
+        };
+        let w = Weights::new(src, dtype, device.clone()).with_quant(quant);
         let h = cfg.hidden_size;
         let (embed, lm_head) = if shard.is_sharded() {
             load_vocab_block(&w, &cfg, &shard)?
@@ -172,7 +193,7 @@ impl TargetModel {
             .iter()
             .map(|&t| f32::from(u8::from(rows.contains(&(t as usize)))))
             .collect();
-        let x = embed_rows(&self.embed, &local, self.embed.dim(0)?, &self.device)?;
+        let x = embed_rows(&self.embed, &local, self.embed.dims()?.0, &self.device)?;
         let mask = Tensor::from_vec(mine, (tokens.len(), 1), &self.device)?;
         comm.all_reduce_tensor(&x.broadcast_mul(&mask)?)
     }
@@ -258,12 +279,22 @@ pub fn lm_head(head: &Linear, features: &Tensor, cpu: bool) -> Result<Tensor> {
 }
 
 /// Gathers rows of an embedding table into [m, hidden] f32, checking ids.
-pub fn embed_rows(table: &Tensor, tokens: &[u32], vocab: usize, device: &Device) -> Result<Tensor> {
+pub fn embed_rows(table: &Matrix, tokens: &[u32], vocab: usize, device: &Device) -> Result<Tensor> {
     if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
         return Err(EngineError::InvalidRequest(format!(
             "token id {bad} is outside the vocabulary of {vocab}"
         )));
     }
+    let table = match table {
+        Matrix::Dense(t) => t,
+        Matrix::Quant(q) => {
+            let mut out = vec![0f32; tokens.len() * q.k];
+            for (&id, row) in tokens.iter().zip(out.chunks_exact_mut(q.k)) {
+                q.dequantize_row(id as usize, row);
+            }
+            return Ok(Tensor::from_vec(out, (tokens.len(), q.k), device)?);
+        }
+    };
     let h = table.dim(1)?;
     if device.is_cpu() {
         fn gather<T: WeightElem>(t: &[T], tokens: &[u32], h: usize) -> Vec<f32> {

@@ -35,6 +35,29 @@ pub fn load_target(
     .unwrap()
 }
 
+/// The same with matrices kept quantized as `quant` says (bf16 for the rest).
+pub fn load_target_quant(
+    opened: &eagle_engine::loader::OpenedModel,
+    cfg: eagle_engine::config::ModelConfig,
+    quant: eagle_engine::Quant,
+) -> eagle_engine::models::TargetModel {
+    eagle_engine::models::TargetModel::load_with(
+        opened.source.as_ref(),
+        cfg,
+        DType::BF16,
+        quant,
+        &Device::Cpu,
+        eagle_engine::parallel::Shard::single(),
+        &mut |_, _| {},
+    )
+    .unwrap()
+}
+
+/// Qwen2.5-Coder-0.5B-Instruct (Q4_K_M: Q4_K, Q5_0, Q6_K and Q8_0 matrices).
+pub fn qwen_path() -> PathBuf {
+    fetched("qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b-instruct.gguf")
+}
+
 /// The target's logits at the last of `tokens`, run from an empty cache.
 pub fn last_logits(model: &eagle_engine::models::TargetModel, tokens: &[u32]) -> Vec<f32> {
     use eagle_engine::kernels::attention::Visibility;
@@ -108,6 +131,7 @@ pub fn smollm2_engine() -> Arc<Engine> {
                 model: smollm2_path(),
                 head: None,
                 dtype: DType::F32,
+                quant: eagle_engine::Quant::None,
                 device: Device::Cpu,
             };
             let mut e = Engine::load(&opts, &mut |_, _| {}).expect("load SmolLM2");

@@ -1,0 +1,639 @@
+//! Quantized weights that stay quantized, and integer dot products over them.
+//!
+//! Invariant: a row's output is bit-identical whatever the other rows of the call are, however
+//! many there are, and whichever ISA path runs (AVX-512 VNNI, AVX2, portable). Three facts
+//! give it:
+//! - activations are quantized per row (`activation.rs`), by the same scalar code everywhere;
+//! - a block's dot product is an integer sum, exact in any order;
+//! - each output value combines its blocks with one fixed sequence of f32 operations (given by
+//!   the portable path of its family), and the SIMD paths run that same sequence in each lane,
+//!   one lane per output row of the weight, never across lanes.
+//!
+//! Source: llama.cpp's ggml block formats and its int8-activation dot products
+//! (`ggml-quants.c`, `vec_dot_q4_1_q8_1`), and its repacked `block_q4_0x8` layout
+//! (`ggml-cpu/repack.cpp`) that lets one load serve 8 output rows. Unlike llama.cpp, a loaded
+//! weight block serves every row of the batch from registers (register blocking over rows), so
+//! a draft tree of 16 tokens streams the weights once, like a single token.
+//!
+//! Layout of this folder: one file per block family (its layout, its portable definition and
+//! its ISA variants side by side), `ggml.rs` for reading GGUF's blocks, `activation.rs` for
+//! the int8 activations. `QMatrix` below is what a layer holds.
+
+pub mod activation;
+pub mod ggml;
+pub mod q4;
+pub mod q8;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use activation::{ActRow, QActs};
+
+/// Inputs per block.
+pub const BLOCK: usize = 32;
+/// Output rows interleaved in a packed group.
+pub const LANES: usize = 8;
+/// Activation rows computed per pass over a weight group (register blocking).
+const ROWS: usize = 4;
+/// Packed groups (of 8 output rows) per parallel task.
+const GROUPS_PER_TASK: usize = 4;
+
+/// How a packed block stores its scales: f16 when every scale is exactly an f16 (Q4_0, Q4_1,
+/// Q8_0, Q5_0), f32 when they are products that only f32 holds exactly (K-quants).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScaleKind {
+    F16,
+    F32,
+}
+
+impl ScaleKind {
+    pub fn bytes(self) -> usize {
+        match self {
+            ScaleKind::F16 => 2,
+            ScaleKind::F32 => 4,
+        }
+    }
+
+    fn push(self, v: f32, out: &mut Vec<u8>) {
+        match self {
+            ScaleKind::F16 => {
+                let h = half::f16::from_f32(v);
+                debug_assert!(h.to_f32() == v || v.is_nan(), "scale {v} is not an f16");
+                out.extend_from_slice(&h.to_le_bytes())
+            }
+            ScaleKind::F32 => out.extend_from_slice(&v.to_le_bytes()),
+        }
+    }
+
+    /// Scale `c` of the run of 8 starting at `at`.
+    #[inline(always)]
+    fn read(self, at: &[u8], c: usize) -> f32 {
+        match self {
+            ScaleKind::F16 => half::f16::from_le_bytes([at[2 * c], at[2 * c + 1]]).to_f32(),
+            ScaleKind::F32 => f32::from_le_bytes(at[4 * c..4 * c + 4].try_into().unwrap()),
+        }
+    }
+}
+
+/// The integer families; see `q4.rs` and `q8.rs`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// `d * q + m`, q in 0..=15.
+    Q4,
+    /// `d * q`, q signed, `sub` scales per block.
+    Q8 { sub: usize },
+}
+
+/// Which code computes the dot products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Avx512Vnni,
+    Avx2,
+    Portable,
+}
+
+impl Isa {
+    /// Whether this CPU can run `self`.
+    pub fn available(self) -> bool {
+        match self {
+            Isa::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => {
+                Isa::Avx2.available()
+                    && is_x86_feature_detected!("avx512vnni")
+                    && is_x86_feature_detected!("avx512vl")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512Vnni => "avx512vnni",
+            Isa::Avx2 => "avx2",
+            Isa::Portable => "portable",
+        }
+    }
+
+    pub const ALL: [Isa; 3] = [Isa::Avx512Vnni, Isa::Avx2, Isa::Portable];
+}
+
+/// A path forced by [`force_isa`] (0: none; else 1 + the index in `Isa::ALL`).
+static FORCED: AtomicU8 = AtomicU8::new(0);
+
+/// Forces every later quantized product onto `isa` (`None` restores the automatic choice):
+/// tests run the whole model on each path. Panics if this CPU lacks it.
+pub fn force_isa(isa: Option<Isa>) {
+    let v = match isa {
+        None => 0,
+        Some(i) => {
+            assert!(i.available(), "this CPU cannot run the {} path", i.name());
+            1 + Isa::ALL.iter().position(|&a| a == i).unwrap() as u8
+        }
+    };
+    FORCED.store(v, Ordering::SeqCst);
+}
+
+/// The best path this CPU has, chosen once. `EAGLE_KERNEL_ISA=portable|avx2|avx512vnni`
+/// narrows it (`EAGLE_PORTABLE_KERNELS` forces the portable path, as for the float kernels).
+pub fn isa() -> Isa {
+    match FORCED.load(Ordering::Relaxed) {
+        0 => {}
+        v => return Isa::ALL[v as usize - 1],
+    }
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        if std::env::var_os("EAGLE_PORTABLE_KERNELS").is_some() {
+            return Isa::Portable;
+        }
+        let wanted = std::env::var("EAGLE_KERNEL_ISA").ok();
+        Isa::ALL
+            .into_iter()
+            .filter(|i| wanted.as_deref().is_none_or(|w| w == i.name()))
+            .find(|i| i.available())
+            .unwrap_or(Isa::Portable)
+    })
+}
+
+/// One packed weight matrix of one format: `n` output rows of `k` inputs, padded to whole
+/// groups of 8 rows.
+#[derive(Clone)]
+pub struct Packed {
+    pub family: Family,
+    pub scale: ScaleKind,
+    /// The GGUF type the numbers come from (`Q4_1`, `Q8_0`, ...), for logs and errors.
+    pub source: &'static str,
+    pub n: usize,
+    pub k: usize,
+    data: Vec<u8>,
+}
+
+impl std::fmt::Debug for Packed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Packed({} [{}, {}])", self.source, self.n, self.k)
+    }
+}
+
+/// Rows of quantized values before packing: the common form every GGUF type is read into.
+#[derive(Clone, Debug)]
+pub struct Rows {
+    pub family: Family,
+    pub scale: ScaleKind,
+    pub source: &'static str,
+    pub n: usize,
+    pub k: usize,
+    /// [n * k] values: 0..=15 for Q4, signed bytes for Q8.
+    pub q: Vec<u8>,
+    /// [n * k / 32 * sub] scales.
+    pub d: Vec<f32>,
+    /// [n * k / 32] offsets (Q4 only).
+    pub m: Vec<f32>,
+}
+
+impl Rows {
+    fn sub(&self) -> usize {
+        match self.family {
+            Family::Q4 => 1,
+            Family::Q8 { sub } => sub,
+        }
+    }
+
+    /// Rows in the order `perm` gives (row i of the result is row `perm[i]`).
+    pub fn permute(&self, perm: &[usize]) -> Rows {
+        let (k, nb, sub) = (self.k, self.k / BLOCK, self.sub());
+        let pick = |v: &[u8], w: usize| -> Vec<u8> {
+            perm.iter()
+                .flat_map(|&r| v[r * w..(r + 1) * w].iter().copied())
+                .collect()
+        };
+        let pickf = |v: &[f32], w: usize| -> Vec<f32> {
+            if v.is_empty() {
+                return Vec::new();
+            }
+            perm.iter()
+                .flat_map(|&r| v[r * w..(r + 1) * w].iter().copied())
+                .collect()
+        };
+        Rows {
+            n: perm.len(),
+            q: pick(&self.q, k),
+            d: pickf(&self.d, nb * sub),
+            m: pickf(&self.m, nb),
+            ..self.clone()
+        }
+    }
+
+    /// Packs into groups of 8 interleaved rows (the last group padded with zero rows).
+    pub fn pack(&self) -> Packed {
+        let (k, nb, sub) = (self.k, self.k / BLOCK, self.sub());
+        let groups = self.n.div_ceil(LANES);
+        let zq = vec![0u8; k];
+        let zd = vec![0f32; nb * sub];
+        let mut data = Vec::with_capacity(groups * nb * self.block_bytes());
+        for g in 0..groups {
+            let row = |c: usize| g * LANES + c;
+            let q: [&[u8]; LANES] = std::array::from_fn(|c| {
+                if row(c) < self.n {
+                    &self.q[row(c) * k..(row(c) + 1) * k]
+                } else {
+                    &zq
+                }
+            });
+            let d: [&[f32]; LANES] = std::array::from_fn(|c| {
+                let w = nb * sub;
+                if row(c) < self.n {
+                    &self.d[row(c) * w..(row(c) + 1) * w]
+                } else {
+                    &zd
+                }
+            });
+            match self.family {
+                Family::Q4 => {
+                    let m: [&[f32]; LANES] = std::array::from_fn(|c| {
+                        if row(c) < self.n {
+                            &self.m[row(c) * nb..(row(c) + 1) * nb]
+                        } else {
+                            &zd[..nb]
+                        }
+                    });
+                    q4::pack_group(q, d, m, self.scale, &mut data);
+                }
+                Family::Q8 { sub } => {
+                    let q: [&[i8]; LANES] = std::array::from_fn(|c| bytes_as_i8(q[c]));
+                    q8::pack_group(q, d, sub, self.scale, &mut data);
+                }
+            }
+        }
+        Packed {
+            family: self.family,
+            scale: self.scale,
+            source: self.source,
+            n: self.n,
+            k,
+            data,
+        }
+    }
+
+    fn block_bytes(&self) -> usize {
+        match self.family {
+            Family::Q4 => q4::block_bytes(self.scale),
+            Family::Q8 { sub } => q8::block_bytes(self.scale, sub),
+        }
+    }
+}
+
+fn bytes_as_i8(v: &[u8]) -> &[i8] {
+    // SAFETY: u8 and i8 have the same size and alignment.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const i8, v.len()) }
+}
+
+impl Packed {
+    fn block_bytes(&self) -> usize {
+        match self.family {
+            Family::Q4 => q4::block_bytes(self.scale),
+            Family::Q8 { sub } => q8::block_bytes(self.scale, sub),
+        }
+    }
+
+    fn groups(&self) -> usize {
+        self.n.div_ceil(LANES)
+    }
+
+    /// Bytes held (what one pass over the matrix streams).
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Output row `r` as f32 (embedding look-ups).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let (nb, bb) = (self.k / BLOCK, self.block_bytes());
+        let (g, c) = (r / LANES, r % LANES);
+        for b in 0..nb {
+            let blk = &self.data[(g * nb + b) * bb..(g * nb + b + 1) * bb];
+            let o = &mut out[b * BLOCK..(b + 1) * BLOCK];
+            match self.family {
+                Family::Q4 => q4::dequantize_lane(blk, c, self.scale, o),
+                Family::Q8 { sub } => q8::dequantize_lane(blk, c, sub, self.scale, o),
+            }
+        }
+    }
+
+    /// `R` activation rows against group `g`.
+    fn group<const R: usize>(
+        &self,
+        isa: Isa,
+        g: usize,
+        xs: &[ActRow; R],
+        out: &mut [[f32; LANES]; R],
+    ) {
+        let nb = self.k / BLOCK;
+        let bb = self.block_bytes();
+        let blocks = &self.data[g * nb * bb..(g + 1) * nb * bb];
+        match (self.family, isa) {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `isa` is only ever a path this CPU has (checked by `matmul_with`).
+            (Family::Q4, Isa::Avx512Vnni) => unsafe {
+                q4::x86::group_vnni(blocks, nb, self.scale, xs, out)
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            (Family::Q4, Isa::Avx2) => unsafe {
+                q4::x86::group_avx2(blocks, nb, self.scale, xs, out)
+            },
+            (Family::Q4, _) => q4::group_portable(blocks, nb, self.scale, xs, out),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            (Family::Q8 { sub }, Isa::Avx512Vnni) => unsafe {
+                q8::x86::group_vnni(blocks, nb, sub, self.scale, xs, out)
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            (Family::Q8 { sub }, Isa::Avx2) => unsafe {
+                q8::x86::group_avx2(blocks, nb, sub, self.scale, xs, out)
+            },
+            (Family::Q8 { sub }, _) => q8::group_portable(blocks, nb, sub, self.scale, xs, out),
+        }
+    }
+
+    /// Group `g` for all rows of `acts`, written column-major into `out_t` [8][m].
+    fn group_all_rows(&self, isa: Isa, g: usize, acts: &QActs, out_t: &mut [f32]) {
+        let m = acts.m;
+        let mut i = 0;
+        macro_rules! rows {
+            ($r:literal) => {{
+                let xs: [ActRow; $r] = std::array::from_fn(|j| acts.row(i + j));
+                let mut o = [[0f32; LANES]; $r];
+                self.group(isa, g, &xs, &mut o);
+                for (j, row) in o.iter().enumerate() {
+                    for c in 0..LANES {
+                        out_t[c * m + i + j] = row[c];
+                    }
+                }
+                i += $r;
+            }};
+        }
+        while i < m {
+            match (m - i).min(ROWS) {
+                4 => rows!(4),
+                3 => rows!(3),
+                2 => rows!(2),
+                _ => rows!(1),
+            }
+        }
+    }
+}
+
+/// A weight matrix [n, k] made of one or more packed parts stacked along the output rows (a
+/// fused q|k|v may mix formats).
+#[derive(Clone, Debug)]
+pub struct QMatrix {
+    pub parts: Vec<Packed>,
+    pub n: usize,
+    pub k: usize,
+}
+
+impl QMatrix {
+    pub fn new(p: Packed) -> Self {
+        QMatrix {
+            n: p.n,
+            k: p.k,
+            parts: vec![p],
+        }
+    }
+
+    /// Stacks matrices along their outputs. All must share `k`.
+    pub fn stack(ms: &[&QMatrix]) -> Option<QMatrix> {
+        let k = ms.first()?.k;
+        if ms.iter().any(|m| m.k != k) {
+            return None;
+        }
+        let parts: Vec<Packed> = ms.iter().flat_map(|m| m.parts.iter().cloned()).collect();
+        Some(QMatrix {
+            n: parts.iter().map(|p| p.n).sum(),
+            k,
+            parts,
+        })
+    }
+
+    /// The formats held, e.g. `Q4_K+Q6_K`.
+    pub fn describe(&self) -> String {
+        let mut names: Vec<&str> = self.parts.iter().map(|p| p.source).collect();
+        names.dedup();
+        names.join("+")
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.parts.iter().map(|p| p.bytes()).sum()
+    }
+
+    /// Output row `r` as f32.
+    pub fn dequantize_row(&self, mut r: usize, out: &mut [f32]) {
+        for p in &self.parts {
+            if r < p.n {
+                return p.dequantize_row(r, out);
+            }
+            r -= p.n;
+        }
+        panic!("row {r} past the matrix");
+    }
+
+    /// `y = x W^T` for `x` [m, k] f32: [m, n].
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        self.matmul_with(isa(), x, m)
+    }
+
+    /// The same on a chosen ISA path (tests compare paths). Panics if the CPU lacks it.
+    pub fn matmul_with(&self, isa: Isa, x: &[f32], m: usize) -> Vec<f32> {
+        assert!(
+            isa.available(),
+            "this CPU cannot run the {} path",
+            isa.name()
+        );
+        let acts = QActs::quantize(x, m, self.k);
+        // Column-major output per part, padded to whole groups.
+        let mut out = vec![0f32; m * self.n];
+        let mut col0 = 0;
+        for p in &self.parts {
+            let groups = p.groups();
+            let mut out_t = vec![0f32; groups * LANES * m];
+            let work = m * groups * LANES * self.k;
+            if work < 1 << 16 {
+                for (g, o) in out_t.chunks_mut(LANES * m).enumerate() {
+                    p.group_all_rows(isa, g, &acts, o);
+                }
+            } else {
+                out_t
+                    .par_chunks_mut(GROUPS_PER_TASK * LANES * m)
+                    .enumerate()
+                    .for_each(|(t, o)| {
+                        for (j, og) in o.chunks_mut(LANES * m).enumerate() {
+                            p.group_all_rows(isa, t * GROUPS_PER_TASK + j, &acts, og);
+                        }
+                    });
+            }
+            for (j, col) in out_t.chunks_exact(m).take(p.n).enumerate() {
+                for (i, v) in col.iter().enumerate() {
+                    out[i * self.n + col0 + j] = *v;
+                }
+            }
+            col0 += p.n;
+        }
+        out
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::ScaleKind;
+
+    /// 8 consecutive scales as f32 (F16C for f16).
+    #[inline(always)]
+    pub unsafe fn load_scales(p: *const u8, scale: ScaleKind) -> __m256 {
+        match scale {
+            ScaleKind::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+            ScaleKind::F32 => _mm256_loadu_ps(p as *const f32),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                let h = (i as u32 ^ seed).wrapping_mul(2654435761).rotate_left(13) ^ seed;
+                (h % 20011) as f32 / 10005.5 - 1.0
+            })
+            .collect()
+    }
+
+    /// Random rows of every supported format, through the GGUF byte layout (quantized by
+    /// candle's port of ggml), packed.
+    fn every_format(n: usize, k: usize) -> Vec<QMatrix> {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        use candle_core::{Device, Tensor};
+        let w = Tensor::from_vec(data(n * k, 7), (n, k), &Device::Cpu).unwrap();
+        let mut out = Vec::new();
+        for (ty, g) in [
+            ("Q4_0", GgmlDType::Q4_0),
+            ("Q4_1", GgmlDType::Q4_1),
+            ("Q5_0", GgmlDType::Q5_0),
+            ("Q8_0", GgmlDType::Q8_0),
+            ("Q4_K", GgmlDType::Q4K),
+            ("Q6_K", GgmlDType::Q6K),
+        ] {
+            let q = QTensor::quantize(&w, g).unwrap();
+            let rows = ggml::decode(ty, &q.data().unwrap(), n, k).unwrap();
+            out.push(QMatrix::new(rows.pack()));
+        }
+        out
+    }
+
+    fn dequantized(q: &QMatrix) -> Vec<f32> {
+        let mut w = vec![0f32; q.n * q.k];
+        for (r, row) in w.chunks_exact_mut(q.k).enumerate() {
+            q.dequantize_row(r, row);
+        }
+        w
+    }
+
+    /// Against the dequantized weights in f64, the only error is the activations' rounding
+    /// to int8: |x - dx qx| <= dx / 2 per element, so an output may be off by at most
+    /// sum over blocks of dx / 2 * sum |w| (plus f32 rounding, covered by a 1e-4 relative
+    /// margin). The test checks each output against its own bound.
+    #[test]
+    fn quantized_matmul_matches_dequantized_weights_within_the_rounding_bound() {
+        let (m, n, k) = (5, 21, 512);
+        let x = data(m * k, 3);
+        for q in every_format(n, k) {
+            let w = dequantized(&q);
+            let acts = QActs::quantize(&x, m, k);
+            let y = q.matmul(&x, m);
+            for i in 0..m {
+                for j in 0..n {
+                    let (mut exact, mut bound, mut scale) = (0f64, 0f64, 0f64);
+                    for b in 0..k / BLOCK {
+                        let mut wsum = 0f64;
+                        for e in b * BLOCK..(b + 1) * BLOCK {
+                            let (xv, wv) = (x[i * k + e] as f64, w[j * k + e] as f64);
+                            exact += xv * wv;
+                            scale += (xv * wv).abs();
+                            wsum += wv.abs();
+                        }
+                        bound += acts.d[i * (k / BLOCK) + b] as f64 / 2.0 * wsum;
+                    }
+                    let err = (y[i * n + j] as f64 - exact).abs();
+                    assert!(
+                        err <= bound * 1.0001 + 1e-4 * scale + 1e-6,
+                        "{}: out[{i}][{j}] = {} vs {exact} (error {err}, bound {bound})",
+                        q.describe(),
+                        y[i * n + j]
+                    );
+                }
+            }
+        }
+    }
+
+    /// Row i of an m-row product equals the same row alone, bit for bit, on every path, and
+    /// every path equals the portable one.
+    #[test]
+    fn paths_agree_bitwise_and_rows_are_batch_invariant() {
+        let (n, k) = (19, 256);
+        let x = data(9 * k, 11);
+        for q in every_format(n, k) {
+            let reference = q.matmul_with(Isa::Portable, &x, 9);
+            for isa in Isa::ALL {
+                if !isa.available() {
+                    eprintln!("skipping the {} path: this CPU lacks it", isa.name());
+                    continue;
+                }
+                for m in [1, 2, 3, 4, 5, 9] {
+                    let y = q.matmul_with(isa, &x[..m * k], m);
+                    for i in 0..m {
+                        for j in 0..n {
+                            assert_eq!(
+                                y[i * n + j].to_bits(),
+                                reference[i * n + j].to_bits(),
+                                "{} on {}: m={m} row {i} col {j}",
+                                q.describe(),
+                                isa.name()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stacked_parts_of_mixed_formats_fill_their_columns() {
+        let k = 256;
+        let all = every_format(10, k);
+        let refs: Vec<&QMatrix> = all.iter().collect();
+        let stacked = QMatrix::stack(&refs).unwrap();
+        assert_eq!(stacked.n, 60);
+        let x = data(3 * k, 5);
+        let y = stacked.matmul(&x, 3);
+        for (p, q) in all.iter().enumerate() {
+            let yp = q.matmul(&x, 3);
+            for i in 0..3 {
+                for j in 0..10 {
+                    assert_eq!(y[i * 60 + p * 10 + j].to_bits(), yp[i * 10 + j].to_bits());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! The 4-bit family: GGUF `Q4_0`, `Q4_1` and `Q4_K` weights, repacked with the same numbers.
+//!
+//! A weight is `d * q + m` with `q` in 0..=15 and one `(d, m)` pair per block of 32 inputs:
+//! - `Q4_1`: d and m are the block's f16 fields;
+//! - `Q4_0`: `d * (q - 8)`, so m = -8 d (exact);
+//! - `Q4_K`: sub-block j of a 256-super-block has d = d_super * sc_j and m = -dmin * m_j; both
+//!   products of an f16 and a 6-bit integer, so exact in f32 (llama.cpp `dequantize_row_q4_K`).
+//!
+//! Layout: 8 output rows ("lanes") are interleaved so that one 32-byte load holds 4
+//! consecutive inputs of each lane (llama.cpp's `block_q4_0x8` repacking idea). A packed block
+//! covers 8 lanes x 32 inputs: 4 chunks of 32 bytes, byte `c * 4 + i` of chunk `s` holding
+//! lane c's input `4s + i` in its low nibble and input `16 + 4s + i` in its high nibble; then
+//! the 8 lanes' `d`, then their `m` (f16 when exact in f16, else f32).
+//!
+//! Definition (the portable path; every ISA path gives the same bits): for each lane and each
+//! block b in order, with the activation block's scale `dx`, and `sx = dx * sum(qx)`:
+//! `isum = sum(q * qx)` (exact integer), `acc = fma(d * dx, isum, acc)`, `acc = fma(m, sx, acc)`.
+//! Each lane runs these scalar operations whatever the number of rows or lanes computed at
+//! once, which is what makes the result batch-invariant.
+
+use super::activation::ActRow;
+use super::{ScaleKind, BLOCK, LANES};
+
+/// Bytes of one packed block (8 lanes x 32 inputs).
+pub fn block_bytes(scale: ScaleKind) -> usize {
+    128 + 2 * LANES * scale.bytes()
+}
+
+/// Packs lanes `q` (8 rows of `k` values in 0..=15), `d` and `m` (8 rows of `k / 32`) into
+/// blocks appended to `out`.
+pub fn pack_group(
+    q: [&[u8]; LANES],
+    d: [&[f32]; LANES],
+    m: [&[f32]; LANES],
+    scale: ScaleKind,
+    out: &mut Vec<u8>,
+) {
+    let nb = d[0].len();
+    for b in 0..nb {
+        for s in 0..4 {
+            for qc in q.iter() {
+                for i in 0..4 {
+                    let lo = qc[b * BLOCK + 4 * s + i];
+                    let hi = qc[b * BLOCK + 16 + 4 * s + i];
+                    debug_assert!(lo < 16 && hi < 16);
+                    out.push(lo | (hi << 4));
+                }
+            }
+        }
+        for v in [&d, &m] {
+            for row in v.iter() {
+                scale.push(row[b], out);
+            }
+        }
+    }
+}
+
+/// Lane `c`'s weights of packed block `blk`, as f32 (`d * q + m`, fused).
+pub fn dequantize_lane(blk: &[u8], c: usize, scale: ScaleKind, out: &mut [f32]) {
+    let d = scale.read(&blk[128..], c);
+    let m = scale.read(&blk[128 + LANES * scale.bytes()..], c);
+    for s in 0..4 {
+        for i in 0..4 {
+            let byte = blk[s * 32 + c * 4 + i];
+            out[4 * s + i] = d.mul_add((byte & 15) as f32, m);
+            out[16 + 4 * s + i] = d.mul_add((byte >> 4) as f32, m);
+        }
+    }
+}
+
+/// Portable definition: `R` rows by the 8 lanes of one group of `nb` packed blocks.
+pub fn group_portable<const R: usize>(
+    blocks: &[u8],
+    nb: usize,
+    scale: ScaleKind,
+    xs: &[ActRow; R],
+    out: &mut [[f32; LANES]; R],
+) {
+    let bb = block_bytes(scale);
+    let mut acc = [[0f32; LANES]; R];
+    for b in 0..nb {
+        let blk = &blocks[b * bb..(b + 1) * bb];
+        for (r, x) in xs.iter().enumerate() {
+            let qx = &x.q[b * BLOCK..(b + 1) * BLOCK];
+            for c in 0..LANES {
+                let mut isum = 0i32;
+                for s in 0..4 {
+                    for i in 0..4 {
+                        let byte = blk[s * 32 + c * 4 + i];
+                        isum += (byte & 15) as i32 * qx[4 * s + i] as i32;
+                        isum += (byte >> 4) as i32 * qx[16 + 4 * s + i] as i32;
+                    }
+                }
+                let d = scale.read(&blk[128..], c);
+                let m = scale.read(&blk[128 + LANES * scale.bytes()..], c);
+                acc[r][c] = (d * x.d[b]).mul_add(isum as f32, acc[r][c]);
+                acc[r][c] = m.mul_add(x.s[b], acc[r][c]);
+            }
+        }
+    }
+    *out = acc;
+}
+
+#[cfg(target_arch = "x86_64")]
+pub mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::super::activation::ActRow;
+    use super::super::x86::load_scales;
+    use super::super::{ScaleKind, BLOCK, LANES};
+    use super::block_bytes;
+
+    #[inline(always)]
+    unsafe fn bcast4(q: &[i8], at: usize) -> __m256i {
+        _mm256_set1_epi32((q.as_ptr().add(at) as *const i32).read_unaligned())
+    }
+
+    #[inline(always)]
+    unsafe fn finish<const R: usize>(
+        blk: *const u8,
+        scale: ScaleKind,
+        b: usize,
+        xs: &[ActRow; R],
+        isum: &[__m256i; R],
+        acc: &mut [__m256; R],
+    ) {
+        let d = load_scales(blk.add(128), scale);
+        let m = load_scales(blk.add(128 + LANES * scale.bytes()), scale);
+        for r in 0..R {
+            let t = _mm256_mul_ps(d, _mm256_set1_ps(xs[r].d[b]));
+            acc[r] = _mm256_fmadd_ps(t, _mm256_cvtepi32_ps(isum[r]), acc[r]);
+            acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(xs[r].s[b]), acc[r]);
+        }
+    }
+
+    /// AVX2: `maddubs` products summed in 16 bits across the block (at most 8 x 2 x 15 x 127
+    /// = 30,480, clear of saturation), widened once per block.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `blocks` must hold `nb` packed blocks; rows hold `nb`
+    /// activation blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn group_avx2<const R: usize>(
+        blocks: &[u8],
+        nb: usize,
+        scale: ScaleKind,
+        xs: &[ActRow; R],
+        out: &mut [[f32; LANES]; R],
+    ) {
+        let bb = block_bytes(scale);
+        assert!(blocks.len() >= nb * bb);
+        let mask = _mm256_set1_epi8(15);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let blk = blocks.as_ptr().add(b * bb);
+            let mut s16 = [_mm256_setzero_si256(); R];
+            for s in 0..4 {
+                let w = _mm256_loadu_si256(blk.add(32 * s) as *const __m256i);
+                let lo = _mm256_and_si256(w, mask);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), mask);
+                for r in 0..R {
+                    let base = b * BLOCK + 4 * s;
+                    let p = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo, bcast4(xs[r].q, base)),
+                        _mm256_maddubs_epi16(hi, bcast4(xs[r].q, base + 16)),
+                    );
+                    s16[r] = _mm256_add_epi16(s16[r], p);
+                }
+            }
+            let mut isum = [_mm256_setzero_si256(); R];
+            for r in 0..R {
+                isum[r] = _mm256_madd_epi16(s16[r], ones);
+            }
+            finish(blk, scale, b, xs, &isum, &mut acc);
+        }
+        for r in 0..R {
+            _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+        }
+    }
+
+    /// AVX-512 VNNI (on 256-bit registers): `vpdpbusd` sums four u8 x i8 products per lane
+    /// straight into 32 bits.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 VNNI and VL, AVX2 and FMA; sizes as for [`group_avx2`].
+    #[target_feature(enable = "avx512vnni,avx512vl,avx2,fma,f16c")]
+    pub unsafe fn group_vnni<const R: usize>(
+        blocks: &[u8],
+        nb: usize,
+        scale: ScaleKind,
+        xs: &[ActRow; R],
+        out: &mut [[f32; LANES]; R],
+    ) {
+        let bb = block_bytes(scale);
+        assert!(blocks.len() >= nb * bb);
+        let mask = _mm256_set1_epi8(15);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let blk = blocks.as_ptr().add(b * bb);
+            let mut isum = [_mm256_setzero_si256(); R];
+            for s in 0..4 {
+                let w = _mm256_loadu_si256(blk.add(32 * s) as *const __m256i);
+                let lo = _mm256_and_si256(w, mask);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), mask);
+                for r in 0..R {
+                    let base = b * BLOCK + 4 * s;
+                    isum[r] = _mm256_dpbusd_epi32(isum[r], lo, bcast4(xs[r].q, base));
+                    isum[r] = _mm256_dpbusd_epi32(isum[r], hi, bcast4(xs[r].q, base + 16));
+                }
+            }
+            finish(blk, scale, b, xs, &isum, &mut acc);
+        }
+        for r in 0..R {
+            _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+        }
+    }
+}

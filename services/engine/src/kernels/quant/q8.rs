@@ -1,0 +1,184 @@
+//! The 8-bit family: GGUF `Q8_0`, `Q5_0` and `Q6_K` weights (and `--dtype q8_0`), repacked with
+//! the same numbers.
+//!
+//! A weight is `d * q` with `q` a signed integer and one scale `d` per sub-block of
+//! `32 / sub` inputs:
+//! - `Q8_0`: q in -128..=127, the block's f16 d, one sub-block;
+//! - `Q5_0`: q = (5-bit value) - 16, the block's f16 d, one sub-block;
+//! - `Q6_K`: q = (6-bit value) - 32, sub-blocks of 16 with d = d_super * sc_j: an f16 times an
+//!   int8, exact in f32 (llama.cpp `dequantize_row_q6_K`); two sub-blocks per block.
+//!
+//! Layout: 8 output rows ("lanes") interleaved, 4 inputs of each lane per 32 bytes (see `q4.rs`):
+//! a packed block is 8 chunks of 32 bytes, byte `c * 4 + i` of chunk `s` holding lane c's input
+//! `4s + i`; then, for each sub-block, the 8 lanes' scales (f16 when exact, else f32).
+//!
+//! Definition (the portable path; every ISA path gives the same bits): for each lane, each
+//! block b in order and each of its sub-blocks h in order, with the activation block's scale
+//! `dx`: `isum = sum(q * qx)` over the sub-block (exact), `acc = fma(d_h * dx, isum, acc)`.
+
+use super::activation::ActRow;
+use super::{ScaleKind, BLOCK, LANES};
+
+/// Bytes of one packed block (8 lanes x 32 inputs) with `sub` scales per lane.
+pub fn block_bytes(scale: ScaleKind, sub: usize) -> usize {
+    256 + sub * LANES * scale.bytes()
+}
+
+/// Packs lanes `q` (8 rows of `k` signed values) and `d` (8 rows of `k / 32 * sub` scales).
+pub fn pack_group(
+    q: [&[i8]; LANES],
+    d: [&[f32]; LANES],
+    sub: usize,
+    scale: ScaleKind,
+    out: &mut Vec<u8>,
+) {
+    let nb = q[0].len() / BLOCK;
+    for b in 0..nb {
+        for s in 0..8 {
+            for qc in q.iter() {
+                for i in 0..4 {
+                    out.push(qc[b * BLOCK + 4 * s + i] as u8);
+                }
+            }
+        }
+        for h in 0..sub {
+            for row in d.iter() {
+                scale.push(row[b * sub + h], out);
+            }
+        }
+    }
+}
+
+/// Lane `c`'s weights of packed block `blk`, as f32 (`d * q`).
+pub fn dequantize_lane(blk: &[u8], c: usize, sub: usize, scale: ScaleKind, out: &mut [f32]) {
+    let per = BLOCK / sub;
+    for e in 0..BLOCK {
+        let q = blk[(e / 4) * 32 + c * 4 + e % 4] as i8;
+        let d = scale.read(&blk[256 + (e / per) * LANES * scale.bytes()..], c);
+        out[e] = d * q as f32;
+    }
+}
+
+/// Portable definition: `R` rows by the 8 lanes of one group of `nb` packed blocks.
+pub fn group_portable<const R: usize>(
+    blocks: &[u8],
+    nb: usize,
+    sub: usize,
+    scale: ScaleKind,
+    xs: &[ActRow; R],
+    out: &mut [[f32; LANES]; R],
+) {
+    let bb = block_bytes(scale, sub);
+    let per = BLOCK / sub;
+    let mut acc = [[0f32; LANES]; R];
+    for b in 0..nb {
+        let blk = &blocks[b * bb..(b + 1) * bb];
+        for (r, x) in xs.iter().enumerate() {
+            let qx = &x.q[b * BLOCK..(b + 1) * BLOCK];
+            for c in 0..LANES {
+                for h in 0..sub {
+                    let mut isum = 0i32;
+                    for e in h * per..(h + 1) * per {
+                        let q = blk[(e / 4) * 32 + c * 4 + e % 4] as i8;
+                        isum += q as i32 * qx[e] as i32;
+                    }
+                    let d = scale.read(&blk[256 + h * LANES * scale.bytes()..], c);
+                    acc[r][c] = (d * x.d[b]).mul_add(isum as f32, acc[r][c]);
+                }
+            }
+        }
+    }
+    *out = acc;
+}
+
+#[cfg(target_arch = "x86_64")]
+pub mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::super::activation::ActRow;
+    use super::super::x86::load_scales;
+    use super::super::{ScaleKind, BLOCK, LANES};
+    use super::block_bytes;
+
+    #[inline(always)]
+    unsafe fn bcast4(q: &[i8], at: usize) -> __m256i {
+        _mm256_set1_epi32((q.as_ptr().add(at) as *const i32).read_unaligned())
+    }
+
+    /// Signed x signed through the unsigned x signed instructions: |w| times x with w's sign
+    /// (`vpsignb`). |w| <= 128 and |x| <= 127 keep `maddubs` pairs under 32,767.
+    #[inline(always)]
+    unsafe fn run<const R: usize, const VNNI: bool>(
+        blocks: &[u8],
+        nb: usize,
+        sub: usize,
+        scale: ScaleKind,
+        xs: &[ActRow; R],
+        out: &mut [[f32; LANES]; R],
+        dot: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
+    ) {
+        let bb = block_bytes(scale, sub);
+        assert!(blocks.len() >= nb * bb);
+        let chunks = 8 / sub;
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let blk = blocks.as_ptr().add(b * bb);
+            for h in 0..sub {
+                let mut isum = [_mm256_setzero_si256(); R];
+                for s in h * chunks..(h + 1) * chunks {
+                    let w = _mm256_loadu_si256(blk.add(32 * s) as *const __m256i);
+                    let aw = _mm256_abs_epi8(w);
+                    for r in 0..R {
+                        let x = _mm256_sign_epi8(bcast4(xs[r].q, b * BLOCK + 4 * s), w);
+                        isum[r] = dot(isum[r], aw, x);
+                    }
+                }
+                let d = load_scales(blk.add(256 + h * LANES * scale.bytes()), scale);
+                for r in 0..R {
+                    let t = _mm256_mul_ps(d, _mm256_set1_ps(xs[r].d[b]));
+                    acc[r] = _mm256_fmadd_ps(t, _mm256_cvtepi32_ps(isum[r]), acc[r]);
+                }
+            }
+        }
+        for r in 0..R {
+            _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+        }
+    }
+
+    /// AVX2 path.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C; `blocks` must hold `nb` packed blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn group_avx2<const R: usize>(
+        blocks: &[u8],
+        nb: usize,
+        sub: usize,
+        scale: ScaleKind,
+        xs: &[ActRow; R],
+        out: &mut [[f32; LANES]; R],
+    ) {
+        let ones = _mm256_set1_epi16(1);
+        run::<R, false>(blocks, nb, sub, scale, xs, out, |acc, a, b| {
+            _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones))
+        })
+    }
+
+    /// AVX-512 VNNI path (`vpdpbusd` on 256-bit registers).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 VNNI and VL, AVX2, FMA and F16C; sizes as for [`group_avx2`].
+    #[target_feature(enable = "avx512vnni,avx512vl,avx2,fma,f16c")]
+    pub unsafe fn group_vnni<const R: usize>(
+        blocks: &[u8],
+        nb: usize,
+        sub: usize,
+        scale: ScaleKind,
+        xs: &[ActRow; R],
+        out: &mut [[f32; LANES]; R],
+    ) {
+        run::<R, true>(blocks, nb, sub, scale, xs, out, |acc, a, b| {
+            _mm256_dpbusd_epi32(acc, a, b)
+        })
+    }
+}
