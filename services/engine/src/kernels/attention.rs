@@ -7,8 +7,6 @@
 //! that decoder; masked slots are skipped, not multiplied by zero. This is the tree attention
 //! of SpecInfer (Miao et al., 2023) and EAGLE (Li et al., 2024) without a dense mask.
 
-use rayon::prelude::*;
-
 use super::dot::dot;
 
 /// Which cache slots each new query may see.
@@ -167,9 +165,14 @@ pub fn attention(
             .enumerate()
             .for_each(|x| run(x, &mut scores));
     } else {
-        out.par_chunks_exact_mut(hd)
-            .enumerate()
-            .for_each_init(Vec::new, |scores, x| run(x, scores));
+        // A few heads per task: each task keeps one score buffer.
+        let per = (m * nh).div_ceil(4 * super::pool::threads()).max(1);
+        super::pool::for_each_chunk(&mut out, per * hd, &|t, o| {
+            let mut scores = Vec::new();
+            for (j, oh) in o.chunks_exact_mut(hd).enumerate() {
+                run((t * per + j, oh), &mut scores);
+            }
+        });
     }
     out
 }

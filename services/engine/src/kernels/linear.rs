@@ -4,8 +4,6 @@
 //! however many there are (see `dot.rs`). Work is split over output columns only, so no
 //! reduction is ever split across threads.
 
-use rayon::prelude::*;
-
 use super::dot::{dot_block, WeightElem};
 
 /// Columns per parallel task; large enough to amortise scheduling, small enough to balance.
@@ -98,10 +96,11 @@ pub fn linear<W: WeightElem>(
     if work < 1 << 16 {
         column_block(x, m, k, w, &mut out_t);
     } else {
-        out_t
-            .par_chunks_mut(COLS_PER_TASK * m)
-            .zip(w.par_chunks(COLS_PER_TASK * k))
-            .for_each(|(o, wb)| column_block(x, m, k, wb, o));
+        super::pool::for_each_chunk(&mut out_t, COLS_PER_TASK * m, &|t, o| {
+            let c0 = t * COLS_PER_TASK;
+            let wb = &w[c0 * k..(c0 + o.len() / m) * k];
+            column_block(x, m, k, wb, o)
+        });
     }
     if let Some(b) = bias {
         for (j, col) in out_t.chunks_exact_mut(m).enumerate() {

@@ -15,6 +15,7 @@ pub mod attention;
 pub mod dot;
 pub mod linear;
 pub mod norm;
+pub mod pool;
 pub mod quant;
 
 use candle_core::{Storage, Tensor, WithDType};

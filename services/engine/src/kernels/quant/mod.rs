@@ -27,16 +27,20 @@ pub mod q8;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
-use rayon::prelude::*;
-
 use activation::{ActRow, QActs};
 
 /// Inputs per block.
 pub const BLOCK: usize = 32;
 /// Output rows interleaved in a packed group.
 pub const LANES: usize = 8;
-/// Activation rows computed per pass over a weight group (register blocking).
-const ROWS: usize = 4;
+/// Activation rows computed per pass over a weight group (register blocking): AVX-512VL has
+/// 32 vector registers, AVX2 16.
+fn rows_per_pass(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512Vnni => 8,
+        _ => 4,
+    }
+}
 /// Packed groups (of 8 output rows) per parallel task.
 const GROUPS_PER_TASK: usize = 4;
 
@@ -381,8 +385,13 @@ impl Packed {
                 i += $r;
             }};
         }
+        let most = rows_per_pass(isa);
         while i < m {
-            match (m - i).min(ROWS) {
+            match (m - i).min(most) {
+                8 => rows!(8),
+                7 => rows!(7),
+                6 => rows!(6),
+                5 => rows!(5),
                 4 => rows!(4),
                 3 => rows!(3),
                 2 => rows!(2),
@@ -471,14 +480,11 @@ impl QMatrix {
                     p.group_all_rows(isa, g, &acts, o);
                 }
             } else {
-                out_t
-                    .par_chunks_mut(GROUPS_PER_TASK * LANES * m)
-                    .enumerate()
-                    .for_each(|(t, o)| {
-                        for (j, og) in o.chunks_mut(LANES * m).enumerate() {
-                            p.group_all_rows(isa, t * GROUPS_PER_TASK + j, &acts, og);
-                        }
-                    });
+                super::pool::for_each_chunk(&mut out_t, GROUPS_PER_TASK * LANES * m, &|t, o| {
+                    for (j, og) in o.chunks_mut(LANES * m).enumerate() {
+                        p.group_all_rows(isa, t * GROUPS_PER_TASK + j, &acts, og);
+                    }
+                });
             }
             for (j, col) in out_t.chunks_exact(m).take(p.n).enumerate() {
                 for (i, v) in col.iter().enumerate() {

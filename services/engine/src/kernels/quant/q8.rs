@@ -124,14 +124,23 @@ pub mod x86 {
         for b in 0..nb {
             let blk = blocks.as_ptr().add(b * bb);
             for h in 0..sub {
-                let mut isum = [_mm256_setzero_si256(); R];
-                for s in h * chunks..(h + 1) * chunks {
-                    let w = _mm256_loadu_si256(blk.add(32 * s) as *const __m256i);
-                    let aw = _mm256_abs_epi8(w);
+                // Even and odd chunks in two accumulators: two short dependency chains.
+                let mut even = [_mm256_setzero_si256(); R];
+                let mut odd = [_mm256_setzero_si256(); R];
+                for s in (h * chunks..(h + 1) * chunks).step_by(2) {
+                    let w0 = _mm256_loadu_si256(blk.add(32 * s) as *const __m256i);
+                    let w1 = _mm256_loadu_si256(blk.add(32 * s + 32) as *const __m256i);
+                    let (a0, a1) = (_mm256_abs_epi8(w0), _mm256_abs_epi8(w1));
                     for r in 0..R {
-                        let x = _mm256_sign_epi8(bcast4(xs[r].q, b * BLOCK + 4 * s), w);
-                        isum[r] = dot(isum[r], aw, x);
+                        let x0 = _mm256_sign_epi8(bcast4(xs[r].q, b * BLOCK + 4 * s), w0);
+                        let x1 = _mm256_sign_epi8(bcast4(xs[r].q, b * BLOCK + 4 * s + 4), w1);
+                        even[r] = dot(even[r], a0, x0);
+                        odd[r] = dot(odd[r], a1, x1);
                     }
+                }
+                let mut isum = [_mm256_setzero_si256(); R];
+                for r in 0..R {
+                    isum[r] = _mm256_add_epi32(even[r], odd[r]);
                 }
                 let d = load_scales(blk.add(256 + h * LANES * scale.bytes()), scale);
                 for r in 0..R {
