@@ -48,6 +48,11 @@ pub struct BenchArgs {
     /// a CPU this shows the cost of the collectives, not a speed-up).
     #[arg(long, default_value_t = 1)]
     pub tp: usize,
+    /// Also run llama.cpp on the same GGUF, prompt token ids, thread count and token budget,
+    /// through this Python (one with PyPI's llama-cpp-python: see bench/README.md), and add
+    /// its figures and the ratios to the summary (`llamacpp_tokens_per_s`, `eagle_vs_llamacpp`).
+    #[arg(long, value_name = "PYTHON")]
+    pub compare_llamacpp: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -131,6 +136,69 @@ impl Totals {
     }
 }
 
+/// What `bench/llamacpp.py` reports.
+struct LlamaCpp {
+    tokens_per_s: f64,
+    prompt_tokens_per_s: f64,
+    /// Its JSON, less the token ids.
+    raw: serde_json::Value,
+}
+
+/// Runs llama.cpp (through `python` and `bench/llamacpp.py`) on the same GGUF, prompt ids,
+/// token budget and thread count.
+fn run_llamacpp(python: &std::path::Path, a: &BenchArgs, ids: &[Vec<u32>]) -> Result<LlamaCpp> {
+    let model = crate::runtime::resolve_or_fetch(&a.model.model)?;
+    if model.extension().is_none_or(|x| x != "gguf") {
+        bail!(
+            "--compare-llamacpp needs a .gguf model, not {}",
+            model.display()
+        );
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../bench/llamacpp.py");
+    let prompts = a.out.join("llamacpp_prompts.json");
+    std::fs::write(&prompts, serde_json::to_vec(ids)?)?;
+    eprintln!("running llama.cpp on the same {} prompts", ids.len());
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .arg("--model")
+        .arg(&model)
+        .arg("--prompts")
+        .arg(&prompts)
+        .args(["--max-new-tokens", &a.sampling.max_new_tokens.to_string()])
+        .args([
+            "--threads",
+            &eagle_engine::kernels::pool::threads().to_string(),
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {} {}", python.display(), script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} {} failed ({}): is llama-cpp-python installed for it? (bench/README.md)",
+            python.display(),
+            script.display(),
+            out.status
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut raw: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or(""))
+        .context("bench/llamacpp.py printed no JSON summary")?;
+    std::fs::write(a.out.join("llamacpp.json"), raw.to_string())?;
+    if let Some(o) = raw.as_object_mut() {
+        o.remove("token_ids");
+    }
+    let num = |k: &str| {
+        raw[k]
+            .as_f64()
+            .with_context(|| format!("llama.cpp summary lacks {k}"))
+    };
+    Ok(LlamaCpp {
+        tokens_per_s: num("tokens_per_s")?,
+        prompt_tokens_per_s: num("prompt_tokens_per_s")?,
+        raw,
+    })
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     let mut prompts = match builtin_prompts(&a.prompts.to_string_lossy())? {
         Some(p) => p,
@@ -195,8 +263,11 @@ fn run_prompts(a: BenchArgs, prompts: &mut Vec<PromptLine>) -> Result<()> {
     let mut totals = [Totals::default(), Totals::default()];
     let mut by_cat: BTreeMap<String, [Totals; 2]> = BTreeMap::new();
     let mut identical = 0usize;
+    let mut all_ids = Vec::new();
+    let (mut prompt_tokens, mut prefill_s) = (0usize, 0f64);
     for (i, p) in prompts.iter().enumerate() {
         let ids = prompt_ids(&engine, &p.prompt, a.raw || p.raw)?;
+        all_ids.push(ids.clone());
         let category = p.category.clone().unwrap_or_else(|| "all".into());
         let id = p.id.clone().unwrap_or_else(|| serde_json::json!(i));
         let mut outs = Vec::new();
@@ -212,6 +283,10 @@ fn run_prompts(a: BenchArgs, prompts: &mut Vec<PromptLine>) -> Result<()> {
                 .generate(&req)
                 .with_context(|| format!("prompt {id}"))?;
             totals[k].add(&o);
+            if mode == Mode::Vanilla {
+                prompt_tokens += ids.len();
+                prefill_s += o.prefill_s;
+            }
             by_cat.entry(category.clone()).or_default()[k].add(&o);
             let line = serde_json::json!({
                 "id": id,
@@ -279,8 +354,28 @@ fn run_prompts(a: BenchArgs, prompts: &mut Vec<PromptLine>) -> Result<()> {
         "mean_accepted": e.tokens as f64 / e.steps.max(1) as f64,
         "categories": categories,
         "verify_cost_ms": profile.points.iter().map(|(n, s)| serde_json::json!([n, s * 1e3])).collect::<Vec<_>>(),
+        "prompt_tokens_per_s": prompt_tokens as f64 / prefill_s.max(1e-9),
+        "kernels": eagle_engine::kernels::quant::isa().name(),
+        "threads": eagle_engine::kernels::pool::threads(),
     });
     let mut summary = summary;
+    if let Some(python) = &a.compare_llamacpp {
+        let l = run_llamacpp(python, &a, &all_ids)?;
+        let ratio = |ours: f64| ours / l.tokens_per_s;
+        eprintln!(
+            "llama.cpp      {:>7.1} tok/s (ours: vanilla {:.2}x, eagle {:.2}x); prompt {:.0} \
+             tok/s (ours {:.0})",
+            l.tokens_per_s,
+            ratio(v.tps()),
+            ratio(e.tps()),
+            l.prompt_tokens_per_s,
+            prompt_tokens as f64 / prefill_s.max(1e-9)
+        );
+        summary["llamacpp_tokens_per_s"] = l.tokens_per_s.into();
+        summary["vanilla_vs_llamacpp"] = ratio(v.tps()).into();
+        summary["eagle_vs_llamacpp"] = ratio(e.tps()).into();
+        summary["llamacpp"] = l.raw;
+    }
     if let Some(r) = remote {
         let e = &totals[1];
         let c = &cluster_totals;

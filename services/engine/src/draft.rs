@@ -133,7 +133,13 @@ impl Drafter {
         cfg.validate()?;
         let w = Weights::new(src, dtype, device.clone()).with_quant(quant);
         let (embed, lm_head) = load_embed_and_lm_head(&w, cfg)?;
-        let head = EagleHead::load(head_dir, cfg, dtype, device)?;
+        let head = EagleHead::load_with(
+            head_dir,
+            cfg,
+            dtype,
+            crate::generate::head_quant(quant),
+            device,
+        )?;
         Ok(Self::assemble(
             Arc::new(head),
             embed,

@@ -110,6 +110,15 @@ pub struct LoadOptions {
     pub device: Device,
 }
 
+/// How a head loads for a target loaded as `target`: a quantized target gets a Q8_0 head (its
+/// float weights quantized at load; drafting is then as cheap as the target's own passes).
+pub fn head_quant(target: Quant) -> Quant {
+    match target {
+        Quant::None => Quant::None,
+        Quant::Native | Quant::Q8_0 => Quant::Q8_0,
+    }
+}
+
 /// A loaded target, its tokenizer and optionally an EAGLE head.
 pub struct Engine {
     pub target: Arc<TargetModel>,
@@ -140,7 +149,13 @@ impl Engine {
         )?;
         let drafter = match &opts.head {
             Some(dir) => {
-                let head = EagleHead::load(dir, &target.cfg, opts.dtype, &opts.device)?;
+                let head = EagleHead::load_with(
+                    dir,
+                    &target.cfg,
+                    opts.dtype,
+                    head_quant(opts.quant),
+                    &opts.device,
+                )?;
                 Some(Drafter::new(Arc::new(head), &target))
             }
             None => None,

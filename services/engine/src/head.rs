@@ -27,7 +27,7 @@ use crate::kernels::attention::Visibility;
 use crate::kv_cache::KvCache;
 use crate::layers::{use_cpu_kernels, DecoderLayer, Linear, Rope};
 use crate::loader::safetensors::SafetensorsSource;
-use crate::loader::{WeightSource, Weights};
+use crate::loader::{Quant, WeightSource, Weights};
 use crate::parallel::Shard;
 use crate::sampling::Rng;
 
@@ -114,6 +114,18 @@ impl WeightSource for MapSource {
 impl EagleHead {
     /// Loads a head directory and checks it against the target it will draft for.
     pub fn load(dir: &Path, target: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with(dir, target, dtype, Quant::None, device)
+    }
+
+    /// [`EagleHead::load`] with matrices quantized as `quant` says. A quantized head drafts
+    /// faster and loses nothing: the target decides every token.
+    pub fn load_with(
+        dir: &Path,
+        target: &ModelConfig,
+        dtype: DType,
+        quant: Quant,
+        device: &Device,
+    ) -> Result<Self> {
         if !dir.is_dir() {
             return Err(EngineError::MissingFile {
                 path: dir.to_path_buf(),
@@ -165,7 +177,7 @@ impl EagleHead {
                 what: "model.safetensors or pytorch_model.bin".into(),
             });
         };
-        let head = Self::from_source(src.as_ref(), cfg, dtype, device)?;
+        let head = Self::from_source(src.as_ref(), cfg, dtype, quant, device)?;
         let found = head.draft_vocab.as_ref().map(|d| d.d2t.len());
         if draft_vocab_size.is_some() && draft_vocab_size != found {
             return Err(EngineError::Config(format!(
@@ -191,18 +203,19 @@ impl EagleHead {
             map,
             desc: "tensors in memory".into(),
         };
-        Self::from_source(&src, cfg, dtype, device)
+        Self::from_source(&src, cfg, dtype, Quant::None, device)
     }
 
     fn from_source(
         src: &dyn WeightSource,
         cfg: ModelConfig,
         dtype: DType,
+        quant: Quant,
         device: &Device,
     ) -> Result<Self> {
-        let w = Weights::new(src, dtype, device.clone());
+        let w = Weights::new(src, dtype, device.clone()).with_quant(quant);
         let h = cfg.hidden_size;
-        let fc_w = w.get("fc.weight", &[h, 2 * h])?;
+        let fc_w = w.get_matrix("fc.weight", &[h, 2 * h])?;
         let fc_b = w.get_f32_opt("fc.bias", &[h])?;
         // The head's one layer is dense whatever the target (EAGLE's Mixtral heads are too).
         let mut layer_cfg = cfg.clone();
@@ -225,16 +238,16 @@ impl EagleHead {
                             src.describe()
                         ))
                     })?;
-                let lm = w.get("lm_head.weight", &[n, h])?;
+                let lm = w.get_matrix("lm_head.weight", &[n, h])?;
                 Some(DraftVocab::new(
-                    Linear::new(lm, None)?,
+                    Linear::from_matrix(lm, None)?,
                     ids,
                     cfg.vocab_size,
                 )?)
             }
         };
         Ok(EagleHead {
-            fc: Linear::new(fc_w, fc_b)?,
+            fc: Linear::from_matrix(fc_w, fc_b)?,
             layer,
             rope,
             device: device.clone(),
@@ -258,7 +271,7 @@ impl EagleHead {
         };
         let mut cfg = target.clone();
         cfg.num_layers = 1;
-        Self::from_source(&src, cfg, dtype, device)
+        Self::from_source(&src, cfg, dtype, Quant::None, device)
     }
 
     /// Writes `config.json` and `model.safetensors` in the published format, float tensors in

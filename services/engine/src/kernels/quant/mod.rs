@@ -41,8 +41,9 @@ fn rows_per_pass(isa: Isa) -> usize {
         _ => 4,
     }
 }
-/// Packed groups (of 8 output rows) per parallel task.
-const GROUPS_PER_TASK: usize = 4;
+/// Parallel tasks per thread: few and large, so each thread streams long contiguous runs of
+/// weights (what the hardware prefetchers follow), yet enough to even out the threads.
+const TASKS_PER_THREAD: usize = 3;
 
 /// How a packed block stores its scales: f16 when every scale is exactly an f16 (Q4_0, Q4_1,
 /// Q8_0, Q5_0), f32 when they are products that only f32 holds exactly (K-quants).
@@ -480,9 +481,10 @@ impl QMatrix {
                     p.group_all_rows(isa, g, &acts, o);
                 }
             } else {
-                super::pool::for_each_chunk(&mut out_t, GROUPS_PER_TASK * LANES * m, &|t, o| {
+                let per = groups.div_ceil(TASKS_PER_THREAD * super::pool::threads());
+                super::pool::for_each_chunk(&mut out_t, per * LANES * m, &|t, o| {
                     for (j, og) in o.chunks_mut(LANES * m).enumerate() {
-                        p.group_all_rows(isa, t * GROUPS_PER_TASK + j, &acts, og);
+                        p.group_all_rows(isa, t * per + j, &acts, og);
                     }
                 });
             }
