@@ -354,6 +354,7 @@ fn run_prompts(a: BenchArgs, prompts: &mut Vec<PromptLine>) -> Result<()> {
         "mean_accepted": e.tokens as f64 / e.steps.max(1) as f64,
         "categories": categories,
         "verify_cost_ms": profile.points.iter().map(|(n, s)| serde_json::json!([n, s * 1e3])).collect::<Vec<_>>(),
+        "draft_level_ms": profile.draft_level_s * 1e3,
         "prompt_tokens_per_s": prompt_tokens as f64 / prefill_s.max(1e-9),
         "kernels": eagle_engine::kernels::quant::isa().name(),
         "threads": eagle_engine::kernels::pool::threads(),

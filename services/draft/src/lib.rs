@@ -37,6 +37,8 @@ pub struct DraftService {
     model_name: String,
     head_name: String,
     sessions: Arc<SessionTable<Sequence>>,
+    /// Measured seconds per draft level; added to the worker's costs that sessions bring.
+    draft_level_s: f64,
 }
 
 pub struct DraftOptions {
@@ -57,11 +59,19 @@ impl DraftService {
     pub fn new(drafter: Drafter, opts: DraftOptions) -> Self {
         let sessions = SessionTable::new(opts.cache_limit_bytes, opts.idle_timeout);
         sessions.spawn_reaper();
+        let draft_level_s = drafter
+            .measure_level_cost(eagle_engine::SpecConfig::default().top_k)
+            .unwrap_or_else(|e| {
+                tracing::warn!("cannot time a draft level ({e}); trees are sized without it");
+                0.0
+            });
+        tracing::info!(ms = draft_level_s * 1e3, "draft level cost measured");
         DraftService {
             drafter: Arc::new(drafter),
             model_name: opts.model_name,
             head_name: opts.head_name,
             sessions,
+            draft_level_s,
         }
     }
 
@@ -113,6 +123,7 @@ impl Draft for DraftService {
                     .zip(&r.cost_seconds)
                     .map(|(&n, &s)| (n as usize, s))
                     .collect(),
+                draft_level_s: self.draft_level_s,
             });
             let budget = TreeBudget::for_spec(&spec, profile);
             let capacity = r.capacity as usize + spec.draft_slots();

@@ -152,6 +152,40 @@ impl Drafter {
         self.vocab
     }
 
+    /// Seconds one draft level takes with a frontier of `k` nodes: a head pass over them after
+    /// a 64-pair prefix, and their LM head rows (best of 3). Sizes automatic trees.
+    pub fn measure_level_cost(&self, k: usize) -> Result<f64> {
+        let h = self.head.cfg.hidden_size;
+        let prefix = 64;
+        let mut sess = self.open(prefix + k + 1)?;
+        let tokens: Vec<u32> = (0..prefix as u32)
+            .map(|i| (i * 7919 + 13) % self.vocab as u32)
+            .collect();
+        let feats = Tensor::zeros((prefix, h), DType::F32, &self.head.device)?;
+        sess.push(&tokens, &feats)?;
+        let root_hidden = self.absorb(&mut sess)?;
+        let committed = sess.cache.len();
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            let mut nodes: Vec<Open> = (0..k)
+                .map(|i| Open {
+                    token: tokens[i % prefix],
+                    parent_hidden: root_hidden.clone(),
+                    ancestors: Vec::new(),
+                })
+                .collect();
+            let t = std::time::Instant::now();
+            let hidden = self.run_nodes(&mut sess, &mut nodes, committed, committed)?;
+            let logits = self.logits(&hidden)?;
+            for row in &logits {
+                std::hint::black_box(top_k(&log_softmax(row), k));
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+            sess.cache.truncate(committed);
+        }
+        Ok(best)
+    }
+
     /// A session whose head cache holds `capacity` slots: committed pairs plus a draft.
     pub fn open(&self, capacity: usize) -> Result<DraftSession> {
         Ok(DraftSession {
@@ -367,7 +401,7 @@ impl Drafter {
         stats.scored = cands.len();
         let mut scores: Vec<f32> = cands.iter().map(|c| c.score).collect();
         scores.sort_by(|a, b| b.total_cmp(a));
-        let n = budget.keep(&scores);
+        let n = budget.keep(&scores, stats.head_passes);
         Ok((rerank(root, &cands, n), stats))
     }
 

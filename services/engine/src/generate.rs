@@ -189,7 +189,10 @@ impl Engine {
         if let Some(c) = guard.as_ref() {
             return Ok(c.clone());
         }
-        let c = measure_costs(&self.target)?;
+        let mut c = measure_costs(&self.target)?;
+        if let Some(d) = &self.drafter {
+            c.draft_level_s = d.measure_level_cost(SpecConfig::default().top_k)?;
+        }
         *guard = Some(c.clone());
         Ok(c)
     }
@@ -383,5 +386,8 @@ pub fn measure_costs(target: &TargetModel) -> Result<CostProfile> {
         }
         points.push((n, best));
     }
-    Ok(CostProfile { points })
+    Ok(CostProfile {
+        points,
+        ..Default::default()
+    })
 }

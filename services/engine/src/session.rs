@@ -10,10 +10,14 @@ use candle_core::{IndexOp, Tensor};
 use crate::error::Result;
 use crate::kernels::attention::Visibility;
 use crate::kv_cache::KvCache;
+use crate::layers::use_cpu_kernels;
 use crate::models::TargetModel;
 use crate::sampling::{Rng, SamplingParams};
 use crate::tree::DraftTree;
 use crate::verify::{verify_greedy, verify_sampling_with, AcceptRule, Recursive, Verdict};
+
+/// Nodes of the draft's best chain whose logits verification computes in one pass.
+const PREFETCH_LOGITS: usize = 3;
 
 pub struct TargetSession {
     pub cache: KvCache,
@@ -75,7 +79,29 @@ impl TargetSession {
         let start = self.cache.len();
         let vis = Visibility::tree(start, &tree.parents);
         let feats = target.forward(&mut self.cache, &tree.tokens, &tree.positions(start), &vis)?;
+        // The walk reads the LM head at the nodes it visits. The draft's own best chain is the
+        // likeliest walk: its first nodes' logits come from one LM-head pass (each row's bits
+        // are the same as alone on the CPU kernels), the rest on demand.
+        let mut ready: Vec<(usize, Vec<f32>)> = Vec::new();
+        if use_cpu_kernels(&target.device) {
+            let chain = tree.best_chain(PREFETCH_LOGITS);
+            let idx = Tensor::new(
+                chain
+                    .iter()
+                    .map(|&c| c as u32)
+                    .collect::<Vec<_>>()
+                    .as_slice(),
+                feats.device(),
+            )?;
+            let rows = target
+                .logits(&feats.index_select(&idx, 0)?)?
+                .to_vec2::<f32>()?;
+            ready = chain.into_iter().zip(rows).collect();
+        }
         let mut logits_at = |i: usize| -> Result<Vec<f32>> {
+            if let Some(k) = ready.iter().position(|(n, _)| *n == i) {
+                return Ok(ready.swap_remove(k).1);
+            }
             Ok(target
                 .logits(&feats.i(i..i + 1)?)?
                 .squeeze(0)?

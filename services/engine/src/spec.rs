@@ -106,11 +106,16 @@ impl TreeBudget {
         }
     }
 
-    /// Non-root nodes to keep, given candidate scores sorted best first.
-    pub fn keep(&self, sorted_scores: &[f32]) -> usize {
+    /// Non-root nodes to keep, given candidate scores sorted best first, after `levels` head
+    /// passes of drafting.
+    pub fn keep(&self, sorted_scores: &[f32], levels: usize) -> usize {
         match self {
             TreeBudget::Fixed(n) => (*n).min(sorted_scores.len()),
-            TreeBudget::Auto(p) => p.best_keep(sorted_scores, AUTO_MAX_TOKENS - 1),
+            TreeBudget::Auto(p) => p.best_keep(
+                sorted_scores,
+                AUTO_MAX_TOKENS - 1,
+                levels as f64 * p.draft_level_s,
+            ),
         }
     }
 
@@ -132,20 +137,27 @@ impl TreeBudget {
     }
 
     /// Whether a frontier whose best cumulative log-probability is `best` can still add a node
-    /// worth its verification cost. Fixed budgets always expand, as EAGLE-2 does.
+    /// worth its cost: one more head pass plus the node's verification, against the expected
+    /// tokens it adds (at most its probability), each worth a one-token step. Fixed budgets
+    /// always expand, as EAGLE-2 does.
     pub fn worth_expanding(&self, best: f32) -> bool {
         match self {
             TreeBudget::Fixed(_) => true,
-            TreeBudget::Auto(p) => (best as f64).exp() >= p.marginal_token_cost(),
+            TreeBudget::Auto(p) => {
+                (best as f64).exp() >= p.marginal_token_cost() + p.draft_level_s / p.cost(1)
+            }
         }
     }
 }
 
-/// Measured cost of one target forward over n new tokens, for a few n.
-#[derive(Clone, Debug, PartialEq)]
+/// Measured costs of a speculative step: one target forward over n new tokens, for a few n,
+/// and one draft level (a head pass over the frontier plus its LM head).
+#[derive(Clone, Debug, PartialEq, Default)]
 pub struct CostProfile {
     /// (tokens, seconds), increasing in tokens.
     pub points: Vec<(usize, f64)>,
+    /// Seconds per draft level (0 when not measured).
+    pub draft_level_s: f64,
 }
 
 impl CostProfile {
@@ -178,13 +190,15 @@ impl CostProfile {
         ((self.cost(16) - self.cost(1)) / 15.0 / self.cost(1)).max(0.0)
     }
 
-    /// How many non-root nodes to keep, given candidate scores sorted best first.
-    pub fn best_keep(&self, sorted_scores: &[f32], max_nodes: usize) -> usize {
-        let mut best = (0usize, 1.0 / self.cost(1));
+    /// How many non-root nodes to keep, given candidate scores sorted best first and the
+    /// `drafted_s` seconds the draft already took: the count that maximises expected tokens
+    /// per second of the whole step.
+    pub fn best_keep(&self, sorted_scores: &[f32], max_nodes: usize, drafted_s: f64) -> usize {
+        let mut best = (0usize, 1.0 / (self.cost(1) + drafted_s));
         let mut expected = 1.0f64;
         for (i, s) in sorted_scores.iter().take(max_nodes).enumerate() {
             expected += (*s as f64).exp();
-            let rate = expected / self.cost(i + 2);
+            let rate = expected / (self.cost(i + 2) + drafted_s);
             if rate > best.1 {
                 best = (i + 1, rate);
             }
@@ -201,6 +215,7 @@ mod tests {
     fn cost_interpolates_and_extrapolates() {
         let c = CostProfile {
             points: vec![(1, 1.0), (9, 2.0), (17, 4.0)],
+            ..Default::default()
         };
         assert_eq!(c.cost(1), 1.0);
         assert_eq!(c.cost(5), 1.5);
@@ -213,30 +228,54 @@ mod tests {
         // Flat cost: keep everything that adds expected tokens.
         let flat = CostProfile {
             points: vec![(1, 1.0), (64, 1.0)],
+            ..Default::default()
         };
         let scores = [-0.1f32, -0.5, -1.0, -3.0];
-        assert_eq!(flat.best_keep(&scores, 10), 4);
+        assert_eq!(flat.best_keep(&scores, 10, 0.0), 4);
         // Linear cost: each node costs a whole token, so no node pays for itself.
         let linear = CostProfile {
             points: vec![(1, 1.0), (64, 64.0)],
+            ..Default::default()
         };
-        assert_eq!(linear.best_keep(&scores, 10), 0);
+        assert_eq!(linear.best_keep(&scores, 10, 0.0), 0);
         // Cheap first nodes, then steep.
         let knee = CostProfile {
             points: vec![(1, 1.0), (3, 1.05), (4, 3.0)],
+            ..Default::default()
         };
-        assert_eq!(knee.best_keep(&scores, 10), 2);
+        assert_eq!(knee.best_keep(&scores, 10, 0.0), 2);
+        // Draft time already spent is shared by every choice, so it favours larger trees:
+        // with the linear cost, a step that drafted for 10 token-times keeps nodes.
+        assert!(linear.best_keep(&scores, 10, 10.0) > 0);
+    }
+
+    #[test]
+    fn expensive_draft_levels_stop_expansion() {
+        let cheap = TreeBudget::Auto(CostProfile {
+            points: vec![(1, 1.0), (64, 1.0)],
+            draft_level_s: 0.0,
+        });
+        let dear = TreeBudget::Auto(CostProfile {
+            points: vec![(1, 1.0), (64, 1.0)],
+            draft_level_s: 0.5,
+        });
+        let p = 0.3f32.ln();
+        assert!(cheap.worth_expanding(p));
+        assert!(!dear.worth_expanding(p));
+        assert!(dear.worth_expanding(0.9f32.ln()));
     }
 
     #[test]
     fn sampled_trees_are_sized_from_costs_alone() {
         let flat = TreeBudget::Auto(CostProfile {
             points: vec![(1, 1.0), (64, 1.2)],
+            ..Default::default()
         });
         assert_eq!(flat.sampled_nodes(), AUTO_MAX_TOKENS - 1);
         // This CPU: 19, 23, 27, 44 ms for 1, 2, 4, 8 tokens.
         let cpu = TreeBudget::Auto(CostProfile {
             points: vec![(1, 19.0), (2, 23.0), (4, 27.0), (8, 44.0)],
+            ..Default::default()
         });
         assert_eq!(cpu.sampled_nodes(), 3);
         assert_eq!(TreeBudget::Fixed(9).sampled_nodes(), 9);

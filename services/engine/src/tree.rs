@@ -63,6 +63,20 @@ impl DraftTree {
     }
 
     /// Verification positions for a target prefix of `prefix_len` tokens.
+    /// The root and, `len - 1` times, the first child of the last node: the draft's own best
+    /// continuation (children are pushed best first).
+    pub fn best_chain(&self, len: usize) -> Vec<usize> {
+        let children = self.children();
+        let mut chain = vec![0];
+        while chain.len() < len {
+            match children[*chain.last().unwrap()].first() {
+                Some(&c) => chain.push(c),
+                None => break,
+            }
+        }
+        chain
+    }
+
     pub fn positions(&self, prefix_len: usize) -> Vec<usize> {
         self.depths.iter().map(|d| prefix_len + d).collect()
     }
