@@ -470,9 +470,13 @@ def run_local_cluster(values, label, deadline_s=240.0):
         draft = next(p for p in others if p.labels["app.kubernetes.io/component"] == "draft")
         wargv, _ = cluster.command_of(worker, worker.spec["containers"][0])
         dargv, _ = cluster.command_of(draft, draft.spec["containers"][0])
+        dtype = arg(wargv, "--dtype")
+        if dtype in ("auto", "q8_0") and "--tp" in wargv and int(arg(wargv, "--tp")) > 1:
+            # Tensor-parallel ranks load dense bf16 slices under auto (eagle-worker --help).
+            dtype = "bf16"
         ref = subprocess.run(
             [str(BIN_DIR / "eagle"), "generate", "--model", arg(wargv, "--model"), "--head", arg(dargv, "--head"),
-             "--dtype", arg(wargv, "--dtype"), "--prompt", PROMPT, "--max-new-tokens", str(MAX_NEW), "--json"],
+             "--dtype", dtype, "--prompt", PROMPT, "--max-new-tokens", str(MAX_NEW), "--json"],
             capture_output=True, text=True, timeout=max(10.0, deadline - time.monotonic()),
             env={**os.environ, "EAGLE_HOME": str(eagle_home())},
         )
