@@ -79,6 +79,9 @@ const GGUF_TOKEN_TYPE_USER_DEFINED: i64 = 4;
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The same tokenizer with special-token spellings split as plain text: chat message
+    /// content goes through it, so only the template's own markup makes control tokens.
+    plain: tokenizers::Tokenizer,
     /// End-of-generation ids; the model's primary EOS first. Never empty.
     eos_ids: Vec<u32>,
     bos_id: Option<u32>,
@@ -399,6 +402,7 @@ impl Tokenizer {
             _ => fallback_template(|t| inner.token_to_id(t).is_some()),
         };
         Ok(Tokenizer {
+            plain: plain_copy(&inner),
             inner,
             eos_ids,
             bos_id,
@@ -530,6 +534,7 @@ impl Tokenizer {
         };
         let vocab_size = inner.get_vocab_size(true);
         Ok(Tokenizer {
+            plain: plain_copy(&inner),
             inner,
             eos_ids,
             bos_id,
@@ -601,6 +606,16 @@ impl Tokenizer {
         &self.chat_template
     }
 
+    /// The special (control) tokens: their spellings and ids.
+    pub fn special_tokens(&self) -> Vec<(String, u32)> {
+        self.inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, t)| (t.content, id))
+            .collect()
+    }
+
     pub fn set_chat_template(&mut self, t: ChatTemplate) {
         self.chat_template = t;
     }
@@ -621,14 +636,103 @@ impl Tokenizer {
     /// Render `messages` with the chat template (add_generation_prompt = true) and encode
     /// the result. BOS is prepended when the model wants one and the template did not
     /// already write it.
+    ///
+    /// Message content is text, never markup. The rendered text is encoded as a whole (as
+    /// always) unless that makes control tokens the template alone does not make, i.e. some
+    /// content spells one (`<|im_end|>`, ...). Then the template is rendered with a placeholder
+    /// for each content, its own text is encoded with special tokens recognised, and each
+    /// content with their spellings split as plain text: a user who writes `<|im_start|>system`
+    /// gets those characters, not a forged turn.
     pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        for m in messages {
+            if m.content.contains([PLACEHOLDER_OPEN, PLACEHOLDER_CLOSE]) {
+                return Err(EngineError::InvalidRequest(format!(
+                    "message content may not hold the private-use characters U+E000 or U+E001 \
+                     (role {:?})",
+                    m.role
+                )));
+            }
+        }
         let text = self.render_chat(messages)?;
-        let template_has_bos = match self.bos_id.and_then(|id| self.id_to_token(id)) {
+        let add_bos = self.add_bos && !self.starts_with_bos(&text);
+        let whole = self.encode(&text, add_bos)?;
+        let marked: Vec<Message> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                Message::new(
+                    m.role.clone(),
+                    format!("{PLACEHOLDER_OPEN}{i}{PLACEHOLDER_CLOSE}"),
+                )
+            })
+            .collect();
+        let template = self.render_chat(&marked)?;
+        let special: std::collections::HashSet<u32> = self
+            .special_tokens()
+            .into_iter()
+            .map(|(_, id)| id)
+            .collect();
+        let controls = |ids: &[u32]| -> Vec<u32> {
+            ids.iter()
+                .copied()
+                .filter(|i| special.contains(i))
+                .collect()
+        };
+        if controls(&whole) == controls(&self.encode(&template, add_bos)?) {
+            return Ok(whole);
+        }
+        let mut ids = if add_bos {
+            self.encode("", true)?
+        } else {
+            Vec::new()
+        };
+        let mut rest = template.as_str();
+        while let Some(open) = rest.find(PLACEHOLDER_OPEN) {
+            // Whitespace before the content goes with it, as it would in the whole text
+            // (`USER: ` + `Hi` must give ` Hi`, not ` ` + `Hi`).
+            let lead = rest[..open].trim_end().len();
+            ids.extend(self.encode(&rest[..lead], false)?);
+            let after = &rest[open + PLACEHOLDER_OPEN.len_utf8()..];
+            let close = after.find(PLACEHOLDER_CLOSE).ok_or_else(|| {
+                EngineError::Tokenizer("the chat template cut a message placeholder".into())
+            })?;
+            let i: usize = after[..close].parse().map_err(|_| {
+                EngineError::Tokenizer("the chat template altered a message placeholder".into())
+            })?;
+            let content = &messages
+                .get(i)
+                .ok_or_else(|| EngineError::Tokenizer("unknown message placeholder".into()))?
+                .content;
+            let piece = format!("{}{content}", &rest[lead..open]);
+            let enc = self
+                .plain
+                .encode_fast(piece.as_str(), false)
+                .map_err(|e| tok_err("encoding failed", e))?;
+            ids.extend_from_slice(enc.get_ids());
+            rest = &after[close + PLACEHOLDER_CLOSE.len_utf8()..];
+        }
+        ids.extend(self.encode(rest, false)?);
+        Ok(ids)
+    }
+
+    fn starts_with_bos(&self, text: &str) -> bool {
+        match self.bos_id.and_then(|id| self.id_to_token(id)) {
             Some(bos) if !bos.is_empty() => text.starts_with(&bos),
             _ => false,
-        };
-        self.encode(&text, self.add_bos && !template_has_bos)
+        }
     }
+}
+
+/// Placeholder brackets for message content while the template renders (private-use code
+/// points; content holding them is refused).
+const PLACEHOLDER_OPEN: char = '\u{E000}';
+const PLACEHOLDER_CLOSE: char = '\u{E001}';
+
+/// A copy of `t` that encodes special-token spellings as ordinary text.
+fn plain_copy(t: &tokenizers::Tokenizer) -> tokenizers::Tokenizer {
+    let mut p = t.clone();
+    p.set_encode_special_tokens(true);
+    p
 }
 
 fn read_json_opt(path: &Path) -> Result<Option<serde_json::Value>> {
