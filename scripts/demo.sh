@@ -6,5 +6,6 @@
 # (e.g. --prompt "..."; see --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+./scripts/setup.sh
 cargo build --release --workspace -q
 exec ./target/release/eagle cluster demo "$@"

@@ -4,6 +4,7 @@
 # $EAGLE_HOME, default ~/.cache/eagle): SmolLM2-135M, and Qwen2.5-Coder-0.5B for the Qwen2 check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+./scripts/setup.sh --tests
 cargo build --release --workspace
 cargo run --release -q -p eagle-cli -- fetch smollm2-135m >/dev/null
 cargo run --release -q -p eagle-cli -- fetch qwen2.5-coder-0.5b >/dev/null
