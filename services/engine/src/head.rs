@@ -111,6 +111,17 @@ impl WeightSource for MapSource {
     }
 }
 
+/// The name Hugging Face's `config.json` uses for a dtype (`torch.float16`'s `float16`; our
+/// own short names make transformers fail: `module 'torch' has no attribute 'f16'`).
+pub fn hf_dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+        DType::F64 => "float64",
+        _ => "float32",
+    }
+}
+
 impl EagleHead {
     /// Loads a head directory and checks it against the target it will draft for.
     pub fn load(dir: &Path, target: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
@@ -294,7 +305,7 @@ impl EagleHead {
             "max_position_embeddings": c.max_position_embeddings,
             "attention_bias": c.attention_bias,
             "hidden_act": "silu",
-            "torch_dtype": format!("{dtype:?}").to_lowercase(),
+            "torch_dtype": hf_dtype_name(dtype),
         });
         if let Some(dv) = &self.draft_vocab {
             config["draft_vocab_size"] = dv.d2t.len().into();

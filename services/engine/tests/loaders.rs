@@ -362,3 +362,45 @@ fn pytorch_bin_head_loads_like_safetensors() {
     assert!(err.to_string().contains("pytorch_model.bin"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Head configs read as Hugging Face configs: `torch_dtype` is a name transformers accepts
+/// (`getattr(torch, name)`), and the fields its LLaMA config reader needs are there. Checked
+/// on the shipped head and on a freshly saved one in every dtype.
+#[test]
+fn head_configs_read_as_hugging_face_configs() {
+    const HF_DTYPES: [&str; 4] = ["float32", "float16", "bfloat16", "float64"];
+    let check = |path: &Path| {
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        let dt = v["torch_dtype"].as_str().unwrap_or_default();
+        assert!(
+            HF_DTYPES.contains(&dt),
+            "{}: torch_dtype {dt:?}",
+            path.display()
+        );
+        for key in [
+            "model_type",
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "rms_norm_eps",
+            "vocab_size",
+        ] {
+            assert!(!v[key].is_null(), "{}: {key} missing", path.display());
+        }
+    };
+    let shipped =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../heads/smollm2-135m/config.json");
+    check(&shipped);
+    let cfg = GgufFile::open(&common::smollm2_path())
+        .unwrap()
+        .config()
+        .unwrap();
+    let head = EagleHead::init_random(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let dir = scratch(&format!("hf-config-{dtype:?}"));
+        head.save(&dir, dtype).unwrap();
+        check(&dir.join("config.json"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

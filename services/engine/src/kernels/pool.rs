@@ -16,7 +16,7 @@
 //! `KMP_BLOCKTIME`) and of llama.cpp's ggml threadpool.
 
 use std::cell::{Cell, UnsafeCell};
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -35,6 +35,8 @@ struct Pool {
     epoch: AtomicUsize,
     next: AtomicUsize,
     acks: AtomicUsize,
+    /// A task panicked on a worker during the current job.
+    failed: AtomicBool,
     sleepers: AtomicUsize,
     park: Mutex<()>,
     wake: Condvar,
@@ -74,6 +76,7 @@ fn pool() -> &'static Pool {
             epoch: AtomicUsize::new(0),
             next: AtomicUsize::new(0),
             acks: AtomicUsize::new(0),
+            failed: AtomicBool::new(false),
             sleepers: AtomicUsize::new(0),
             park: Mutex::new(()),
             wake: Condvar::new(),
@@ -100,10 +103,15 @@ pub fn run(n: usize, f: &(dyn Fn(usize) + Sync)) {
         (0..n).for_each(f);
         return;
     }
-    let Ok(_owner) = p.owner.try_lock() else {
-        // Another thread's job holds the pool: this one runs here, in parallel with it.
-        (0..n).for_each(f);
-        return;
+    let _owner = match p.owner.try_lock() {
+        Ok(g) => g,
+        // A job that panicked poisoned the lock; the pool itself is sound.
+        Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => {
+            // Another thread's job holds the pool: this one runs here, in parallel with it.
+            (0..n).for_each(f);
+            return;
+        }
     };
     INSIDE.with(|c| c.set(true));
     p.next.store(0, SeqCst);
@@ -121,7 +129,9 @@ pub fn run(n: usize, f: &(dyn Fn(usize) + Sync)) {
         let _g = p.park.lock().unwrap_or_else(|e| e.into_inner());
         p.wake.notify_all();
     }
-    p.take_tasks(f, n);
+    // A panicking task must not unwind past the workers still running `f`: catch it, wait for
+    // every acknowledgement, then resume it.
+    let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.take_tasks(f, n)));
     let mut spins = 0u32;
     while p.acks.load(SeqCst) < p.workers {
         spins += 1;
@@ -132,6 +142,12 @@ pub fn run(n: usize, f: &(dyn Fn(usize) + Sync)) {
         }
     }
     INSIDE.with(|c| c.set(false));
+    if let Err(e) = mine {
+        std::panic::resume_unwind(e);
+    }
+    if p.failed.swap(false, SeqCst) {
+        panic!("a kernel task panicked on a pool thread (its message is above)");
+    }
 }
 
 impl Pool {
@@ -158,7 +174,13 @@ impl Pool {
                 let j = &*self.job.get();
                 (&*j.f, j.n)
             };
-            self.take_tasks(f, n);
+            // A panic is reported to the owner, never allowed to kill this thread (the owner
+            // would wait for its acknowledgement forever).
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.take_tasks(f, n)))
+                .is_err()
+            {
+                self.failed.store(true, SeqCst);
+            }
             self.acks.fetch_add(1, SeqCst);
         }
     }
@@ -244,6 +266,14 @@ mod tests {
             }
         });
         assert!(counts.iter().all(|c| c.load(SeqCst) == 200));
+        // A panicking task fails its job on the caller, and the pool keeps working.
+        let r = std::panic::catch_unwind(|| run(64, &|i| assert!(i != 40, "task 40 fails")));
+        assert!(r.is_err());
+        let count = AtomicUsize::new(0);
+        run(64, &|_| {
+            count.fetch_add(1, SeqCst);
+        });
+        assert_eq!(count.load(SeqCst), 64);
         let mut v = vec![0usize; 103];
         for_each_chunk(&mut v, 10, &|i, c| c.iter_mut().for_each(|x| *x = i));
         assert!(v.iter().enumerate().all(|(j, &x)| x == j / 10));
