@@ -38,7 +38,7 @@ pub fn decode(ty: &'static str, data: &[u8], n: usize, k: usize) -> Option<Rows>
     let nb = n * k / BLOCK;
     let (family, scale) = match ty {
         "Q4_0" | "Q4_1" => (Family::Q4, ScaleKind::F16),
-        "Q4_K" => (Family::Q4, ScaleKind::F32),
+        "Q4_K" => (Family::Q4, ScaleKind::K4),
         "Q5_0" | "Q8_0" => (Family::Q8 { sub: 1 }, ScaleKind::F16),
         _ => (Family::Q8 { sub: 2 }, ScaleKind::F32),
     };
@@ -51,6 +51,7 @@ pub fn decode(ty: &'static str, data: &[u8], n: usize, k: usize) -> Option<Rows>
         q: Vec::with_capacity(n * k),
         d: Vec::with_capacity(nb * 2),
         m: Vec::with_capacity(if family == Family::Q4 { nb } else { 0 }),
+        sup: Vec::new(),
     };
     for b in data.chunks_exact(bytes) {
         match ty {
@@ -79,6 +80,7 @@ pub fn decode(ty: &'static str, data: &[u8], n: usize, k: usize) -> Option<Rows>
             }
             "Q4_K" => {
                 let (d, dmin) = (h(b, 0), h(b, 2));
+                r.sup.extend([d, dmin]);
                 let sc = &b[4..16];
                 let qs = &b[16..144];
                 for j in 0..8 {
@@ -145,6 +147,7 @@ pub fn quantize_q8_0(w: &[f32], n: usize, k: usize) -> Option<Rows> {
         q: Vec::with_capacity(n * k),
         d: Vec::with_capacity(n * k / BLOCK),
         m: Vec::new(),
+        sup: Vec::new(),
     };
     for x in w.chunks_exact(BLOCK) {
         let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));

@@ -46,18 +46,20 @@ fn rows_per_pass(isa: Isa) -> usize {
 const TASKS_PER_THREAD: usize = 3;
 
 /// How a packed block stores its scales: f16 when every scale is exactly an f16 (Q4_0, Q4_1,
-/// Q8_0, Q5_0), f32 when they are products that only f32 holds exactly (K-quants).
+/// Q8_0, Q5_0), f32 when they are products that only f32 holds exactly (Q6_K), or Q4_K's own
+/// compact form (`K4`: f16 super-block scales times 6-bit integers; see `q4.rs`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ScaleKind {
     F16,
     F32,
+    K4,
 }
 
 impl ScaleKind {
     pub fn bytes(self) -> usize {
         match self {
             ScaleKind::F16 => 2,
-            ScaleKind::F32 => 4,
+            ScaleKind::F32 | ScaleKind::K4 => 4,
         }
     }
 
@@ -68,7 +70,7 @@ impl ScaleKind {
                 debug_assert!(h.to_f32() == v || v.is_nan(), "scale {v} is not an f16");
                 out.extend_from_slice(&h.to_le_bytes())
             }
-            ScaleKind::F32 => out.extend_from_slice(&v.to_le_bytes()),
+            ScaleKind::F32 | ScaleKind::K4 => out.extend_from_slice(&v.to_le_bytes()),
         }
     }
 
@@ -77,7 +79,9 @@ impl ScaleKind {
     fn read(self, at: &[u8], c: usize) -> f32 {
         match self {
             ScaleKind::F16 => half::f16::from_le_bytes([at[2 * c], at[2 * c + 1]]).to_f32(),
-            ScaleKind::F32 => f32::from_le_bytes(at[4 * c..4 * c + 4].try_into().unwrap()),
+            ScaleKind::F32 | ScaleKind::K4 => {
+                f32::from_le_bytes(at[4 * c..4 * c + 4].try_into().unwrap())
+            }
         }
     }
 }
@@ -202,6 +206,8 @@ pub struct Rows {
     pub d: Vec<f32>,
     /// [n * k / 32] offsets (Q4 only).
     pub m: Vec<f32>,
+    /// [n * k / 256 * 2] super-block scales (d, dmin) behind `d` and `m` (K4 only).
+    pub sup: Vec<f32>,
 }
 
 impl Rows {
@@ -233,6 +239,7 @@ impl Rows {
             q: pick(&self.q, k),
             d: pickf(&self.d, nb * sub),
             m: pickf(&self.m, nb),
+            sup: pickf(&self.sup, k / 256 * 2),
             ..self.clone()
         }
     }
@@ -270,7 +277,20 @@ impl Rows {
                             &zd[..nb]
                         }
                     });
-                    q4::pack_group(q, d, m, self.scale, &mut data);
+                    let ns = if self.scale == ScaleKind::K4 {
+                        k / 256 * 2
+                    } else {
+                        0
+                    };
+                    let zs = vec![0f32; ns];
+                    let sup: [&[f32]; LANES] = std::array::from_fn(|c| {
+                        if row(c) < self.n && ns > 0 {
+                            &self.sup[row(c) * ns..(row(c) + 1) * ns]
+                        } else {
+                            &zs[..]
+                        }
+                    });
+                    q4::pack_group(q, d, m, sup, self.scale, &mut data);
                 }
                 Family::Q8 { sub } => {
                     let q: [&[i8]; LANES] = std::array::from_fn(|c| bytes_as_i8(q[c]));
@@ -322,12 +342,14 @@ impl Packed {
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let (nb, bb) = (self.k / BLOCK, self.block_bytes());
         let (g, c) = (r / LANES, r % LANES);
+        let group = &self.data[g * nb * bb..(g + 1) * nb * bb];
         for b in 0..nb {
-            let blk = &self.data[(g * nb + b) * bb..(g * nb + b + 1) * bb];
             let o = &mut out[b * BLOCK..(b + 1) * BLOCK];
             match self.family {
-                Family::Q4 => q4::dequantize_lane(blk, c, self.scale, o),
-                Family::Q8 { sub } => q8::dequantize_lane(blk, c, sub, self.scale, o),
+                Family::Q4 => q4::dequantize_lane(group, b, c, self.scale, o),
+                Family::Q8 { sub } => {
+                    q8::dequantize_lane(&group[b * bb..(b + 1) * bb], c, sub, self.scale, o)
+                }
             }
         }
     }
@@ -510,7 +532,7 @@ mod x86 {
     pub unsafe fn load_scales(p: *const u8, scale: ScaleKind) -> __m256 {
         match scale {
             ScaleKind::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
-            ScaleKind::F32 => _mm256_loadu_ps(p as *const f32),
+            ScaleKind::F32 | ScaleKind::K4 => _mm256_loadu_ps(p as *const f32),
         }
     }
 }

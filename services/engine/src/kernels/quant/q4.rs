@@ -7,10 +7,15 @@
 //!   products of an f16 and a 6-bit integer, so exact in f32 (llama.cpp `dequantize_row_q4_K`).
 //!
 //! Layout: 8 output rows ("lanes") are interleaved so that one 32-byte load holds 4
-//! consecutive inputs of each lane (llama.cpp's `block_q4_0x8` repacking idea). A packed block
-//! covers 8 lanes x 32 inputs: 4 chunks of 32 bytes, byte `c * 4 + i` of chunk `s` holding
-//! lane c's input `4s + i` in its low nibble and input `16 + 4s + i` in its high nibble; then
-//! the 8 lanes' `d`, then their `m` (f16 when exact in f16, else f32).
+//! consecutive inputs of each lane (llama.cpp's `block_q4_0x8` repacking idea). A block's
+//! quants cover 8 lanes x 32 inputs: 4 chunks of 32 bytes, byte `c * 4 + i` of chunk `s`
+//! holding lane c's input `4s + i` in its low nibble and input `16 + 4s + i` in its high
+//! nibble. Scales:
+//! - `F16` (Q4_0, Q4_1): after the quants, the 8 lanes' `d`, then their `m`, as f16;
+//! - `K4` (Q4_K): GGUF's own compact form, per super-block of 8 blocks: the lanes' f16 `d` and
+//!   `dmin`, their 6-bit `sc` and `m` per block (one byte each), then the 8 blocks' quants
+//!   (4.625 bits a weight, as Q4_K's 4.5); `d = d_super * sc` and `m = -(dmin * m)` are formed
+//!   in f32, exactly, when the block is used.
 //!
 //! Definition (the portable path; every ISA path gives the same bits): for each lane and each
 //! block b in order, with the activation block's scale `dx`, and `sx = dx * sum(qx)`:
@@ -21,9 +26,80 @@
 use super::activation::ActRow;
 use super::{ScaleKind, BLOCK, LANES};
 
-/// Bytes of one packed block (8 lanes x 32 inputs).
+/// Bytes of one packed block (8 lanes x 32 inputs); for `K4`, a super-block's share.
 pub fn block_bytes(scale: ScaleKind) -> usize {
-    128 + 2 * LANES * scale.bytes()
+    match scale {
+        ScaleKind::K4 => SUPER_BYTES / SUPER,
+        _ => 128 + 2 * LANES * scale.bytes(),
+    }
+}
+
+/// Blocks per `K4` super-block, and its bytes: d and dmin (8 f16 each), sc and m (8 blocks x
+/// 8 lanes, a byte each), the quants.
+const SUPER: usize = 8;
+const SUPER_BYTES: usize = 32 + 2 * SUPER * LANES + SUPER * 128;
+
+/// Where block `b`'s quants start in its group.
+#[inline(always)]
+pub fn quants_at(scale: ScaleKind, b: usize) -> usize {
+    match scale {
+        ScaleKind::K4 => (b / SUPER) * SUPER_BYTES + 32 + 2 * SUPER * LANES + (b % SUPER) * 128,
+        _ => b * block_bytes(scale),
+    }
+}
+
+/// Lane `c`'s `(d, m)` of block `b` of a group.
+#[inline(always)]
+pub fn scales(blocks: &[u8], scale: ScaleKind, b: usize, c: usize) -> (f32, f32) {
+    match scale {
+        ScaleKind::K4 => {
+            let base = (b / SUPER) * SUPER_BYTES;
+            let h = |at: usize| half::f16::from_le_bytes([blocks[at], blocks[at + 1]]).to_f32();
+            let (d, dmin) = (h(base + 2 * c), h(base + 16 + 2 * c));
+            let j = b % SUPER;
+            let sc = blocks[base + 32 + j * LANES + c] as f32;
+            let m = blocks[base + 32 + SUPER * LANES + j * LANES + c] as f32;
+            (d * sc, -(dmin * m))
+        }
+        _ => {
+            let at = b * block_bytes(scale) + 128;
+            (
+                scale.read(&blocks[at..], c),
+                scale.read(&blocks[at + LANES * scale.bytes()..], c),
+            )
+        }
+    }
+}
+
+/// `K4` only: lanes' super-block scales `sup` ([d, dmin] per super-block) and the 6-bit
+/// integers behind each block's `d` and `m` (exact quotients: `d` and `m` are exact products).
+fn push_k4_header(
+    sup: [&[f32]; LANES],
+    d: [&[f32]; LANES],
+    m: [&[f32]; LANES],
+    sb: usize,
+    out: &mut Vec<u8>,
+) {
+    for which in 0..2 {
+        for s in sup.iter() {
+            out.extend_from_slice(&half::f16::from_f32(s[2 * sb + which]).to_le_bytes());
+        }
+    }
+    for (which, v) in [d, m].iter().enumerate() {
+        for j in 0..SUPER {
+            for (c, row) in v.iter().enumerate() {
+                let unit = sup[c][2 * sb + which];
+                let x = if which == 0 {
+                    row[sb * SUPER + j]
+                } else {
+                    -row[sb * SUPER + j]
+                };
+                let int = if unit == 0.0 { 0.0 } else { x / unit };
+                debug_assert!(int.fract() == 0.0 && (0.0..64.0).contains(&int), "{int}");
+                out.push(int as u8);
+            }
+        }
+    }
 }
 
 /// Packs lanes `q` (8 rows of `k` values in 0..=15), `d` and `m` (8 rows of `k / 32`) into
@@ -32,11 +108,15 @@ pub fn pack_group(
     q: [&[u8]; LANES],
     d: [&[f32]; LANES],
     m: [&[f32]; LANES],
+    sup: [&[f32]; LANES],
     scale: ScaleKind,
     out: &mut Vec<u8>,
 ) {
     let nb = d[0].len();
     for b in 0..nb {
+        if scale == ScaleKind::K4 && b % SUPER == 0 {
+            push_k4_header(sup, d, m, b / SUPER, out);
+        }
         for s in 0..4 {
             for qc in q.iter() {
                 for i in 0..4 {
@@ -47,18 +127,20 @@ pub fn pack_group(
                 }
             }
         }
-        for v in [&d, &m] {
-            for row in v.iter() {
-                scale.push(row[b], out);
+        if scale != ScaleKind::K4 {
+            for v in [&d, &m] {
+                for row in v.iter() {
+                    scale.push(row[b], out);
+                }
             }
         }
     }
 }
 
-/// Lane `c`'s weights of packed block `blk`, as f32 (`d * q + m`, fused).
-pub fn dequantize_lane(blk: &[u8], c: usize, scale: ScaleKind, out: &mut [f32]) {
-    let d = scale.read(&blk[128..], c);
-    let m = scale.read(&blk[128 + LANES * scale.bytes()..], c);
+/// Lane `c`'s weights of block `b` of a group, as f32 (`d * q + m`, fused).
+pub fn dequantize_lane(blocks: &[u8], b: usize, c: usize, scale: ScaleKind, out: &mut [f32]) {
+    let (d, m) = scales(blocks, scale, b, c);
+    let blk = &blocks[quants_at(scale, b)..];
     for s in 0..4 {
         for i in 0..4 {
             let byte = blk[s * 32 + c * 4 + i];
@@ -76,10 +158,9 @@ pub fn group_portable<const R: usize>(
     xs: &[ActRow; R],
     out: &mut [[f32; LANES]; R],
 ) {
-    let bb = block_bytes(scale);
     let mut acc = [[0f32; LANES]; R];
     for b in 0..nb {
-        let blk = &blocks[b * bb..(b + 1) * bb];
+        let blk = &blocks[quants_at(scale, b)..];
         for (r, x) in xs.iter().enumerate() {
             let qx = &x.q[b * BLOCK..(b + 1) * BLOCK];
             for c in 0..LANES {
@@ -91,8 +172,7 @@ pub fn group_portable<const R: usize>(
                         isum += (byte >> 4) as i32 * qx[16 + 4 * s + i] as i32;
                     }
                 }
-                let d = scale.read(&blk[128..], c);
-                let m = scale.read(&blk[128 + LANES * scale.bytes()..], c);
+                let (d, m) = scales(blocks, scale, b, c);
                 acc[r][c] = (d * x.d[b]).mul_add(isum as f32, acc[r][c]);
                 acc[r][c] = m.mul_add(x.s[b], acc[r][c]);
             }
@@ -108,7 +188,38 @@ pub mod x86 {
     use super::super::activation::ActRow;
     use super::super::x86::load_scales;
     use super::super::{ScaleKind, BLOCK, LANES};
-    use super::block_bytes;
+    use super::{block_bytes, quants_at, SUPER, SUPER_BYTES};
+
+    /// The 8 lanes' `(d, m)` of block `b` (for `K4`, formed from the super-block's f16 scales
+    /// and the block's 6-bit integers: exact products, as the portable path forms them).
+    #[inline(always)]
+    unsafe fn load_dm(blocks: *const u8, scale: ScaleKind, b: usize) -> (__m256, __m256) {
+        match scale {
+            ScaleKind::K4 => {
+                let base = blocks.add((b / SUPER) * SUPER_BYTES);
+                let d = load_scales(base, ScaleKind::F16);
+                let dmin = load_scales(base.add(16), ScaleKind::F16);
+                let j = b % SUPER;
+                let ints = |p: *const u8| {
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+                };
+                let sc = ints(base.add(32 + j * LANES));
+                let m = ints(base.add(32 + SUPER * LANES + j * LANES));
+                let neg = _mm256_set1_ps(-0.0);
+                (
+                    _mm256_mul_ps(d, sc),
+                    _mm256_xor_ps(_mm256_mul_ps(dmin, m), neg),
+                )
+            }
+            _ => {
+                let at = blocks.add(b * block_bytes(scale) + 128);
+                (
+                    load_scales(at, scale),
+                    load_scales(at.add(LANES * scale.bytes()), scale),
+                )
+            }
+        }
+    }
 
     #[inline(always)]
     unsafe fn bcast4(q: &[i8], at: usize) -> __m256i {
@@ -117,15 +228,14 @@ pub mod x86 {
 
     #[inline(always)]
     unsafe fn finish<const R: usize>(
-        blk: *const u8,
+        blocks: *const u8,
         scale: ScaleKind,
         b: usize,
         xs: &[ActRow; R],
         isum: &[__m256i; R],
         acc: &mut [__m256; R],
     ) {
-        let d = load_scales(blk.add(128), scale);
-        let m = load_scales(blk.add(128 + LANES * scale.bytes()), scale);
+        let (d, m) = load_dm(blocks, scale, b);
         for r in 0..R {
             let t = _mm256_mul_ps(d, _mm256_set1_ps(xs[r].d[b]));
             acc[r] = _mm256_fmadd_ps(t, _mm256_cvtepi32_ps(isum[r]), acc[r]);
@@ -153,7 +263,7 @@ pub mod x86 {
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); R];
         for b in 0..nb {
-            let blk = blocks.as_ptr().add(b * bb);
+            let blk = blocks.as_ptr().add(quants_at(scale, b));
             let mut s16 = [_mm256_setzero_si256(); R];
             for s in 0..4 {
                 let w = _mm256_loadu_si256(blk.add(32 * s) as *const __m256i);
@@ -172,7 +282,7 @@ pub mod x86 {
             for r in 0..R {
                 isum[r] = _mm256_madd_epi16(s16[r], ones);
             }
-            finish(blk, scale, b, xs, &isum, &mut acc);
+            finish(blocks.as_ptr(), scale, b, xs, &isum, &mut acc);
         }
         for r in 0..R {
             _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]);
@@ -198,7 +308,7 @@ pub mod x86 {
         let mask = _mm256_set1_epi8(15);
         let mut acc = [_mm256_setzero_ps(); R];
         for b in 0..nb {
-            let blk = blocks.as_ptr().add(b * bb);
+            let blk = blocks.as_ptr().add(quants_at(scale, b));
             let mut lo_sum = [_mm256_setzero_si256(); R];
             let mut hi_sum = [_mm256_setzero_si256(); R];
             for s in 0..4 {
@@ -215,7 +325,7 @@ pub mod x86 {
             for r in 0..R {
                 isum[r] = _mm256_add_epi32(lo_sum[r], hi_sum[r]);
             }
-            finish(blk, scale, b, xs, &isum, &mut acc);
+            finish(blocks.as_ptr(), scale, b, xs, &isum, &mut acc);
         }
         for r in 0..R {
             _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]);
