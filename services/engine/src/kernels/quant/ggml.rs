@@ -159,10 +159,24 @@ pub fn quantize_q8_0(w: &[f32], n: usize, k: usize) -> Option<Rows> {
     Some(r)
 }
 
+/// The supported types with candle's names for them (tests quantize with candle's ggml port).
+#[cfg(test)]
+pub(crate) const CANDLE_TYPES: [(&str, candle_core::quantized::GgmlDType); 6] = {
+    use candle_core::quantized::GgmlDType;
+    [
+        ("Q4_0", GgmlDType::Q4_0),
+        ("Q4_1", GgmlDType::Q4_1),
+        ("Q5_0", GgmlDType::Q5_0),
+        ("Q8_0", GgmlDType::Q8_0),
+        ("Q4_K", GgmlDType::Q4K),
+        ("Q6_K", GgmlDType::Q6K),
+    ]
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
 
     /// Our reading of each block type dequantizes to what candle's ggml port gives.
@@ -173,14 +187,7 @@ mod tests {
             .map(|i| ((i as u32).wrapping_mul(2654435761) % 2000) as f32 / 1000.0 - 1.0)
             .collect();
         let t = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
-        for (ty, g) in [
-            ("Q4_0", GgmlDType::Q4_0),
-            ("Q4_1", GgmlDType::Q4_1),
-            ("Q5_0", GgmlDType::Q5_0),
-            ("Q8_0", GgmlDType::Q8_0),
-            ("Q4_K", GgmlDType::Q4K),
-            ("Q6_K", GgmlDType::Q6K),
-        ] {
+        for (ty, g) in CANDLE_TYPES {
             let q = QTensor::quantize(&t, g).unwrap();
             let want: Vec<f32> = q
                 .dequantize(&Device::Cpu)

@@ -553,18 +553,11 @@ mod tests {
     /// Random rows of every supported format, through the GGUF byte layout (quantized by
     /// candle's port of ggml), packed.
     fn every_format(n: usize, k: usize) -> Vec<QMatrix> {
-        use candle_core::quantized::{GgmlDType, QTensor};
+        use candle_core::quantized::QTensor;
         use candle_core::{Device, Tensor};
         let w = Tensor::from_vec(data(n * k, 7), (n, k), &Device::Cpu).unwrap();
         let mut out = Vec::new();
-        for (ty, g) in [
-            ("Q4_0", GgmlDType::Q4_0),
-            ("Q4_1", GgmlDType::Q4_1),
-            ("Q5_0", GgmlDType::Q5_0),
-            ("Q8_0", GgmlDType::Q8_0),
-            ("Q4_K", GgmlDType::Q4K),
-            ("Q6_K", GgmlDType::Q6K),
-        ] {
+        for (ty, g) in ggml::CANDLE_TYPES {
             let q = QTensor::quantize(&w, g).unwrap();
             let rows = ggml::decode(ty, &q.data().unwrap(), n, k).unwrap();
             out.push(QMatrix::new(rows.pack()));
