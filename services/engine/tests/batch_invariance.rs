@@ -25,6 +25,17 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 const PROMPT: [u32; 12] = [1, 4093, 198, 23232, 1639, 253, 6373, 44, 2, 198, 1, 520];
 
+/// The features of `tree`'s nodes, verified in one pass after the prompt.
+fn tree_features(model: &TargetModel, tree: &DraftTree) -> candle_core::Tensor {
+    let mut s = TargetSession::new(model, PROMPT.len() + tree.tokens.len()).unwrap();
+    s.prefill(model, &PROMPT).unwrap();
+    let start = s.cache.len();
+    let vis = eagle_engine::kernels::attention::Visibility::tree(start, &tree.parents);
+    model
+        .forward(&mut s.cache, &tree.tokens, &tree.positions(start), &vis)
+        .unwrap()
+}
+
 /// Logits of 5 sequentially decoded greedy tokens (after the prompt), and those tokens.
 fn sequential(model: &TargetModel) -> (Vec<u32>, Vec<Vec<f32>>) {
     let mut s = TargetSession::new(model, 64).unwrap();
@@ -58,13 +69,7 @@ fn tree_nodes_equal_sequential_decoding_bitwise() {
             cur = tree.push(cur, t);
             path.push(cur);
         }
-        let mut s = TargetSession::new(&model, 64).unwrap();
-        s.prefill(&model, &PROMPT).unwrap();
-        let start = s.cache.len();
-        let vis = eagle_engine::kernels::attention::Visibility::tree(start, &tree.parents);
-        let feats = model
-            .forward(&mut s.cache, &tree.tokens, &tree.positions(start), &vis)
-            .unwrap();
+        let feats = tree_features(&model, &tree);
         for (step, &node) in path.iter().enumerate() {
             let l: Vec<f32> = model
                 .logits(&feats.narrow(0, node, 1).unwrap())
@@ -151,13 +156,7 @@ fn quantized_tree_nodes_equal_sequential_decoding_on_every_path() {
             for n in [1, 2, 4, 8, 16, 32, 64] {
                 let (tree, path) = tree_with_path(&toks, n);
                 assert_eq!(tree.tokens.len(), n);
-                let mut s = TargetSession::new(&model, 128).unwrap();
-                s.prefill(&model, &PROMPT).unwrap();
-                let start = s.cache.len();
-                let vis = eagle_engine::kernels::attention::Visibility::tree(start, &tree.parents);
-                let feats = model
-                    .forward(&mut s.cache, &tree.tokens, &tree.positions(start), &vis)
-                    .unwrap();
+                let feats = tree_features(&model, &tree);
                 let logits = model.logits(&feats).unwrap().to_vec2::<f32>().unwrap();
                 for (step, &node) in path.iter().enumerate() {
                     assert!(

@@ -59,7 +59,10 @@ impl ScaleKind {
     pub fn bytes(self) -> usize {
         match self {
             ScaleKind::F16 => 2,
-            ScaleKind::F32 | ScaleKind::K4 => 4,
+            ScaleKind::F32 => 4,
+            ScaleKind::K4 => {
+                unreachable!("K4 scales are read and written by q4.rs, per super-block")
+            }
         }
     }
 
@@ -70,7 +73,10 @@ impl ScaleKind {
                 debug_assert!(h.to_f32() == v || v.is_nan(), "scale {v} is not an f16");
                 out.extend_from_slice(&h.to_le_bytes())
             }
-            ScaleKind::F32 | ScaleKind::K4 => out.extend_from_slice(&v.to_le_bytes()),
+            ScaleKind::F32 => out.extend_from_slice(&v.to_le_bytes()),
+            ScaleKind::K4 => {
+                unreachable!("K4 scales are read and written by q4.rs, per super-block")
+            }
         }
     }
 
@@ -79,8 +85,9 @@ impl ScaleKind {
     fn read(self, at: &[u8], c: usize) -> f32 {
         match self {
             ScaleKind::F16 => half::f16::from_le_bytes([at[2 * c], at[2 * c + 1]]).to_f32(),
-            ScaleKind::F32 | ScaleKind::K4 => {
-                f32::from_le_bytes(at[4 * c..4 * c + 4].try_into().unwrap())
+            ScaleKind::F32 => f32::from_le_bytes(at[4 * c..4 * c + 4].try_into().unwrap()),
+            ScaleKind::K4 => {
+                unreachable!("K4 scales are read and written by q4.rs, per super-block")
             }
         }
     }
@@ -532,7 +539,10 @@ mod x86 {
     pub unsafe fn load_scales(p: *const u8, scale: ScaleKind) -> __m256 {
         match scale {
             ScaleKind::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
-            ScaleKind::F32 | ScaleKind::K4 => _mm256_loadu_ps(p as *const f32),
+            ScaleKind::F32 => _mm256_loadu_ps(p as *const f32),
+            ScaleKind::K4 => {
+                unreachable!("K4 scales are read and written by q4.rs, per super-block")
+            }
         }
     }
 }
