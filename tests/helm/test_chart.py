@@ -11,6 +11,7 @@ eagle-worker), etcd on PATH (Debian etcd-server) and flock (util-linux).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -497,6 +498,21 @@ def run_local_cluster(values, label, deadline_s=240.0):
         raise
 
 
+@contextlib.contextmanager
+def stopped_after(cluster):
+    """Runs a test's checks on a started local cluster: on failure prints its logs; always
+    stops and cleans it; then requires that no process needed SIGKILL."""
+    try:
+        yield
+    except BaseException:
+        print(cluster.dump_logs(), file=sys.stderr)
+        raise
+    finally:
+        killed = cluster.stop(grace=15)
+        cluster.cleanup()
+    assert not killed, f"needed SIGKILL: {killed}"
+
+
 @test
 def cpu_demo_commands_start_a_real_cluster():
     """The CPU demo's rendered pods (etcd, the fetch init containers, worker, draft service,
@@ -506,7 +522,7 @@ def cpu_demo_commands_start_a_real_cluster():
     group is registered in etcd under the chart's cluster and group names; everything stops on
     SIGTERM within the grace period."""
     cluster, seen, got, want, status, took = run_local_cluster(example_values("cpu-demo"), "cpu-demo")
-    try:
+    with stopped_after(cluster):
         assert got["token_ids"] == want["token_ids"], f"cluster {got['token_ids']} != engine {want['token_ids']}"
         assert len(got["token_ids"]) > 0 and got["text"] == want["text"]
         # The draft service, found through etcd, took part: fewer target steps than tokens.
@@ -516,13 +532,6 @@ def cpu_demo_commands_start_a_real_cluster():
         probes = [s for s in seen if "grpc" in s]
         assert len(probes) >= 9, seen  # 3 kinds x coordinator, draft, worker
         assert any("'eagle.etcd': SERVING" in s for s in probes), probes
-    except BaseException:
-        print(cluster.dump_logs(), file=sys.stderr)
-        raise
-    finally:
-        killed = cluster.stop(grace=15)
-        cluster.cleanup()
-    assert not killed, f"needed SIGKILL: {killed}"
     print(f"    {len(got['token_ids'])} tokens identical, {got['stats']['steps']} steps "
           f"(mean accepted {got['stats']['mean_accepted']:.2f}), "
           f"{len(seen)} probes passed, {took:.1f} s to answer")
@@ -535,18 +544,11 @@ def pod_per_rank_group_starts_through_etcd_rendezvous():
     rendezvous, the group serves, and the coordinator's tokens equal the engine's."""
     values = deep_merge(example_values("cpu-demo"), {"workers": {"groups": [{"name": "g0", "tp": 3, "gpusPerPod": 1}]}})
     cluster, seen, got, want, status, took = run_local_cluster(values, "pod-per-rank")
-    try:
+    with stopped_after(cluster):
         assert len([p for p in cluster.pods if p.labels["app.kubernetes.io/component"] == "worker"]) == 3
         assert got["token_ids"] == want["token_ids"], f"cluster {got['token_ids']} != engine {want['token_ids']}"
         ranks = sorted(m.get("rank") for m in status.get("members", []) if m.get("kind") == "worker")
         assert ranks == [0, 1, 2], status
-    except BaseException:
-        print(cluster.dump_logs(), file=sys.stderr)
-        raise
-    finally:
-        killed = cluster.stop(grace=15)
-        cluster.cleanup()
-    assert not killed, f"needed SIGKILL: {killed}"
     print(f"    3 ranks in 3 pods, {len(got['token_ids'])} tokens identical, {took:.1f} s to answer")
 
 
