@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building (and, with --tests, testing) eagle-serve needs and is missing, saying
 # what it does: gcc and protoc (gRPC code generation, etcd-client's build script) for the
-# build; python3 with pip and etcd (the membership tests start a real one) for the tests
-# (tests/helm/run.sh installs its own pinned PyPI packages). Debian/Ubuntu packages through apt-get, as root or with
+# build; python3 with pip, etcd (the membership tests start a real one), and Chromium with its
+# WebDriver (the chat page's test drives a real browser) for the tests (tests/helm/run.sh and
+# tests/http/run.sh install their own pinned PyPI packages). Debian/Ubuntu packages through apt-get, as root or with
 # sudo; anything it cannot install is named with the command to run. Idempotent and quick when
 # everything is there. Called by scripts/demo.sh, scripts/test.sh and .ci/run.
 set -euo pipefail
@@ -17,6 +18,8 @@ if $tests; then
   command -v python3 >/dev/null || need+=(python3)
   python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
   command -v etcd >/dev/null || need+=(etcd-server)
+  command -v chromium >/dev/null || need+=(chromium)
+  command -v chromedriver >/dev/null || need+=(chromium-driver)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]} (Debian packages)" >&2

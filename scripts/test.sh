@@ -13,3 +13,6 @@ cargo test --release --workspace -- --test-threads 2 "$@"
 # Kubernetes API schemas, chart invariants, refused values, and the CPU demo's rendered
 # commands started as a local cluster from the release binaries built above.
 ./tests/helm/run.sh
+# The HTTP API's tests (tests/http; Python, a few minutes): the official `openai` client against
+# a local cluster, and the chat page in headless Chromium.
+./tests/http/run.sh

@@ -1,6 +1,6 @@
 //! The commands people run: `eagle cluster up --tp 3` (one worker group of three
-//! tensor-parallel ranks) prints `ready ADDR`, serves `eagle client` the unsharded engine's
-//! tokens, and stops all its processes, ranks included, on SIGTERM; and one request's spans form one trace across the
+//! tensor-parallel ranks) prints `ready ADDR` and `http URL`, serves `eagle client` (and the
+//! HTTP API) the unsharded engine's tokens, and stops all its processes, ranks included, on SIGTERM; and one request's spans form one trace across the
 //! coordinator, the draft service and the worker.
 
 use std::collections::HashMap;
@@ -13,7 +13,17 @@ use eagle_tests::*;
 #[test]
 fn cluster_up_serves_the_client_and_stops_on_sigterm() {
     let mut up = Command::new(bin("eagle"))
-        .args(["cluster", "up", "--port", "0", "--tp", "3", "--model"])
+        .args([
+            "cluster",
+            "up",
+            "--port",
+            "0",
+            "--http-port",
+            "0",
+            "--tp",
+            "3",
+        ])
+        .arg("--model")
         .arg(smollm2())
         .arg("--head")
         .arg(random_head())
@@ -27,6 +37,11 @@ fn cluster_up_serves_the_client_and_stops_on_sigterm() {
     let addr = ready
         .strip_prefix("ready ")
         .unwrap_or_else(|| panic!("expected `ready ADDR`, got {ready:?}"))
+        .to_string();
+    let http = lines.next().expect("a second line").unwrap();
+    let http = http
+        .strip_prefix("http ")
+        .unwrap_or_else(|| panic!("expected `http URL`, got {http:?}"))
         .to_string();
 
     let out = Command::new(bin("eagle"))
@@ -56,6 +71,22 @@ fn cluster_up_serves_the_client_and_stops_on_sigterm() {
         reference_engine().tokenizer.decode(&want).unwrap()
     );
     assert!(v["stats"]["steps"].as_u64().unwrap() >= 1);
+
+    // The HTTP API on the same cluster answers the same tokens (its own tests: tests/http).
+    let (status, body) = eagle_tests::http::post_json(
+        &http,
+        "/v1/chat/completions",
+        &serde_json::json!({
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 12,
+            "temperature": 0,
+        }),
+    );
+    assert_eq!(status, 200, "{body}");
+    let r: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(r["eagle"]["token_ids"], v["token_ids"], "{r}");
+    assert_eq!(r["choices"][0]["message"]["content"], v["text"]);
+    assert_eq!(r["usage"]["completion_tokens"], 12);
 
     // Streaming through the command prints the same text.
     let out = Command::new(bin("eagle"))

@@ -538,7 +538,7 @@ fn cluster_up_with_a_local_etcd_and_status() {
             "--cluster",
             "up1",
         ])
-        .args(["--port", "0", "--model"])
+        .args(["--port", "0", "--no-http", "--model"])
         .arg(smollm2())
         .arg("--head")
         .arg(random_head())

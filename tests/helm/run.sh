@@ -4,17 +4,5 @@
 # tests by name. Needs the release binaries (cargo build --release --workspace) and etcd.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-req=tests/helm/requirements.txt
-if ! python3 - "$req" 2>/dev/null <<'PY'
-import importlib.metadata as md, sys
-for line in open(sys.argv[1]):
-    spec = line.split("#")[0].strip()
-    if spec:
-        name, version = spec.split("==")
-        if md.version(name) != version:
-            sys.exit(1)
-PY
-then
-  python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -r "$req"
-fi
+./scripts/pip-pinned.sh tests/helm/requirements.txt
 exec python3 tests/helm/test_chart.py "$@"

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 import traceback
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -517,8 +518,9 @@ def stopped_after(cluster):
 def cpu_demo_commands_start_a_real_cluster():
     """The CPU demo's rendered pods (etcd, the fetch init containers, worker, draft service,
     coordinator) run as local processes from their manifests' commands, arguments and
-    environment; all their probes pass; the coordinator answers Generate with the tokens of
-    `eagle generate` (the in-process engine) on the same prompt, with speculation; the worker
+    environment; all their probes pass; the coordinator answers Generate, and the HTTP API's
+    chat completions, with the tokens of `eagle generate` (the in-process engine) on the same
+    prompt, with speculation; the worker
     group is registered in etcd under the chart's cluster and group names; everything stops on
     SIGTERM within the grace period."""
     cluster, seen, got, want, status, took = run_local_cluster(example_values("cpu-demo"), "cpu-demo")
@@ -532,6 +534,16 @@ def cpu_demo_commands_start_a_real_cluster():
         probes = [s for s in seen if "grpc" in s]
         assert len(probes) >= 9, seen  # 3 kinds x coordinator, draft, worker
         assert any("'eagle.etcd': SERVING" in s for s in probes), probes
+        # The coordinator's HTTP API, through its Service's `http` port, answers the same tokens.
+        svc = cluster.services["demo-eagle-serve-coordinator"]
+        http_port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "http")
+        http = cluster.service_addr("demo-eagle-serve-coordinator", http_port)
+        body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": MAX_NEW, "temperature": 0}
+        req = urllib.request.Request(f"http://{http}/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            answer = json.load(r)
+        assert answer["eagle"]["token_ids"] == want["token_ids"], answer
     print(f"    {len(got['token_ids'])} tokens identical, {got['stats']['steps']} steps "
           f"(mean accepted {got['stats']['mean_accepted']:.2f}), "
           f"{len(seen)} probes passed, {took:.1f} s to answer")

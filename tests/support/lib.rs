@@ -19,6 +19,7 @@ use eagle_proto::worker::worker_client::WorkerClient;
 use tonic::transport::Channel;
 
 pub mod etcd;
+pub mod http;
 
 pub const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
@@ -151,6 +152,15 @@ impl Service {
 
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
+    }
+
+    /// The rest of the first stdout line that starts with `prefix` (e.g. `"http "`).
+    pub fn announced(&self, prefix: &str) -> Option<String> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .find_map(|l| l.strip_prefix(prefix).map(|r| r.trim().to_string()))
     }
 
     /// SIGKILL, as a crash would.

@@ -38,6 +38,9 @@ the rendered commands as real processes, so a flag that a binary does not know f
 {{- if $v.model.chatTemplate -}}
 {{- $args = concat $args (list "--chat-template" (toString $v.model.chatTemplate)) -}}
 {{- end -}}
+{{- if $c.http.enabled -}}
+{{- $args = concat $args (list "--http-addr" (printf "0.0.0.0:%d" (int $c.http.port))) -}}
+{{- end -}}
 {{- concat $args ($c.extraArgs | default list) | toYaml -}}
 {{- end -}}
 

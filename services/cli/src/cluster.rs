@@ -21,8 +21,9 @@ use crate::{models, ModelArgs};
 
 #[derive(Subcommand)]
 pub enum ClusterCommand {
-    /// Start a local cluster and serve until SIGINT/SIGTERM. Prints `ready ADDR` on stdout
-    /// once the coordinator accepts requests.
+    /// Start a local cluster and serve until SIGINT/SIGTERM. Prints `ready ADDR` (the gRPC
+    /// API) on stdout once the coordinator accepts requests, then `http URL` (the
+    /// OpenAI-compatible HTTP API, and the chat page at that URL in a browser).
     Up(UpArgs),
     /// Start a local cluster, answer one prompt through it (streamed), and shut it down.
     Demo {
@@ -65,6 +66,12 @@ pub struct UpArgs {
     /// Requests waiting for a slot; past this, RESOURCE_EXHAUSTED.
     #[arg(long, env = "EAGLE_MAX_WAITING", default_value_t = 64)]
     pub max_waiting: usize,
+    /// The HTTP API's and the chat page's port on 127.0.0.1 (0 picks a free one).
+    #[arg(long, env = "EAGLE_HTTP_PORT", default_value_t = 8000)]
+    pub http_port: u16,
+    /// Serve no HTTP API (gRPC only).
+    #[arg(long)]
+    pub no_http: bool,
     #[command(flatten)]
     pub etcd: crate::etcd::UpEtcdArgs,
 }
@@ -76,6 +83,10 @@ pub fn run(cmd: ClusterCommand) -> Result<()> {
             ClusterCommand::Up(a) => {
                 let mut c = Cluster::start(&a).await?;
                 println!("ready {}", c.addr);
+                if let Some(url) = &c.http {
+                    println!("http {url}");
+                    eprintln!("chat page and OpenAI-compatible API at {url}");
+                }
                 let outcome = tokio::select! {
                     _ = eagle_proto::serve::shutdown_signal() => Ok(()),
                     e = c.watch() => Err(e),
@@ -88,7 +99,11 @@ pub fn run(cmd: ClusterCommand) -> Result<()> {
                 prompt,
                 max_new_tokens,
             } => {
-                let up = UpArgs { port: 0, ..up };
+                let up = UpArgs {
+                    port: 0,
+                    no_http: true,
+                    ..up
+                };
                 let mut c = Cluster::start(&up).await?;
                 eprintln!("cluster ready at {}", c.addr);
                 let args = ClientArgs {
@@ -152,13 +167,23 @@ struct Proc {
 
 pub struct Cluster {
     pub addr: String,
+    /// The HTTP API's base URL, when it is on.
+    pub http: Option<String>,
     procs: Vec<Proc>,
     /// A local etcd's data, removed when the cluster goes.
     _etcd_dir: Option<crate::etcd::DataDir>,
 }
 
-/// Starts `bin` with `args`, waits for its `listening ADDR` line; returns the address.
-async fn spawn(name: String, bin: PathBuf, args: Vec<String>) -> Result<(Proc, String)> {
+/// What a started service announced on stdout.
+struct Announced {
+    /// From its `listening ADDR` line.
+    addr: String,
+    /// The lines before that one.
+    before: Vec<String>,
+}
+
+/// Starts `bin` with `args`, waits for its `listening ADDR` line.
+async fn spawn(name: String, bin: PathBuf, args: Vec<String>) -> Result<(Proc, Announced)> {
     let mut cmd = Command::new(&bin);
     cmd.args(&args)
         .stdin(Stdio::null())
@@ -178,11 +203,13 @@ async fn spawn(name: String, bin: PathBuf, args: Vec<String>) -> Result<(Proc, S
         .with_context(|| format!("starting {}", bin.display()))?;
     let stdout = child.stdout.take().expect("piped stdout");
     let mut lines = BufReader::new(stdout).lines();
+    let mut before = Vec::new();
     let wait = async {
         while let Some(line) = lines.next_line().await? {
             if let Some(addr) = line.strip_prefix("listening ") {
                 return Ok::<_, anyhow::Error>(Some(addr.trim().to_string()));
             }
+            before.push(line);
         }
         Ok(None)
     };
@@ -196,7 +223,7 @@ async fn spawn(name: String, bin: PathBuf, args: Vec<String>) -> Result<(Proc, S
     };
     // Keep draining its stdout so it never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok((Proc { name, child }, addr))
+    Ok((Proc { name, child }, Announced { addr, before }))
 }
 
 impl Cluster {
@@ -234,6 +261,7 @@ impl Cluster {
         ];
         let mut cluster = Cluster {
             addr: String::new(),
+            http: None,
             procs: Vec::new(),
             _etcd_dir: None,
         };
@@ -299,9 +327,9 @@ impl Cluster {
         let mut first_err = None;
         for w in starts {
             match w.await.map_err(anyhow::Error::from).and_then(|r| r) {
-                Ok((p, addr)) => {
+                Ok((p, a)) => {
                     cluster.procs.push(p);
-                    worker_addrs.push(addr);
+                    worker_addrs.push(a.addr);
                 }
                 Err(e) => first_err = first_err.or(Some(e)),
             }
@@ -311,9 +339,9 @@ impl Cluster {
             None => None,
         };
         let draft_addr = match draft {
-            Some(Ok((p, addr))) => {
+            Some(Ok((p, a))) => {
                 cluster.procs.push(p);
-                Some(addr)
+                Some(a.addr)
             }
             Some(Err(e)) => {
                 first_err = first_err.or(Some(e));
@@ -345,6 +373,12 @@ impl Cluster {
         if let Some(t) = &m.chat_template {
             extra.extend(["--chat-template".to_string(), t.clone()]);
         }
+        if !a.no_http {
+            extra.extend([
+                "--http-addr".to_string(),
+                format!("127.0.0.1:{}", a.http_port),
+            ]);
+        }
         let mut args = common(&extra);
         let listen = args
             .iter()
@@ -352,9 +386,14 @@ impl Cluster {
             .expect("listen arg");
         args[listen] = format!("127.0.0.1:{}", a.port);
         match spawn("coordinator".into(), sibling("eagle-coordinator")?, args).await {
-            Ok((p, addr)) => {
+            Ok((p, a)) => {
                 cluster.procs.push(p);
-                cluster.addr = addr;
+                cluster.addr = a.addr;
+                cluster.http = a
+                    .before
+                    .iter()
+                    .find_map(|l| l.strip_prefix("http "))
+                    .map(|u| u.trim().to_string());
                 Ok(cluster)
             }
             Err(e) => {
@@ -417,6 +456,8 @@ impl RemoteBench {
             no_draft: false,
             max_running: 4,
             max_waiting: 4,
+            http_port: 0,
+            no_http: true,
             etcd: Default::default(),
         };
         let (cluster, client, hidden) = rt.block_on(async {

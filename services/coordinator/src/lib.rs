@@ -10,11 +10,14 @@
 //! - `membership.rs`: routing by etcd membership (complete healthy groups, by load).
 //! - `sessions.rs`: multi-turn sessions' KV placement.
 //! - `service.rs`: the gRPC service.
+//! - `http/`: the OpenAI-compatible HTTP API and the web chat page, over the same queue and
+//!   step loop.
 //!
 //! No model math runs here: only the tokenizer, to turn text into token ids and back.
 
 pub mod backends;
 pub mod generation;
+pub mod http;
 pub mod membership;
 pub mod queue;
 pub mod request;

@@ -1,6 +1,7 @@
 //! `eagle-coordinator`: serves the public Generation API in front of a draft service and a
 //! verification worker.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -27,8 +28,10 @@ use tonic::transport::Channel;
     long_about = "Tokenises and validates requests, queues them (a bounded queue; a full one \
 answers RESOURCE_EXHAUSTED), and drives each one across the draft service and the \
 verification worker. Without a reachable draft service it decodes plainly, which gives the same \
-text. Prints `listening ADDR` on stdout once it accepts connections; SIGINT or SIGTERM shut it \
-down gracefully."
+text. With --http-addr it also serves the OpenAI-compatible HTTP API (/v1/chat/completions, \
+/v1/completions, /v1/models, /health) and a chat page at /, and prints `http http://ADDR`. \
+Prints `listening ADDR` on stdout once it accepts connections (after the `http` line); SIGINT or \
+SIGTERM shut it down gracefully."
 )]
 struct Args {
     /// Target model (only its tokenizer and config are read here): a .gguf file or a Hugging
@@ -86,6 +89,10 @@ struct Args {
     /// --idle-timeout-s, after which they drop the cache.
     #[arg(long, env = "EAGLE_SESSION_TTL_S", default_value_t = 120)]
     session_ttl_s: u64,
+    /// Also serve the OpenAI-compatible HTTP API and the web chat page on this address (port 0
+    /// picks a free port); prints `http http://ADDR` on stdout once it accepts connections.
+    #[arg(long, env = "EAGLE_HTTP_ADDR")]
+    http_addr: Option<String>,
     #[command(flatten)]
     etcd: EtcdFlags,
 }
@@ -188,17 +195,37 @@ async fn run(a: Args) -> Result<()> {
             draft_retry: Duration::from_millis(a.draft_retry_ms),
         },
     };
-    let coord = Coordinator::new(backends, Queue::start(a.max_running, a.max_waiting));
+    let coord = Arc::new(Coordinator::new(
+        backends,
+        Queue::start(a.max_running, a.max_waiting),
+    ));
     reporter
         .set_serving::<GenerationServer<Coordinator>>()
         .await;
+    let shutdown = serve::Shutdown::on_signal();
+    let http = match &a.http_addr {
+        Some(addr) => {
+            let listener = eagle_coordinator::http::bind(addr).await?;
+            let stop = shutdown.clone().wait();
+            Some(tokio::spawn(eagle_coordinator::http::serve(
+                listener,
+                coord.clone(),
+                stop,
+            )))
+        }
+        None => None,
+    };
+    // Bound after the HTTP API: `listening ADDR` is the last line a starter waits for.
     let (incoming, _addr) = serve::bind(&a.listen).await?;
-    tracing::info!(model = %a.model_name, workers = ?a.workers, draft = ?a.draft, "coordinator ready");
+    tracing::info!(model = %a.model_name, workers = ?a.workers, draft = ?a.draft, http = ?a.http_addr, "coordinator ready");
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(serve::reflection())
-        .add_service(GenerationServer::new(coord))
-        .serve_with_incoming_shutdown(incoming, serve::shutdown_signal())
+        .add_service(GenerationServer::from_arc(coord))
+        .serve_with_incoming_shutdown(incoming, shutdown.wait())
         .await?;
+    if let Some(h) = http {
+        h.await.context("the HTTP server task")??;
+    }
     Ok(())
 }

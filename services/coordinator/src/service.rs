@@ -43,8 +43,19 @@ impl Coordinator {
         }
     }
 
-    /// Validates, waits for admission, starts the step loop; returns its events.
-    async fn start(
+    /// The name clients use for the served model.
+    pub fn model_name(&self) -> &str {
+        &self.backends.model_name
+    }
+
+    /// Requests generating and waiting now.
+    pub async fn queue_stats(&self) -> crate::queue::QueueStats {
+        self.queue.stats().await
+    }
+
+    /// Validates, waits for admission, starts the step loop; returns its events. Every front
+    /// end (gRPC here, HTTP in `http/`) goes through this one door.
+    pub(crate) async fn start(
         &self,
         req: GenerateRequest,
         span: tracing::Span,
@@ -92,7 +103,7 @@ fn request_span(kind: &'static str, req: &Request<GenerateRequest>) -> tracing::
     span
 }
 
-fn stats(s: &Summary) -> (Usage, SpeculationStats) {
+pub(crate) fn stats(s: &Summary) -> (Usage, SpeculationStats) {
     (
         Usage {
             prompt_tokens: s.prompt_tokens as u32,

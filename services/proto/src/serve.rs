@@ -48,6 +48,28 @@ pub async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+/// SIGINT or SIGTERM, seen by every server of a process that serves more than one (gRPC and
+/// HTTP): each waits on its own clone.
+#[derive(Clone)]
+pub struct Shutdown(tokio::sync::watch::Receiver<bool>);
+
+impl Shutdown {
+    /// Starts listening for the signals; call inside the runtime.
+    pub fn on_signal() -> Self {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = tx.send(true);
+        });
+        Shutdown(rx)
+    }
+
+    /// Resolves once a signal came.
+    pub async fn wait(mut self) {
+        let _ = self.0.wait_for(|&stop| stop).await;
+    }
+}
+
 /// The standard `grpc.health.v1` service, and a reporter to mark services serving.
 pub fn health() -> (
     tonic_health::server::HealthReporter,

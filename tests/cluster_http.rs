@@ -1,0 +1,113 @@
+//! The HTTP API against real processes, for what its Python tests (tests/http: the official
+//! `openai` client and a browser) cannot see from outside: a client that closes a stream
+//! mid-answer, or drops a unary call, frees its sessions on the worker and the draft service
+//! (read from their `Info`); and a cluster whose worker is gone answers 503 with OpenAI's error
+//! object.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use eagle_tests::*;
+use serde_json::json;
+
+fn http_cluster() -> (TestCluster, String) {
+    let c = TestCluster::start(ClusterOpts {
+        coordinator_args: vec!["--http-addr".into(), "127.0.0.1:0".into()],
+        ..Default::default()
+    });
+    let url = c
+        .coordinator
+        .announced("http ")
+        .expect("the coordinator printed `http URL`");
+    (c, url)
+}
+
+/// A long answer: counting goes on well past the point where the test hangs up.
+fn long_request(stream: bool) -> serde_json::Value {
+    json!({
+        "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
+        "max_tokens": 3000,
+        "temperature": 0,
+        "stream": stream,
+    })
+}
+
+/// Sends `body` to `/v1/completions` on a connection the caller keeps.
+fn send(url: &str, body: &serde_json::Value) -> TcpStream {
+    let host = url.strip_prefix("http://").unwrap();
+    let mut s = TcpStream::connect(host).unwrap();
+    let body = body.to_string();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_frees_its_sessions() {
+    let (c, url) = http_cluster();
+
+    // A stream closed after a few chunks.
+    let s = send(&url, &long_request(true));
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut r = BufReader::new(s);
+    let mut chunks = 0;
+    let mut line = String::new();
+    while chunks < 4 {
+        line.clear();
+        assert!(
+            r.read_line(&mut line).unwrap() > 0,
+            "the stream ended early"
+        );
+        if line.starts_with("data: {") {
+            assert!(!line.contains("\"error\""), "{line}");
+            chunks += 1;
+        }
+    }
+    assert_eq!(
+        c.sessions().await,
+        (1, 1),
+        "the request holds a session on the worker and the draft service while it streams"
+    );
+    drop(r);
+    c.expect_no_sessions(Duration::from_secs(10)).await;
+
+    // A unary call dropped while it runs.
+    let s = send(&url, &long_request(false));
+    let t0 = std::time::Instant::now();
+    while c.sessions().await != (1, 1) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the unary call never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(s);
+    c.expect_no_sessions(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_worker_is_503_with_an_error_object() {
+    let (mut c, url) = http_cluster();
+    c.worker.kill();
+    let (status, body) = eagle_tests::http::post_json(
+        &url,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
+    );
+    assert_eq!(status, 503, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["type"], "service_unavailable_error", "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("worker"),
+        "{v}"
+    );
+    // The process itself still answers.
+    let (status, body) = eagle_tests::http::get(&url, "/health");
+    assert_eq!(status, 200, "{body}");
+}
