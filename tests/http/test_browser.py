@@ -3,7 +3,8 @@
 against a real local cluster: it loads nothing from elsewhere, streams an answer pass by pass
 that equals the gRPC API's answer token for token, shows which tokens came in one target pass,
 fills its figures, compares with plain decoding, keeps a multi-turn conversation, and shows the
-server's error message for a refused request.
+server's error message for a refused request; on a cluster that requires API keys it says so
+until a key is typed into its settings.
 
 Run: tests/http/run.sh (installs the pinned packages), or python3 tests/http/test_browser.py
 [NAME_SUBSTRING ...] (from anywhere; a picked test brings the ones it needs). Prints one line per test and
@@ -410,17 +411,61 @@ def run_tests(c, names: list[str] = ()) -> int:
     return failed
 
 
+def api_key_field(c) -> None:
+    """On a cluster that requires API keys the page says so (the model list is refused with
+    401), and once a key is typed in its settings it lists the model and answers."""
+    d = make_driver()
+    try:
+        d.get(c.http + "/")
+        wait_for(d, "the page to load", lambda: state(d)[0] in ("idle", "error"), timeout=30)
+        wait_for(d, "the refused model list", lambda: d.find_element(By.ID, "error").is_displayed(), timeout=30)
+        assert "API key" in text_of(d, "#error"), text_of(d, "#error")
+        set_value(d, "#api-key", "key-alpha")
+        js(d, "document.getElementById('api-key').dispatchEvent(new Event('change'))")
+        wait_for(d, "the model list", lambda: not d.find_element(By.ID, "error").is_displayed(), timeout=30)
+        set_value(d, "#max-tokens", "4")
+        set_value(d, "#temperature", "0")
+        set_value(d, "#prompt", PROMPT)
+        before = state(d)[1]
+        d.find_element(By.ID, "send").click()
+        assert wait_finished(d, before) == "idle", text_of(d, "#error")
+        assert sum(passes(d, LAST_ANSWER)) == 4, passes(d, LAST_ANSWER)
+        errors = console_errors(d, allowed=("status of 401",))
+        assert not errors, f"console errors: {errors}"
+    finally:
+        d.quit()
+
+
 def main():
+    import tempfile
+
     from cluster import cluster_up
 
     sys.stdout.reconfigure(line_buffering=True)
-    if not selected(sys.argv[1:]):
-        print(f"browser: no test matches {sys.argv[1:]}")
+    names = sys.argv[1:]
+    keyed = not names or any(n in "api_key_field" for n in names)
+    if not selected(names) and not keyed:
+        print(f"browser: no test matches {names}")
         sys.exit(0)
-    t0 = time.monotonic()
-    with cluster_up() as c:
-        print(f"cluster up in {time.monotonic() - t0:.0f} s: http {c.http}, gRPC {c.grpc}")
-        failed = run_tests(c, sys.argv[1:])
+    failed = 0
+    if selected(names):
+        t0 = time.monotonic()
+        with cluster_up() as c:
+            print(f"cluster up in {time.monotonic() - t0:.0f} s: http {c.http}, gRPC {c.grpc}")
+            failed += run_tests(c, names)
+    if keyed:
+        with tempfile.NamedTemporaryFile("w", suffix=".keys") as keys:
+            keys.write("key-alpha\n")
+            keys.flush()
+            with cluster_up("--api-keys-file", keys.name) as c:
+                t0 = time.monotonic()
+                try:
+                    api_key_field(c)
+                    print(f"ok   api_key_field ({time.monotonic() - t0:.1f} s)")
+                except Exception:  # noqa: BLE001
+                    failed += 1
+                    print(f"FAIL api_key_field ({time.monotonic() - t0:.1f} s)")
+                    traceback.print_exc()
     sys.exit(1 if failed else 0)
 
 

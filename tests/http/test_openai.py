@@ -1,7 +1,8 @@
 """The HTTP API through the official `openai` Python client, against a cluster started by
 `eagle cluster up`: chat and completions, unary and streamed, give the gRPC API's tokens and
 text for the same request at T = 0 with the right usage; speculation off gives the same text;
-every error case has its documented HTTP status and OpenAI error object.
+every error case has its documented HTTP status and OpenAI error object; a cluster with API
+keys answers 401 without a good key and serves the client's `api_key`.
 
 Run through tests/http/run.sh (which installs the pinned client); needs the release binaries.
 """
@@ -9,6 +10,7 @@ Run through tests/http/run.sh (which installs the pinned client); needs the rele
 from __future__ import annotations
 
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -287,24 +289,49 @@ def test_busy_session_and_full_queue(c: Cluster) -> None:
     wait_idle(c)
 
 
+def check_api_keys(c: Cluster) -> None:
+    """A cluster started with --api-keys-file: the client's api_key is the bearer token."""
+    m = [{"role": "user", "content": PROMPT}]
+    for key in ("unused", "key-gamma"):
+        bad = openai.OpenAI(base_url=c.http + "/v1", api_key=key, max_retries=0)
+        expect_error(lambda: bad.chat.completions.create(model="", messages=m, max_tokens=4), 401, None, "API key")
+        expect_error(lambda: bad.models.list(), 401, None, "API key")
+    good = openai.OpenAI(base_url=c.http + "/v1", api_key="key-alpha", max_retries=0)
+    want = c.grpc_generate("--api-key", "key-beta", "--prompt", PROMPT, "--chat", "--max-new-tokens", "16")
+    r = good.chat.completions.create(model=good.models.list().data[0].id, messages=m, max_tokens=16, temperature=0)
+    assert eagle(r)["token_ids"] == want["token_ids"]
+    assert c.get_json("/health")["status"] == "ok", "health needs no key"
+
+
+def run(name: str, fn, *args) -> bool:
+    t0 = time.monotonic()
+    try:
+        fn(*args)
+        print(f"ok   {name} ({time.monotonic() - t0:.1f} s)", flush=True)
+        return True
+    except Exception:
+        print(f"FAIL {name}", flush=True)
+        traceback.print_exc()
+        return False
+
+
 def main() -> int:
-    tests = [v for k, v in globals().items() if k.startswith("test_")]
     wanted = sys.argv[1:]
-    failed = 0
-    with cluster_up("--max-running", "2", "--max-waiting", "0") as c:
-        for t in tests:
-            if wanted and not any(w in t.__name__ for w in wanted):
-                continue
-            t0 = time.monotonic()
-            try:
-                t(c)
-                print(f"ok   {t.__name__} ({time.monotonic() - t0:.1f} s)", flush=True)
-            except Exception:
-                failed += 1
-                print(f"FAIL {t.__name__}", flush=True)
-                traceback.print_exc()
-    print(f"{len(tests) - failed if not wanted else 'selected'} passed, {failed} failed")
-    return 1 if failed else 0
+    picked = lambda name: not wanted or any(w in name for w in wanted)  # noqa: E731
+    tests = [(k, v) for k, v in globals().items() if k.startswith("test_") and picked(k)]
+    results = []
+    if tests:
+        # Two requests at once, none queued: test_busy_session_and_full_queue relies on it.
+        with cluster_up("--max-running", "2", "--max-waiting", "0") as c:
+            results += [run(name, t, c) for name, t in tests]
+    if picked("check_api_keys"):
+        with tempfile.NamedTemporaryFile("w", suffix=".keys") as keys:
+            keys.write("# test keys\nkey-alpha\nkey-beta\n")
+            keys.flush()
+            with cluster_up("--api-keys-file", keys.name) as c:
+                results.append(run("check_api_keys", check_api_keys, c))
+    print(f"{results.count(True)} passed, {results.count(False)} failed")
+    return 0 if all(results) else 1
 
 
 if __name__ == "__main__":

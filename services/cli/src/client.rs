@@ -16,6 +16,9 @@ pub struct ClientArgs {
     /// The coordinator's address.
     #[arg(long, env = "EAGLE_ADDR", default_value = "127.0.0.1:50051")]
     pub addr: String,
+    /// The API key, for a cluster that requires one (sent as `authorization: Bearer KEY`).
+    #[arg(long, env = "EAGLE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// The prompt. With --chat it is the user's message, run through the chat template;
     /// otherwise it is sent to the model as is.
     #[arg(long)]
@@ -135,7 +138,15 @@ pub async fn call(a: &ClientArgs) -> Result<()> {
     let mut client = GenerationClient::connect(url.clone())
         .await
         .with_context(|| format!("connecting to {url}"))?;
-    let req = a.request();
+    let mut req = tonic::Request::new(a.request());
+    if let Some(k) = &a.api_key {
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {k}")
+                .parse()
+                .context("the API key is not a valid header value")?,
+        );
+    }
     if a.stream {
         let mut stream = client
             .stream_generate(req)

@@ -72,6 +72,12 @@ pub struct UpArgs {
     /// Serve no HTTP API (gRPC only).
     #[arg(long)]
     pub no_http: bool,
+    /// Require API keys on the public APIs (one key per line; see eagle-coordinator --help).
+    #[arg(long, env = "EAGLE_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// With API keys: requests one key may have running or queued at once (0: no limit).
+    #[arg(long, env = "EAGLE_MAX_RUNNING_PER_KEY", default_value_t = 0)]
+    pub max_running_per_key: usize,
     #[command(flatten)]
     pub etcd: crate::etcd::UpEtcdArgs,
 }
@@ -108,6 +114,7 @@ pub fn run(cmd: ClusterCommand) -> Result<()> {
                 eprintln!("cluster ready at {}", c.addr);
                 let args = ClientArgs {
                     addr: c.addr.clone(),
+                    api_key: std::env::var("EAGLE_API_KEY").ok(),
                     prompt,
                     chat: true,
                     system: None,
@@ -373,6 +380,14 @@ impl Cluster {
         if let Some(t) = &m.chat_template {
             extra.extend(["--chat-template".to_string(), t.clone()]);
         }
+        if let Some(f) = &a.api_keys_file {
+            extra.extend([
+                "--api-keys-file".to_string(),
+                f.display().to_string(),
+                "--max-running-per-key".to_string(),
+                a.max_running_per_key.to_string(),
+            ]);
+        }
         if !a.no_http {
             extra.extend([
                 "--http-addr".to_string(),
@@ -458,6 +473,8 @@ impl RemoteBench {
             max_waiting: 4,
             http_port: 0,
             no_http: true,
+            api_keys_file: None,
+            max_running_per_key: 0,
             etcd: Default::default(),
         };
         let (cluster, client, hidden) = rt.block_on(async {
@@ -484,6 +501,7 @@ impl RemoteBench {
     ) -> Result<eagle_engine::GenerateOutput> {
         let args = ClientArgs {
             addr: String::new(),
+            api_key: None,
             prompt: prompt.into(),
             chat: !raw,
             system: None,

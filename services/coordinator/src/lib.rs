@@ -2,6 +2,7 @@
 //! validates and queues requests, and drives each one step by step across a draft service
 //! (the EAGLE head and tree builder) and a verification worker (the target model).
 //!
+//! - `auth.rs`: API keys on the public API, with a per-key limit.
 //! - `request.rs`: public requests to validated jobs.
 //! - `queue.rs`: admission control (an actor).
 //! - `generation.rs`: the step loop, with fallback to plain decoding when drafting fails.
@@ -15,6 +16,7 @@
 //!
 //! No model math runs here: only the tokenizer, to turn text into token ids and back.
 
+pub mod auth;
 pub mod backends;
 pub mod generation;
 pub mod http;

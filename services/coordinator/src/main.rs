@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use eagle_coordinator::auth::ApiKeys;
 use eagle_coordinator::backends::{draft_client, worker_client, Backends, Timeouts, WorkerPool};
 use eagle_coordinator::membership as etcd;
 use eagle_coordinator::queue::Queue;
@@ -93,6 +94,15 @@ struct Args {
     /// picks a free port); prints `http http://ADDR` on stdout once it accepts connections.
     #[arg(long, env = "EAGLE_HTTP_ADDR")]
     http_addr: Option<String>,
+    /// Require an API key (`authorization: Bearer KEY`) on the public API: a file with one key
+    /// per line (`#` comments allowed). Keys may also come in EAGLE_API_KEYS (comma-separated).
+    /// Health checks, reflection and the chat page stay open.
+    #[arg(long, env = "EAGLE_API_KEYS_FILE")]
+    api_keys_file: Option<std::path::PathBuf>,
+    /// With API keys: requests one key may have running or queued at once (0: no limit); past
+    /// it, RESOURCE_EXHAUSTED (HTTP 429).
+    #[arg(long, env = "EAGLE_MAX_RUNNING_PER_KEY", default_value_t = 0)]
+    max_running_per_key: usize,
     #[command(flatten)]
     etcd: EtcdFlags,
 }
@@ -107,6 +117,18 @@ async fn main() {
 }
 
 async fn run(a: Args) -> Result<()> {
+    let keys = ApiKeys::load(
+        a.api_keys_file.as_deref(),
+        std::env::var("EAGLE_API_KEYS").ok().as_deref(),
+        a.max_running_per_key,
+    )?;
+    if let Some(k) = &keys {
+        tracing::info!(
+            keys = k.len(),
+            per_key_limit = a.max_running_per_key,
+            "API keys required"
+        );
+    }
     let opened = open_model(&a.model).with_context(|| format!("opening {}", a.model.display()))?;
     let mut tokenizer = opened.tokenizer;
     if let Some(name) = &a.chat_template {
@@ -195,10 +217,9 @@ async fn run(a: Args) -> Result<()> {
             draft_retry: Duration::from_millis(a.draft_retry_ms),
         },
     };
-    let coord = Arc::new(Coordinator::new(
-        backends,
-        Queue::start(a.max_running, a.max_waiting),
-    ));
+    let coord = Arc::new(
+        Coordinator::new(backends, Queue::start(a.max_running, a.max_waiting)).with_keys(keys),
+    );
     reporter
         .set_serving::<GenerationServer<Coordinator>>()
         .await;

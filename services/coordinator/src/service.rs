@@ -17,6 +17,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::auth::ApiKeys;
 use crate::backends::Backends;
 use crate::generation::{run, Event, Summary};
 use crate::queue::Queue;
@@ -25,6 +26,8 @@ use crate::request::{validate, Limits};
 pub struct Coordinator {
     backends: Arc<Backends>,
     queue: Queue,
+    /// None: the public API is open.
+    keys: Option<ApiKeys>,
     next_id: AtomicU64,
     /// Distinguishes this process's session ids from an earlier run's.
     epoch: u64,
@@ -38,8 +41,23 @@ impl Coordinator {
         Coordinator {
             backends: Arc::new(backends),
             queue,
+            keys: None,
             next_id: AtomicU64::new(1),
             epoch,
+        }
+    }
+
+    /// Requires an API key on every request.
+    pub fn with_keys(mut self, keys: Option<ApiKeys>) -> Self {
+        self.keys = keys;
+        self
+    }
+
+    /// Checks a request's `authorization` value without starting anything.
+    pub fn authorize(&self, authorization: Option<&str>) -> Result<(), Status> {
+        match &self.keys {
+            Some(k) => k.check(authorization),
+            None => Ok(()),
         }
     }
 
@@ -53,13 +71,19 @@ impl Coordinator {
         self.queue.stats().await
     }
 
-    /// Validates, waits for admission, starts the step loop; returns its events. Every front
-    /// end (gRPC here, HTTP in `http/`) goes through this one door.
+    /// Checks the API key, validates, waits for admission, starts the step loop; returns its
+    /// events. Every front end (gRPC here, HTTP in `http/`) goes through this one door.
     pub(crate) async fn start(
         &self,
         req: GenerateRequest,
+        authorization: Option<&str>,
         span: tracing::Span,
     ) -> Result<mpsc::Receiver<Result<Event, Status>>, Status> {
+        let key = self
+            .keys
+            .as_ref()
+            .map(|k| k.admit(authorization))
+            .transpose()?;
         let b = &self.backends;
         let limits = Limits {
             model_name: b.model_name.clone(),
@@ -85,11 +109,20 @@ impl Coordinator {
             async move {
                 run(backends, job, id, tx, queue_ms).await;
                 drop(permit);
+                drop(key);
             }
             .instrument(span),
         );
         Ok(rx)
     }
+}
+
+/// The `authorization` metadata of a gRPC call, if it is text.
+fn authorization(req: &Request<GenerateRequest>) -> Option<String> {
+    req.metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from)
 }
 
 fn request_span(kind: &'static str, req: &Request<GenerateRequest>) -> tracing::Span {
@@ -130,7 +163,8 @@ impl Generation for Coordinator {
         req: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
         let span = request_span("unary", &req);
-        let mut rx = self.start(req.into_inner(), span).await?;
+        let auth = authorization(&req);
+        let mut rx = self.start(req.into_inner(), auth.as_deref(), span).await?;
         let mut out = GenerateResponse::default();
         while let Some(ev) = rx.recv().await {
             match ev? {
@@ -157,7 +191,8 @@ impl Generation for Coordinator {
         req: Request<GenerateRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
         let span = request_span("stream", &req);
-        let rx = self.start(req.into_inner(), span).await?;
+        let auth = authorization(&req);
+        let rx = self.start(req.into_inner(), auth.as_deref(), span).await?;
         let stream = ReceiverStream::new(rx).map(|ev| {
             ev.map(|e| match e {
                 Event::Delta { text, token_ids } => GenerateChunk {

@@ -176,6 +176,11 @@ async fn run(
     body: Result<Bytes, BytesRejection>,
     ep: Endpoint,
 ) -> Result<Response, ApiError> {
+    // The key first: a caller without one learns nothing else, not even what is wrong with
+    // the body.
+    let auth_header = headers.get(axum::http::header::AUTHORIZATION).cloned();
+    let auth = authorization(&auth_header);
+    c.authorize(auth).map_err(|s| ApiError::from_status(&s))?;
     let body = body.map_err(|r| ApiError::new(r.status(), r.body_text()))?;
     let req = parse(&body)?;
     let grpc = req.to_grpc(ep, c.model_name())?;
@@ -193,7 +198,7 @@ async fn run(
         .and_then(|s| s.enabled)
         .unwrap_or(true);
     let mut rx = c
-        .start(grpc, span)
+        .start(grpc, auth, span)
         .await
         .map_err(|s| ApiError::from_status(&s))?;
     let answer = Answer {
@@ -219,6 +224,11 @@ async fn run(
     Ok(axum::response::Sse::new(ReceiverStream::new(out))
         .keep_alive(KeepAlive::default())
         .into_response())
+}
+
+/// The `authorization` header, if it is text.
+pub(super) fn authorization(v: &Option<axum::http::HeaderValue>) -> Option<&str> {
+    v.as_ref().and_then(|v| v.to_str().ok())
 }
 
 fn ended() -> ApiError {

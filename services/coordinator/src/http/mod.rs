@@ -9,6 +9,8 @@
 //! Invariants:
 //! - An HTTP request is a gRPC request in another dress: the same validation, queue and step
 //!   loop ([`Coordinator::start`]), so the tokens are the same for the same request.
+//! - The API key, when keys are set, is checked by the same door ([`Coordinator::start`]) and
+//!   by the model listing; `/`, and `/health` stay open (the page asks for a key itself).
 //! - A client that goes away (a closed connection, a dropped stream) cancels its request as a
 //!   gRPC cancel does: the step loop sees its channel closed and releases its sessions.
 
@@ -19,7 +21,7 @@ pub mod openai;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -95,11 +97,27 @@ fn model_object(id: &str) -> serde_json::Value {
     json!({"id": id, "object": "model", "created": created(), "owned_by": "eagle-serve"})
 }
 
-async fn models(State(c): State<Arc<Coordinator>>) -> Json<serde_json::Value> {
-    Json(json!({"object": "list", "data": [model_object(c.model_name())]}))
+fn authorize(c: &Coordinator, headers: &HeaderMap) -> Result<(), ApiError> {
+    let auth = headers.get(axum::http::header::AUTHORIZATION).cloned();
+    c.authorize(completions::authorization(&auth))
+        .map_err(|s| ApiError::from_status(&s))
 }
 
-async fn model(State(c): State<Arc<Coordinator>>, Path(id): Path<String>) -> Response {
+async fn models(State(c): State<Arc<Coordinator>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(&c, &headers) {
+        return e.into_response();
+    }
+    Json(json!({"object": "list", "data": [model_object(c.model_name())]})).into_response()
+}
+
+async fn model(
+    State(c): State<Arc<Coordinator>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(e) = authorize(&c, &headers) {
+        return e.into_response();
+    }
     if id == c.model_name() {
         Json(model_object(&id)).into_response()
     } else {
