@@ -12,26 +12,28 @@ use eagle_tests::*;
 
 #[test]
 fn cluster_up_serves_the_client_and_stops_on_sigterm() {
-    let mut up = Command::new(bin("eagle"))
-        .args([
-            "cluster",
-            "up",
-            "--port",
-            "0",
-            "--http-port",
-            "0",
-            "--tp",
-            "3",
-        ])
-        .arg("--model")
-        .arg(smollm2())
-        .arg("--head")
-        .arg(random_head())
-        .env("EAGLE_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let mut up = KillOnDrop(
+        Command::new(bin("eagle"))
+            .args([
+                "cluster",
+                "up",
+                "--port",
+                "0",
+                "--http-port",
+                "0",
+                "--tp",
+                "3",
+            ])
+            .arg("--model")
+            .arg(smollm2())
+            .arg("--head")
+            .arg(random_head())
+            .env("EAGLE_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
     let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
     let ready = lines.next().expect("a line").unwrap();
     let addr = ready
@@ -125,7 +127,7 @@ fn cluster_up_serves_the_client_and_stops_on_sigterm() {
     );
     children.extend(ranks);
     let status =
-        terminate_child(&mut up, Duration::from_secs(30)).expect("cluster up did not stop");
+        terminate_child(&mut up.0, Duration::from_secs(30)).expect("cluster up did not stop");
     assert!(status.success(), "{status}");
     for pid in children {
         assert!(
@@ -139,24 +141,6 @@ fn cluster_up_serves_the_client_and_stops_on_sigterm() {
 }
 
 /// Pids whose parent is `pid` (Linux /proc).
-fn child_pids(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
-            // pid (comm) state ppid ...
-            if let Some(rest) = stat.rsplit_once(") ") {
-                let ppid: u32 = rest.1.split(' ').nth(1).unwrap_or("0").parse().unwrap_or(0);
-                if ppid == pid {
-                    out.push(p);
-                }
-            }
-        }
-    }
-    out
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_request_is_one_trace_across_the_processes() {

@@ -527,26 +527,28 @@ async fn an_etcd_restart_or_stall_under_load_fails_no_request() {
 fn cluster_up_with_a_local_etcd_and_status() {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
-    let mut up = Command::new(bin("eagle"))
-        .args([
-            "cluster",
-            "up",
-            "--etcd",
-            "local",
-            "--groups",
-            "2",
-            "--cluster",
-            "up1",
-        ])
-        .args(["--port", "0", "--no-http", "--model"])
-        .arg(smollm2())
-        .arg("--head")
-        .arg(random_head())
-        .env("EAGLE_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut up = KillOnDrop(
+        Command::new(bin("eagle"))
+            .args([
+                "cluster",
+                "up",
+                "--etcd",
+                "local",
+                "--groups",
+                "2",
+                "--cluster",
+                "up1",
+            ])
+            .args(["--port", "0", "--no-http", "--model"])
+            .arg(smollm2())
+            .arg("--head")
+            .arg(random_head())
+            .env("EAGLE_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let (tx, rx) = std::sync::mpsc::channel();
     let stderr = up.stderr.take().unwrap();
     std::thread::spawn(move || {
@@ -623,7 +625,7 @@ fn cluster_up_with_a_local_etcd_and_status() {
     assert!(p["cached_tokens"].as_u64().unwrap() > 0, "{st}");
 
     let status =
-        terminate_child(&mut up, Duration::from_secs(30)).expect("cluster up did not stop");
+        terminate_child(&mut up.0, Duration::from_secs(30)).expect("cluster up did not stop");
     assert!(status.success(), "{status}");
 }
 

@@ -97,6 +97,57 @@ pub fn random_head() -> PathBuf {
     .clone()
 }
 
+/// The processes whose parent is `pid`.
+pub fn child_pids(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
+            // pid (comm) state ppid ...
+            if let Some(rest) = stat.rsplit_once(") ") {
+                let ppid: u32 = rest.1.split(' ').nth(1).unwrap_or("0").parse().unwrap_or(0);
+                if ppid == pid {
+                    out.push(p);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A process's command line, its arguments joined by spaces ("" once it is gone).
+pub fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+/// A child process killed on drop, so a test that fails leaves nothing running (an
+/// `eagle cluster up` takes its children with it).
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
 /// A service process; killed on drop.
 pub struct Service {
     pub name: String,
