@@ -3,8 +3,9 @@
 //! next to this one.
 //!
 //! Children die with this process (PR_SET_PDEATHSIG on Linux); on SIGINT or SIGTERM they are
-//! stopped gracefully, the coordinator first so that it stops taking requests. If any child
-//! exits on its own, the whole cluster is stopped and the command fails.
+//! stopped gracefully, the coordinator first so that it stops taking requests. A service that
+//! exits on its own is started again at the same address (`supervisor.rs`: backoff and a
+//! restart budget); only an exhausted budget, or the exit of a local etcd, stops the cluster.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -13,10 +14,11 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 use crate::client::ClientArgs;
 use crate::runtime::{resolve_head, resolve_or_fetch, HeadPolicy};
+use crate::supervisor::{self, Policy, Proc, Restart};
 use crate::{models, ModelArgs};
 
 #[derive(Subcommand)]
@@ -78,8 +80,21 @@ pub struct UpArgs {
     /// With API keys: requests one key may have running or queued at once (0: no limit).
     #[arg(long, env = "EAGLE_MAX_RUNNING_PER_KEY", default_value_t = 0)]
     pub max_running_per_key: usize,
+    /// Restarts allowed to each service within 10 minutes; one more exit stops the cluster
+    /// (0: never restart; any exit stops it).
+    #[arg(long, env = "EAGLE_MAX_RESTARTS", default_value_t = 5)]
+    pub max_restarts: u32,
     #[command(flatten)]
     pub etcd: crate::etcd::UpEtcdArgs,
+}
+
+impl UpArgs {
+    fn policy(&self) -> Policy {
+        Policy {
+            max_restarts: self.max_restarts,
+            window: Duration::from_secs(600),
+        }
+    }
 }
 
 pub fn run(cmd: ClusterCommand) -> Result<()> {
@@ -95,7 +110,7 @@ pub fn run(cmd: ClusterCommand) -> Result<()> {
                 }
                 let outcome = tokio::select! {
                     _ = eagle_proto::serve::shutdown_signal() => Ok(()),
-                    e = c.watch() => Err(e),
+                    e = c.supervise(a.policy()) => Err(e),
                 };
                 c.stop().await;
                 outcome
@@ -133,7 +148,7 @@ pub fn run(cmd: ClusterCommand) -> Result<()> {
                 };
                 let r = tokio::select! {
                     r = crate::client::call(&args) => r,
-                    e = c.watch() => Err(e),
+                    e = c.supervise(up.policy()) => Err(e),
                 };
                 c.stop().await;
                 r
@@ -167,11 +182,6 @@ fn sibling(name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
-struct Proc {
-    name: String,
-    child: Child,
-}
-
 pub struct Cluster {
     pub addr: String,
     /// The HTTP API's base URL, when it is on.
@@ -189,7 +199,8 @@ struct Announced {
     before: Vec<String>,
 }
 
-/// Starts `bin` with `args`, waits for its `listening ADDR` line.
+/// Starts `bin` with `args`, waits for its `listening ADDR` line. The process it returns
+/// restarts with the addresses it announced.
 async fn spawn(name: String, bin: PathBuf, args: Vec<String>) -> Result<(Proc, Announced)> {
     let mut cmd = Command::new(&bin);
     cmd.args(&args)
@@ -230,7 +241,15 @@ async fn spawn(name: String, bin: PathBuf, args: Vec<String>) -> Result<(Proc, A
     };
     // Keep draining its stdout so it never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok((Proc { name, child }, Announced { addr, before }))
+    let mut restart = Restart { bin, args };
+    restart.pin("--listen", &addr);
+    if let Some(http) = before.iter().find_map(|l| l.strip_prefix("http http://")) {
+        restart.pin("--http-addr", http.trim());
+    }
+    Ok((
+        Proc::new(name, child, Some(restart)),
+        Announced { addr, before },
+    ))
 }
 
 impl Cluster {
@@ -275,10 +294,7 @@ impl Cluster {
         let etcd_url = match a.etcd.resolve().await? {
             Some((url, local)) => {
                 if let Some(l) = local {
-                    cluster.procs.push(Proc {
-                        name: "etcd".into(),
-                        child: l.child,
-                    });
+                    cluster.procs.push(Proc::new("etcd".into(), l.child, None));
                     cluster._etcd_dir = Some(l.dir);
                 }
                 Some(url)
@@ -418,13 +434,16 @@ impl Cluster {
         }
     }
 
-    /// Resolves when a child exits on its own, with what happened.
-    pub async fn watch(&mut self) -> anyhow::Error {
+    /// Restarts children that exit (see `supervisor.rs`); resolves only when the cluster must
+    /// stop, with why.
+    pub async fn supervise(&mut self, policy: Policy) -> anyhow::Error {
         loop {
-            for p in &mut self.procs {
-                if let Ok(Some(status)) = p.child.try_wait() {
-                    return anyhow!("{} exited unexpectedly ({status})", p.name);
-                }
+            let stop = supervisor::check(&mut self.procs, policy, |name, r| {
+                Box::pin(async move { spawn(name, r.bin, r.args).await.map(|(p, _)| p.child) })
+            })
+            .await;
+            if let Some(e) = stop {
+                return e;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -433,6 +452,7 @@ impl Cluster {
     /// Stops every child: SIGTERM, the coordinator first; SIGKILL after 10 s.
     pub async fn stop(&mut self) {
         for p in self.procs.iter_mut().rev() {
+            p.abort_restart();
             if let Some(pid) = p.child.id() {
                 // SAFETY: sending a signal to our own child process.
                 unsafe {
@@ -475,6 +495,7 @@ impl RemoteBench {
             no_http: true,
             api_keys_file: None,
             max_running_per_key: 0,
+            max_restarts: 0,
             etcd: Default::default(),
         };
         let (cluster, client, hidden) = rt.block_on(async {

@@ -12,6 +12,7 @@ mod generate;
 mod head;
 mod models;
 mod runtime;
+mod supervisor;
 mod tpcheck;
 mod train;
 

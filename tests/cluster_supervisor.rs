@@ -1,0 +1,252 @@
+//! `eagle cluster up` keeps serving when a child dies: the supervisor starts it again at the
+//! same address (with backoff, within a restart budget). With etcd and two worker groups the
+//! other group serves meanwhile and the restarted worker registers again; without etcd the
+//! coordinator finds the restarted worker where it was, and a restarted draft service brings
+//! speculation back. No request ever gets a wrong token; SIGTERM still stops everything, and so
+//! does an exhausted restart budget.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use eagle_proto::v1::generation_client::GenerationClient;
+use eagle_tests::*;
+use tonic::Code;
+
+/// `eagle cluster up ARGS` with its stderr kept (and echoed); returns it and the gRPC address.
+fn cluster_up(args: &[&str]) -> (KillOnDrop, String, Arc<Mutex<Vec<String>>>) {
+    let mut up = KillOnDrop(
+        Command::new(bin("eagle"))
+            .args(["cluster", "up", "--port", "0", "--no-http", "--model"])
+            .arg(smollm2())
+            .arg("--head")
+            .arg(random_head())
+            .args(args)
+            .env("EAGLE_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (stderr, seen) = (up.stderr.take().unwrap(), log.clone());
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            seen.lock().unwrap().push(line);
+        }
+    });
+    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    let ready = lines.next().expect("a line").unwrap();
+    let addr = ready
+        .strip_prefix("ready ")
+        .expect("ready ADDR")
+        .to_string();
+    std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
+    (up, addr, log)
+}
+
+/// The child of `parent` whose command line contains every one of `needles`.
+fn child_with(parent: u32, needles: &[&str]) -> u32 {
+    *child_pids(parent)
+        .iter()
+        .find(|&&p| {
+            let c = cmdline(p);
+            needles.iter().all(|n| c.contains(n))
+        })
+        .unwrap_or_else(|| panic!("no child of {parent} runs {needles:?}"))
+}
+
+fn kill9(pid: u32) {
+    // SAFETY: a signal to a process this test's cluster started.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+}
+
+fn wait_log(log: &Mutex<Vec<String>>, needle: &str, within: Duration) {
+    let t0 = Instant::now();
+    while !log.lock().unwrap().iter().any(|l| l.contains(needle)) {
+        assert!(
+            t0.elapsed() < within,
+            "no {needle:?} in the log within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+type Runs = Arc<Mutex<Vec<(Instant, Result<(), Code>)>>>;
+
+/// Requests in a loop until told to stop, each one's end and outcome recorded in `runs`.
+fn request_loop(addr: &str, stop: Arc<AtomicBool>, runs: Runs) -> tokio::task::JoinHandle<()> {
+    let url = format!("http://{addr}");
+    tokio::spawn(async move {
+        let req = chat_request("Hello!", 8);
+        let want = reference_tokens(&req);
+        let mut c = GenerationClient::connect(url).await.unwrap();
+        while !stop.load(Ordering::Relaxed) {
+            let r = match c.generate(req.clone()).await {
+                Ok(r) => {
+                    assert_eq!(r.into_inner().token_ids, want, "a wrong token");
+                    Ok(())
+                }
+                Err(e) => Err(e.code()),
+            };
+            runs.lock().unwrap().push((Instant::now(), r));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+}
+
+fn stop_cleanly(up: &mut KillOnDrop) {
+    let children = child_pids(up.id());
+    let status =
+        terminate_child(&mut up.0, Duration::from_secs(30)).expect("cluster up did not stop");
+    assert!(status.success(), "{status}");
+    for pid in children {
+        assert!(
+            cmdline(pid).is_empty()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map(|s| s.contains(") Z "))
+                    .unwrap_or(true),
+            "child {pid} is still running"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_restarts_while_the_other_group_serves() {
+    let (mut up, addr, log) = cluster_up(&["--etcd", "local", "--groups", "2", "--cluster", "sup"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let runs: Runs = Arc::default();
+    let load = request_loop(&addr, stop.clone(), runs.clone());
+    let t0 = Instant::now();
+    while runs
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, r)| r.is_ok())
+        .count()
+        < 3
+    {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no requests served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let g0 = child_with(up.id(), &["eagle-worker", "--group g0"]);
+    kill9(g0);
+    let killed = Instant::now();
+    wait_log(&log, "worker 0 exited", Duration::from_secs(10));
+    wait_log(&log, "worker 0 is back", Duration::from_secs(120));
+    let back = child_with(up.id(), &["eagle-worker", "--group g0"]);
+    assert_ne!(back, g0, "a new process");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    let runs = runs.lock().unwrap().clone();
+
+    let failed: Vec<_> = runs.iter().filter_map(|(_, r)| r.err()).collect();
+    assert!(
+        failed.iter().all(|c| *c == Code::Unavailable),
+        "only requests on the dying worker may fail, with UNAVAILABLE: {failed:?}"
+    );
+    assert!(failed.len() <= 2, "{} requests failed", failed.len());
+    let after = runs
+        .iter()
+        .filter(|(t, r)| *t > killed && r.is_ok())
+        .count();
+    assert!(after >= 5, "only {after} requests succeeded after the kill");
+    println!(
+        "MEASURE worker restart: {} requests, {} failed, {after} served after the kill",
+        runs.len(),
+        failed.len()
+    );
+    stop_cleanly(&mut up);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_etcd_the_worker_and_the_draft_service_come_back_at_their_address() {
+    let (mut up, addr, log) = cluster_up(&["--workers", "1"]);
+    let req = chat_request("Hello!", 8);
+    let want = reference_tokens(&req);
+    let mut c = GenerationClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.generate(req.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .token_ids,
+        want
+    );
+
+    // The worker: requests fail with UNAVAILABLE until it is back, then succeed.
+    kill9(child_with(up.id(), &["eagle-worker"]));
+    wait_log(&log, "worker 0 exited", Duration::from_secs(10));
+    let t0 = Instant::now();
+    loop {
+        match c.generate(req.clone()).await {
+            Ok(r) => {
+                assert_eq!(r.into_inner().token_ids, want);
+                break;
+            }
+            Err(e) => assert_eq!(e.code(), Code::Unavailable, "{e:?}"),
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the worker never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "MEASURE served again {:.1} s after the worker was killed",
+        t0.elapsed().as_secs_f64()
+    );
+
+    // The draft service: requests keep succeeding (plain steps), then speculate again.
+    kill9(child_with(up.id(), &["eagle-draft"]));
+    wait_log(&log, "draft service exited", Duration::from_secs(10));
+    wait_log(&log, "draft service is back", Duration::from_secs(120));
+    let t0 = Instant::now();
+    loop {
+        let r = c.generate(req.clone()).await.unwrap().into_inner();
+        assert_eq!(r.token_ids, want);
+        let s = r.stats.unwrap();
+        if s.fallback_steps == 0 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "speculation did not resume: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop_cleanly(&mut up);
+}
+
+#[test]
+fn past_its_restart_budget_the_cluster_stops() {
+    let (mut up, _addr, log) = cluster_up(&["--workers", "1", "--max-restarts", "0"]);
+    let children = child_pids(up.id());
+    kill9(child_with(up.id(), &["eagle-worker"]));
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = up.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the cluster did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success(), "{status}");
+    wait_log(&log, "past the restart budget", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(1));
+    for pid in children {
+        assert!(cmdline(pid).is_empty(), "child {pid} outlived the cluster");
+    }
+}
