@@ -1,7 +1,8 @@
 //! The commands people run: `eagle cluster up --tp 3` (one worker group of three
 //! tensor-parallel ranks) prints `ready ADDR` and `http URL`, serves `eagle client` (and the
-//! HTTP API) the unsharded engine's tokens, and stops all its processes, ranks included, on SIGTERM; and one request's spans form one trace across the
-//! coordinator, the draft service and the worker.
+//! HTTP API) the unsharded engine's tokens, and stops all its processes, ranks included, on
+//! SIGTERM; one request's spans form one trace across the coordinator, the draft service and
+//! the worker; and `eagle load` reports throughput and latency percentiles.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -213,4 +214,57 @@ async fn one_request_is_one_trace_across_the_processes() {
         "verify"
     );
     let _ = std::fs::remove_file(&trace);
+}
+
+#[test]
+fn eagle_load_reports_throughput_and_latency() {
+    let c = TestCluster::start(ClusterOpts::default());
+    let prompts = std::env::temp_dir().join(format!("eagle-load-{}.jsonl", std::process::id()));
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"What is the capital of France?\"}\n\
+         {\"prompt\": \"def fibonacci(n):\", \"raw\": true}\n",
+    )
+    .unwrap();
+    let out = Command::new(bin("eagle"))
+        .args(["load", "--addr", &c.coordinator.addr, "--prompts"])
+        .arg(&prompts)
+        .args([
+            "--concurrency",
+            "3",
+            "--requests",
+            "6",
+            "--max-new-tokens",
+            "8",
+        ])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&prompts);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(
+        (v["requests"].as_u64(), v["ok"].as_u64()),
+        (Some(6), Some(6)),
+        "{v}"
+    );
+    assert!(v["failed"].as_object().unwrap().is_empty(), "{v}");
+    let tokens = v["output_tokens"].as_u64().unwrap();
+    assert!(tokens > 6 && tokens <= 48, "{v}");
+    assert!(v["throughput_tok_s"].as_f64().unwrap() > 0.0, "{v}");
+    for m in ["ttft_ms", "tpot_ms", "e2e_ms"] {
+        let (p50, p90, p99) = (
+            v[m]["p50"].as_f64().unwrap(),
+            v[m]["p90"].as_f64().unwrap(),
+            v[m]["p99"].as_f64().unwrap(),
+        );
+        assert!(0.0 < p50 && p50 <= p90 && p90 <= p99, "{m}: {v}");
+    }
+    assert!(
+        v["ttft_ms"]["p99"].as_f64() <= v["e2e_ms"]["p99"].as_f64(),
+        "{v}"
+    );
 }

@@ -10,6 +10,7 @@ mod etcd;
 mod fetch;
 mod generate;
 mod head;
+mod load;
 mod models;
 mod runtime;
 mod supervisor;
@@ -62,6 +63,9 @@ enum Command {
     },
     /// Call a cluster's Generate / StreamGenerate API.
     Client(client::ClientArgs),
+    /// Load a cluster with many streamed requests (closed or open loop) and report throughput
+    /// and latency percentiles (time to first token, per output token, end to end) as JSON.
+    Load(load::LoadArgs),
     /// Check the tensor-parallel path here: a group of one (NCCL on CUDA) against the
     /// unsharded model, and the collectives' timing.
     TpCheck(tpcheck::TpCheckArgs),
@@ -117,6 +121,7 @@ fn main() {
         Command::Head { command } => head::run(command),
         Command::Cluster { command } => cluster::run(command),
         Command::Client(a) => client::run(a),
+        Command::Load(a) => load::run(a),
         Command::TpCheck(a) => tpcheck::run(a),
     };
     if let Err(e) = result {
