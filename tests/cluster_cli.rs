@@ -252,6 +252,10 @@ fn eagle_load_reports_throughput_and_latency() {
         "{v}"
     );
     assert!(v["failed"].as_object().unwrap().is_empty(), "{v}");
+    assert_eq!(
+        v["mismatched_outputs"], 0,
+        "T = 0: one answer per prompt: {v}"
+    );
     let tokens = v["output_tokens"].as_u64().unwrap();
     assert!(tokens > 6 && tokens <= 48, "{v}");
     assert!(v["throughput_tok_s"].as_f64().unwrap() > 0.0, "{v}");

@@ -10,6 +10,11 @@
 //! Prompts are taken in order from a JSON-lines file (`{"prompt": ..., "raw": false}`),
 //! round-robin. The summary is one JSON object on stdout; a progress bar goes to stderr.
 //! Percentiles are nearest-rank over all successful requests (chunk gaps: over all chunks).
+//!
+//! At T = 0 the same prompt must give the same tokens every time, whatever else runs: the
+//! summary counts the successful answers that differ from the first answer to their prompt
+//! (`mismatched_outputs`), a check that needs no model here (the soak and chaos runs rely on
+//! it). A request past `--timeout-s` is cancelled and counted as `Timeout`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -65,6 +70,9 @@ pub struct LoadArgs {
     /// Draft tokens per target pass (-1 or unset: sized per step by the server).
     #[arg(long)]
     pub total_token: Option<i32>,
+    /// A request still running after this many seconds is cancelled and counted as `Timeout`.
+    #[arg(long, default_value_t = 300.0)]
+    pub timeout_s: f64,
 }
 
 #[derive(serde::Deserialize)]
@@ -77,6 +85,9 @@ struct PromptLine {
 /// What one request saw.
 #[derive(Default)]
 struct Outcome {
+    /// Which prompt it sent.
+    prompt: usize,
+    token_ids: Vec<u32>,
     error: Option<String>,
     ttft: Option<Duration>,
     e2e: Duration,
@@ -137,6 +148,22 @@ impl LoadArgs {
 }
 
 async fn one(
+    client: GenerationClient<tonic::transport::Channel>,
+    req: tonic::Request<eagle_proto::v1::GenerateRequest>,
+    timeout: Duration,
+) -> Outcome {
+    let t0 = Instant::now();
+    match tokio::time::timeout(timeout, stream_one(client, req)).await {
+        Ok(o) => o,
+        Err(_) => Outcome {
+            error: Some("Timeout".into()),
+            e2e: t0.elapsed(),
+            ..Outcome::default()
+        },
+    }
+}
+
+async fn stream_one(
     mut client: GenerationClient<tonic::transport::Channel>,
     req: tonic::Request<eagle_proto::v1::GenerateRequest>,
 ) -> Outcome {
@@ -162,6 +189,7 @@ async fn one(
                     }
                     last = Some(now);
                     o.tokens += c.token_ids.len();
+                    o.token_ids.extend_from_slice(&c.token_ids);
                 }
                 if let Some(s) = c.stats {
                     o.steps = s.steps;
@@ -194,6 +222,9 @@ fn percentiles(mut v: Vec<f64>) -> Value {
 }
 
 pub fn run(a: LoadArgs) -> Result<()> {
+    if !(a.timeout_s > 0.0 && a.timeout_s.is_finite()) {
+        bail!("--timeout-s must be a positive number of seconds");
+    }
     if a.concurrency == 0 {
         bail!("--concurrency must be at least 1");
     }
@@ -242,11 +273,14 @@ pub fn run(a: LoadArgs) -> Result<()> {
                 tokio::time::sleep(Duration::from_secs_f64(-u.ln() / rate)).await;
             }
             let permit = slots.clone().acquire_owned().await.expect("never closed");
-            let req = a.request(&prompts[sent % prompts.len()]);
+            let index = sent % prompts.len();
+            let req = a.request(&prompts[index]);
             let (client, bar) = (client.clone(), bar.clone());
             let by_time = deadline.is_some();
+            let timeout = Duration::from_secs_f64(a.timeout_s);
             tasks.push(tokio::spawn(async move {
-                let o = one(client, req).await;
+                let mut o = one(client, req, timeout).await;
+                o.prompt = index;
                 drop(permit);
                 if by_time {
                     bar.set_position(t0.elapsed().as_millis() as u64);
@@ -277,6 +311,13 @@ fn summary(a: &LoadArgs, outcomes: &[Outcome], wall_s: f64) -> Value {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let tokens: usize = ok.iter().map(|o| o.tokens).sum();
     let steps: u64 = ok.iter().map(|o| o.steps as u64).sum();
+    // At T = 0 every answer to a prompt must be the first one's.
+    let mut first: BTreeMap<usize, &[u32]> = BTreeMap::new();
+    let mut mismatched = 0;
+    for o in &ok {
+        let f = *first.entry(o.prompt).or_insert(&o.token_ids);
+        mismatched += usize::from(f != o.token_ids.as_slice());
+    }
     let tpot: Vec<f64> = ok
         .iter()
         .filter(|o| o.tokens > 1)
@@ -295,6 +336,7 @@ fn summary(a: &LoadArgs, outcomes: &[Outcome], wall_s: f64) -> Value {
         "throughput_tok_s": (tokens as f64 / wall_s * 100.0).round() / 100.0,
         "requests_per_s": (ok.len() as f64 / wall_s * 1000.0).round() / 1000.0,
         "mean_accepted": if steps > 0 { tokens as f64 / steps as f64 } else { 0.0 },
+        "mismatched_outputs": if a.temperature == 0.0 { json!(mismatched) } else { Value::Null },
         "ttft_ms": percentiles(ok.iter().filter_map(|o| o.ttft.map(ms)).collect()),
         "tpot_ms": percentiles(tpot),
         "chunk_gap_ms": percentiles(ok.iter().flat_map(|o| o.gaps.iter().map(|g| ms(*g))).collect()),
