@@ -124,7 +124,8 @@ pub fn tree_to_wire(t: &DraftTree) -> common::Tree {
 
 fn distribution_to_wire(node: usize, q: &[f32]) -> NodeDistribution {
     let nnz = q.iter().filter(|&&p| p != 0.0).count();
-    if nnz * 2 < q.len() {
+    // Sparse only with an entry to send: an empty id list reads as the dense form.
+    if nnz > 0 && nnz * 2 < q.len() {
         let (ids, probs) = q
             .iter()
             .enumerate()
