@@ -131,17 +131,9 @@ fn cluster_up_serves_the_client_and_stops_on_sigterm() {
         terminate_child(&mut up.0, Duration::from_secs(30)).expect("cluster up did not stop");
     assert!(status.success(), "{status}");
     for pid in children {
-        assert!(
-            !std::path::Path::new(&format!("/proc/{pid}")).exists()
-                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                    .map(|s| s.contains(") Z "))
-                    .unwrap_or(true),
-            "child {pid} is still running"
-        );
+        assert!(is_gone(pid), "child {pid} is still running");
     }
 }
-
-/// Pids whose parent is `pid` (Linux /proc).
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_request_is_one_trace_across_the_processes() {

@@ -106,13 +106,7 @@ fn stop_cleanly(up: &mut KillOnDrop) {
         terminate_child(&mut up.0, Duration::from_secs(30)).expect("cluster up did not stop");
     assert!(status.success(), "{status}");
     for pid in children {
-        assert!(
-            cmdline(pid).is_empty()
-                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                    .map(|s| s.contains(") Z "))
-                    .unwrap_or(true),
-            "child {pid} is still running"
-        );
+        assert!(is_gone(pid), "child {pid} is still running");
     }
 }
 
@@ -247,6 +241,6 @@ fn past_its_restart_budget_the_cluster_stops() {
     wait_log(&log, "past the restart budget", Duration::from_secs(5));
     std::thread::sleep(Duration::from_secs(1));
     for pid in children {
-        assert!(cmdline(pid).is_empty(), "child {pid} outlived the cluster");
+        assert!(is_gone(pid), "child {pid} outlived the cluster");
     }
 }

@@ -117,6 +117,13 @@ pub fn child_pids(pid: u32) -> Vec<u32> {
     out
 }
 
+/// Whether `pid` has exited (gone, or a zombie waiting for its parent).
+pub fn is_gone(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.contains(") Z "))
+        .unwrap_or(true)
+}
+
 /// A process's command line, its arguments joined by spaces ("" once it is gone).
 pub fn cmdline(pid: u32) -> String {
     std::fs::read(format!("/proc/{pid}/cmdline"))

@@ -10,7 +10,7 @@
 //! - An HTTP request is a gRPC request in another dress: the same validation, queue and step
 //!   loop ([`Coordinator::start`]), so the tokens are the same for the same request.
 //! - The API key, when keys are set, is checked by the same door ([`Coordinator::start`]) and
-//!   by the model listing; `/`, and `/health` stay open (the page asks for a key itself).
+//!   by the model listing; `/` and `/health` stay open (the page asks for a key itself).
 //! - A client that goes away (a closed connection, a dropped stream) cancels its request as a
 //!   gRPC cancel does: the step loop sees its channel closed and releases its sessions.
 
