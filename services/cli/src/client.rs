@@ -64,6 +64,20 @@ pub struct ClientArgs {
 }
 
 impl ClientArgs {
+    /// The request with its API key, if any, as `authorization: Bearer KEY`.
+    pub fn grpc_request(&self) -> Result<tonic::Request<GenerateRequest>> {
+        let mut req = tonic::Request::new(self.request());
+        if let Some(k) = &self.api_key {
+            req.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {k}")
+                    .parse()
+                    .context("the API key is not a valid header value")?,
+            );
+        }
+        Ok(req)
+    }
+
     pub fn request(&self) -> GenerateRequest {
         let input = if self.chat || self.system.is_some() {
             let mut messages = Vec::new();
@@ -129,24 +143,21 @@ fn stats_line(usage: &Usage, s: &SpeculationStats, finish: i32) -> String {
     )
 }
 
-pub async fn call(a: &ClientArgs) -> Result<()> {
-    let url = if a.addr.contains("://") {
-        a.addr.clone()
+/// A client of the coordinator at `addr` (`HOST:PORT`, or a URL).
+pub async fn connect(addr: &str) -> Result<GenerationClient<tonic::transport::Channel>> {
+    let url = if addr.contains("://") {
+        addr.to_string()
     } else {
-        format!("http://{}", a.addr)
+        format!("http://{addr}")
     };
-    let mut client = GenerationClient::connect(url.clone())
+    GenerationClient::connect(url.clone())
         .await
-        .with_context(|| format!("connecting to {url}"))?;
-    let mut req = tonic::Request::new(a.request());
-    if let Some(k) = &a.api_key {
-        req.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {k}")
-                .parse()
-                .context("the API key is not a valid header value")?,
-        );
-    }
+        .with_context(|| format!("connecting to {url}"))
+}
+
+pub async fn call(a: &ClientArgs) -> Result<()> {
+    let mut client = connect(&a.addr).await?;
+    let req = a.grpc_request()?;
     if a.stream {
         let mut stream = client
             .stream_generate(req)

@@ -195,8 +195,8 @@ pub struct Cluster {
 struct Announced {
     /// From its `listening ADDR` line.
     addr: String,
-    /// The lines before that one.
-    before: Vec<String>,
+    /// From an `http http://ADDR` line before it: the HTTP API's address.
+    http: Option<String>,
 }
 
 /// Starts `bin` with `args`, waits for its `listening ADDR` line. The process it returns
@@ -241,14 +241,18 @@ async fn spawn(name: String, bin: PathBuf, args: Vec<String>) -> Result<(Proc, A
     };
     // Keep draining its stdout so it never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let http = before
+        .iter()
+        .find_map(|l| l.strip_prefix("http http://"))
+        .map(|a| a.trim().to_string());
     let mut restart = Restart { bin, args };
     restart.pin("--listen", &addr);
-    if let Some(http) = before.iter().find_map(|l| l.strip_prefix("http http://")) {
-        restart.pin("--http-addr", http.trim());
+    if let Some(h) = &http {
+        restart.pin("--http-addr", h);
     }
     Ok((
         Proc::new(name, child, Some(restart)),
-        Announced { addr, before },
+        Announced { addr, http },
     ))
 }
 
@@ -420,11 +424,7 @@ impl Cluster {
             Ok((p, a)) => {
                 cluster.procs.push(p);
                 cluster.addr = a.addr;
-                cluster.http = a
-                    .before
-                    .iter()
-                    .find_map(|l| l.strip_prefix("http "))
-                    .map(|u| u.trim().to_string());
+                cluster.http = a.http.map(|h| format!("http://{h}"));
                 Ok(cluster)
             }
             Err(e) => {
@@ -500,8 +500,7 @@ impl RemoteBench {
         };
         let (cluster, client, hidden) = rt.block_on(async {
             let c = Cluster::start(&up).await?;
-            let url = format!("http://{}", c.addr);
-            let client = eagle_proto::v1::generation_client::GenerationClient::connect(url).await?;
+            let client = crate::client::connect(&c.addr).await?;
             let path = resolve_or_fetch(&model.model)?;
             let hidden = eagle_engine::loader::open_model(&path)?.config.hidden_size;
             Ok::<_, anyhow::Error>((c, client, hidden))

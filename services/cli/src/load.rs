@@ -117,8 +117,8 @@ fn read_prompts(path: &PathBuf) -> Result<Vec<PromptLine>> {
 }
 
 impl LoadArgs {
-    fn request(&self, p: &PromptLine) -> tonic::Request<eagle_proto::v1::GenerateRequest> {
-        let c = ClientArgs {
+    fn request(&self, p: &PromptLine) -> Result<tonic::Request<eagle_proto::v1::GenerateRequest>> {
+        ClientArgs {
             addr: String::new(),
             api_key: self.api_key.clone(),
             prompt: p.prompt.clone(),
@@ -136,14 +136,8 @@ impl LoadArgs {
             total_token: self.total_token,
             json: true,
             session_id: String::new(),
-        };
-        let mut r = tonic::Request::new(c.request());
-        if let Some(k) = &self.api_key {
-            if let Ok(v) = format!("Bearer {k}").parse() {
-                r.metadata_mut().insert("authorization", v);
-            }
         }
-        r
+        .grpc_request()
     }
 }
 
@@ -239,14 +233,7 @@ pub fn run(a: LoadArgs) -> Result<()> {
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let url = if a.addr.contains("://") {
-            a.addr.clone()
-        } else {
-            format!("http://{}", a.addr)
-        };
-        let client = GenerationClient::connect(url.clone())
-            .await
-            .with_context(|| format!("connecting to {url}"))?;
+        let client = crate::client::connect(&a.addr).await?;
         let bar = match total {
             Some(n) => ProgressBar::new(n as u64),
             None => ProgressBar::new((a.duration.unwrap_or(0.0) * 1e3) as u64),
@@ -274,7 +261,7 @@ pub fn run(a: LoadArgs) -> Result<()> {
             }
             let permit = slots.clone().acquire_owned().await.expect("never closed");
             let index = sent % prompts.len();
-            let req = a.request(&prompts[index]);
+            let req = a.request(&prompts[index])?;
             let (client, bar) = (client.clone(), bar.clone());
             let by_time = deadline.is_some();
             let timeout = Duration::from_secs_f64(a.timeout_s);
