@@ -6,7 +6,7 @@
 //!   the first 8 hex digits of its digest.
 //! - Every request of the public API passes [`ApiKeys::admit`] in
 //!   [`crate::Coordinator::start`] (both front ends go through it) before validation; the HTTP
-//!   API also checks the key before it reads the body. A request without a good key learns
+//!   API also checks the key before it parses the body. A request without a good key learns
 //!   nothing else about the server. Health, reflection and the chat page itself stay open.
 //! - A key's running count goes down when its [`KeyPermit`] drops, which is when the request's
 //!   step loop ends however it ends.
@@ -115,8 +115,8 @@ impl ApiKeys {
         self.keys.is_empty()
     }
 
-    /// Checks the `authorization` value; a good key counts one more request running.
-    pub fn admit(&self, authorization: Option<&str>) -> Result<KeyPermit, Status> {
+    /// The digest of the known key in an `authorization` value.
+    fn known(&self, authorization: Option<&str>) -> Result<KeyHash, Status> {
         let Some(value) = authorization else {
             return Err(Status::unauthenticated(
                 "no API key: send `authorization: Bearer KEY`",
@@ -131,6 +131,12 @@ impl ApiKeys {
         if !self.keys.contains(&h) {
             return Err(Status::unauthenticated("the API key is not valid"));
         }
+        Ok(h)
+    }
+
+    /// Checks the `authorization` value; a good key counts one more request running.
+    pub fn admit(&self, authorization: Option<&str>) -> Result<KeyPermit, Status> {
+        let h = self.known(authorization)?;
         let mut m = self.running.lock().unwrap_or_else(|p| p.into_inner());
         let n = m.entry(h).or_insert(0);
         if self.per_key > 0 && *n >= self.per_key {
@@ -149,14 +155,7 @@ impl ApiKeys {
 
     /// Checks the key without counting a request (for listings such as `/v1/models`).
     pub fn check(&self, authorization: Option<&str>) -> Result<(), Status> {
-        let h = authorization.and_then(bearer).map(digest).ok_or_else(|| {
-            Status::unauthenticated("no API key: send `authorization: Bearer KEY`")
-        })?;
-        if self.keys.contains(&h) {
-            Ok(())
-        } else {
-            Err(Status::unauthenticated("the API key is not valid"))
-        }
+        self.known(authorization).map(|_| ())
     }
 }
 

@@ -178,9 +178,9 @@ async fn run(
 ) -> Result<Response, ApiError> {
     // The key first: a caller without one learns nothing else, not even what is wrong with
     // the body.
-    let auth_header = headers.get(axum::http::header::AUTHORIZATION).cloned();
-    let auth = authorization(&auth_header);
-    c.authorize(auth).map_err(|s| ApiError::from_status(&s))?;
+    let auth = super::authorization(&headers).map(str::to_owned);
+    c.authorize(auth.as_deref())
+        .map_err(|s| ApiError::from_status(&s))?;
     let body = body.map_err(|r| ApiError::new(r.status(), r.body_text()))?;
     let req = parse(&body)?;
     let grpc = req.to_grpc(ep, c.model_name())?;
@@ -198,7 +198,7 @@ async fn run(
         .and_then(|s| s.enabled)
         .unwrap_or(true);
     let mut rx = c
-        .start(grpc, auth, span)
+        .start(grpc, auth.as_deref(), span)
         .await
         .map_err(|s| ApiError::from_status(&s))?;
     let answer = Answer {
@@ -224,11 +224,6 @@ async fn run(
     Ok(axum::response::Sse::new(ReceiverStream::new(out))
         .keep_alive(KeepAlive::default())
         .into_response())
-}
-
-/// The `authorization` header, if it is text.
-pub(super) fn authorization(v: &Option<axum::http::HeaderValue>) -> Option<&str> {
-    v.as_ref().and_then(|v| v.to_str().ok())
 }
 
 fn ended() -> ApiError {

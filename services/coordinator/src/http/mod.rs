@@ -97,9 +97,15 @@ fn model_object(id: &str) -> serde_json::Value {
     json!({"id": id, "object": "model", "created": created(), "owned_by": "eagle-serve"})
 }
 
+/// The `authorization` header, if it is text.
+fn authorization(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+}
+
 fn authorize(c: &Coordinator, headers: &HeaderMap) -> Result<(), ApiError> {
-    let auth = headers.get(axum::http::header::AUTHORIZATION).cloned();
-    c.authorize(completions::authorization(&auth))
+    c.authorize(authorization(headers))
         .map_err(|s| ApiError::from_status(&s))
 }
 
