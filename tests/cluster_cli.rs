@@ -127,12 +127,7 @@ fn cluster_up_serves_the_client_and_stops_on_sigterm() {
         "the worker started ranks 1 and 2: {ranks:?}"
     );
     children.extend(ranks);
-    let status =
-        terminate_child(&mut up.0, Duration::from_secs(30)).expect("cluster up did not stop");
-    assert!(status.success(), "{status}");
-    for pid in children {
-        assert!(is_gone(pid), "child {pid} is still running");
-    }
+    stop_cluster_up(&mut up, &children);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -624,9 +624,7 @@ fn cluster_up_with_a_local_etcd_and_status() {
     assert_eq!(p["session"], "s1", "{st}");
     assert!(p["cached_tokens"].as_u64().unwrap() > 0, "{st}");
 
-    let status =
-        terminate_child(&mut up.0, Duration::from_secs(30)).expect("cluster up did not stop");
-    assert!(status.success(), "{status}");
+    stop_cluster_up(&mut up, &[]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

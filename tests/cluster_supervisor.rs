@@ -100,16 +100,6 @@ fn request_loop(addr: &str, stop: Arc<AtomicBool>, runs: Runs) -> tokio::task::J
     })
 }
 
-fn stop_cleanly(up: &mut KillOnDrop) {
-    let children = child_pids(up.id());
-    let status =
-        terminate_child(&mut up.0, Duration::from_secs(30)).expect("cluster up did not stop");
-    assert!(status.success(), "{status}");
-    for pid in children {
-        assert!(is_gone(pid), "child {pid} is still running");
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_restarts_while_the_other_group_serves() {
     let (mut up, addr, log) = cluster_up(&["--etcd", "local", "--groups", "2", "--cluster", "sup"]);
@@ -157,7 +147,8 @@ async fn a_killed_worker_restarts_while_the_other_group_serves() {
         runs.len(),
         failed.len()
     );
-    stop_cleanly(&mut up);
+    let children = child_pids(up.id());
+    stop_cluster_up(&mut up, &children);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,7 +209,8 @@ async fn without_etcd_the_worker_and_the_draft_service_come_back_at_their_addres
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    stop_cleanly(&mut up);
+    let children = child_pids(up.id());
+    stop_cluster_up(&mut up, &children);
 }
 
 #[test]

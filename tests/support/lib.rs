@@ -124,6 +124,17 @@ pub fn is_gone(pid: u32) -> bool {
         .unwrap_or(true)
 }
 
+/// SIGTERM to an `eagle cluster up`: it must exit successfully within 30 s and leave none of
+/// `pids` (its processes, taken before) running.
+pub fn stop_cluster_up(up: &mut KillOnDrop, pids: &[u32]) {
+    let status =
+        terminate_child(&mut up.0, Duration::from_secs(30)).expect("cluster up did not stop");
+    assert!(status.success(), "{status}");
+    for &pid in pids {
+        assert!(is_gone(pid), "process {pid} is still running");
+    }
+}
+
 /// A process's command line, its arguments joined by spaces ("" once it is gone).
 pub fn cmdline(pid: u32) -> String {
     std::fs::read(format!("/proc/{pid}/cmdline"))
