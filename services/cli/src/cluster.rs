@@ -84,6 +84,18 @@ pub struct UpArgs {
     /// (0: never restart; any exit stops it).
     #[arg(long, env = "EAGLE_MAX_RESTARTS", default_value_t = 5)]
     pub max_restarts: u32,
+    /// Serve no Prometheus metrics. By default every process serves them on a free port and
+    /// a `metrics NAME URL` line per process follows `ready` on stdout.
+    #[arg(long)]
+    pub no_metrics: bool,
+    /// Write Prometheus file-based service discovery files here (eagle-coordinator.json,
+    /// eagle-draft.json, eagle-worker.json), as deploy/prometheus/prometheus.yml reads them.
+    #[arg(long, env = "EAGLE_PROMETHEUS_SD_DIR")]
+    pub prometheus_sd_dir: Option<PathBuf>,
+    /// Export every process's spans by OTLP over gRPC to this collector (the processes also
+    /// read OTEL_EXPORTER_OTLP_ENDPOINT and the other OTEL_* variables themselves).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     #[command(flatten)]
     pub etcd: crate::etcd::UpEtcdArgs,
 }
@@ -108,6 +120,13 @@ pub fn run(cmd: ClusterCommand) -> Result<()> {
                     println!("http {url}");
                     eprintln!("chat page and OpenAI-compatible API at {url}");
                 }
+                for (name, url) in &c.metrics {
+                    println!("metrics {name} {url}");
+                }
+                if let Some(dir) = &a.prometheus_sd_dir {
+                    c.write_prometheus_targets(dir)?;
+                    eprintln!("Prometheus targets written to {}", dir.display());
+                }
                 let outcome = tokio::select! {
                     _ = eagle_proto::serve::shutdown_signal() => Ok(()),
                     e = c.supervise(a.policy()) => Err(e),
@@ -123,6 +142,7 @@ pub fn run(cmd: ClusterCommand) -> Result<()> {
                 let up = UpArgs {
                     port: 0,
                     no_http: true,
+                    no_metrics: true,
                     ..up
                 };
                 let mut c = Cluster::start(&up).await?;
@@ -186,6 +206,8 @@ pub struct Cluster {
     pub addr: String,
     /// The HTTP API's base URL, when it is on.
     pub http: Option<String>,
+    /// Each process's metrics URL, by a short name (coordinator, draft, worker-N).
+    pub metrics: Vec<(String, String)>,
     procs: Vec<Proc>,
     /// A local etcd's data, removed when the cluster goes.
     _etcd_dir: Option<crate::etcd::DataDir>,
@@ -197,6 +219,8 @@ struct Announced {
     addr: String,
     /// From an `http http://ADDR` line before it: the HTTP API's address.
     http: Option<String>,
+    /// From a `metrics http://ADDR/metrics` line before it.
+    metrics: Option<String>,
 }
 
 /// Starts `bin` with `args`, waits for its `listening ADDR` line. The process it returns
@@ -207,6 +231,8 @@ async fn spawn(name: String, bin: PathBuf, args: Vec<String>) -> Result<(Proc, A
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
+        // Each child names itself (eagle-coordinator, eagle-worker...) in its traces.
+        .env_remove("OTEL_SERVICE_NAME")
         .kill_on_drop(true);
     #[cfg(target_os = "linux")]
     // SAFETY: prctl is async-signal-safe and touches only this (child) process.
@@ -245,15 +271,31 @@ async fn spawn(name: String, bin: PathBuf, args: Vec<String>) -> Result<(Proc, A
         .iter()
         .find_map(|l| l.strip_prefix("http http://"))
         .map(|a| a.trim().to_string());
+    let metrics = before
+        .iter()
+        .find_map(|l| l.strip_prefix("metrics "))
+        .map(|u| u.trim().to_string());
     let mut restart = Restart { bin, args };
     restart.pin("--listen", &addr);
     if let Some(h) = &http {
         restart.pin("--http-addr", h);
     }
+    if let Some(m) = metrics.as_deref().and_then(host_port) {
+        restart.pin("--metrics-addr", m);
+    }
     Ok((
         Proc::new(name, child, Some(restart)),
-        Announced { addr, http },
+        Announced {
+            addr,
+            http,
+            metrics,
+        },
     ))
+}
+
+/// `127.0.0.1:PORT` of `http://127.0.0.1:PORT/metrics`.
+fn host_port(url: &str) -> Option<&str> {
+    url.strip_prefix("http://")?.split('/').next()
 }
 
 impl Cluster {
@@ -280,6 +322,12 @@ impl Cluster {
                 "--listen".into(),
                 "127.0.0.1:0".into(),
             ];
+            if !a.no_metrics {
+                v.extend(["--metrics-addr".into(), "127.0.0.1:0".into()]);
+            }
+            if let Some(e) = &a.otlp_endpoint {
+                v.extend(["--otlp-endpoint".into(), e.clone()]);
+            }
             v.extend_from_slice(extra);
             v
         };
@@ -292,6 +340,7 @@ impl Cluster {
         let mut cluster = Cluster {
             addr: String::new(),
             http: None,
+            metrics: Vec::new(),
             procs: Vec::new(),
             _etcd_dir: None,
         };
@@ -352,10 +401,11 @@ impl Cluster {
         );
         let mut worker_addrs = Vec::new();
         let mut first_err = None;
-        for w in starts {
+        for (i, w) in starts.into_iter().enumerate() {
             match w.await.map_err(anyhow::Error::from).and_then(|r| r) {
                 Ok((p, a)) => {
                     cluster.procs.push(p);
+                    cluster.announce_metrics(format!("worker-{i}"), a.metrics);
                     worker_addrs.push(a.addr);
                 }
                 Err(e) => first_err = first_err.or(Some(e)),
@@ -368,6 +418,7 @@ impl Cluster {
         let draft_addr = match draft {
             Some(Ok((p, a))) => {
                 cluster.procs.push(p);
+                cluster.announce_metrics("draft".into(), a.metrics);
                 Some(a.addr)
             }
             Some(Err(e)) => {
@@ -423,6 +474,7 @@ impl Cluster {
         match spawn("coordinator".into(), sibling("eagle-coordinator")?, args).await {
             Ok((p, a)) => {
                 cluster.procs.push(p);
+                cluster.announce_metrics("coordinator".into(), a.metrics);
                 cluster.addr = a.addr;
                 cluster.http = a.http.map(|h| format!("http://{h}"));
                 Ok(cluster)
@@ -432,6 +484,38 @@ impl Cluster {
                 Err(e)
             }
         }
+    }
+
+    fn announce_metrics(&mut self, name: String, url: Option<String>) {
+        if let Some(u) = url {
+            self.metrics.push((name, u));
+        }
+    }
+
+    /// Writes Prometheus file-based service discovery files into `dir`, one per scrape job of
+    /// deploy/prometheus/prometheus.yml, each target labelled with its process's name.
+    pub fn write_prometheus_targets(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for job in ["coordinator", "draft", "worker"] {
+            let targets: Vec<serde_json::Value> = self
+                .metrics
+                .iter()
+                .filter(|(name, _)| name.split('-').next() == Some(job))
+                .filter_map(|(name, url)| {
+                    Some(serde_json::json!({
+                        "targets": [host_port(url)?],
+                        "labels": {"service": name},
+                    }))
+                })
+                .collect();
+            let path = dir.join(format!("eagle-{job}.json"));
+            // Written whole and renamed, so Prometheus never reads half a file.
+            let tmp = path.with_extension("json.tmp");
+            std::fs::write(&tmp, serde_json::to_string_pretty(&targets)?)
+                .with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &path)?;
+        }
+        Ok(())
     }
 
     /// Restarts children that exit (see `supervisor.rs`); resolves only when the cluster must
@@ -496,6 +580,9 @@ impl RemoteBench {
             api_keys_file: None,
             max_running_per_key: 0,
             max_restarts: 0,
+            no_metrics: true,
+            prometheus_sd_dir: None,
+            otlp_endpoint: None,
             etcd: Default::default(),
         };
         let (cluster, client, hidden) = rt.block_on(async {

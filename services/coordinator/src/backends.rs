@@ -14,6 +14,8 @@ use eagle_proto::worker::CostPoint;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+use eagle_membership::Kind;
+
 use crate::membership::{EtcdRoutes, SUSPECT_FOR};
 use crate::sessions::SessionPlacements;
 
@@ -98,6 +100,16 @@ pub struct WorkerPool {
     suspects: Mutex<HashMap<String, Instant>>,
 }
 
+/// Members and usable groups as the pool sees them (without etcd: the static workers).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Membership {
+    pub etcd_reachable: bool,
+    pub workers: usize,
+    pub drafts: usize,
+    /// Complete groups new sessions may go to.
+    pub groups: usize,
+}
+
 /// A session's place on a worker; dropping it frees the place.
 pub struct WorkerLease {
     pub client: WorkerClient<Channel>,
@@ -141,6 +153,32 @@ impl WorkerPool {
     /// The static workers.
     pub fn all(&self) -> impl Iterator<Item = (&str, &WorkerClient<Channel>)> {
         self.workers.iter().map(|(a, c, _)| (a.as_str(), c))
+    }
+
+    /// What the pool sees of the cluster now, for the membership metrics.
+    pub fn membership(&self) -> Membership {
+        match &self.etcd {
+            Some(r) => {
+                let members = r.view.members();
+                let count = |k: Kind| members.iter().filter(|m| m.rec.kind == k).count();
+                Membership {
+                    etcd_reachable: r.view.health().is_reachable(),
+                    workers: count(Kind::Worker),
+                    drafts: count(Kind::Draft),
+                    groups: r.groups().len(),
+                }
+            }
+            None => Membership {
+                etcd_reachable: false,
+                workers: self.workers.len(),
+                drafts: 0,
+                groups: self
+                    .workers
+                    .iter()
+                    .filter(|(a, _, _)| !self.is_suspect(a))
+                    .count(),
+            },
+        }
     }
 
     /// Marks a group as failing: new sessions avoid it for a while.

@@ -32,6 +32,7 @@ use tonic::{Code, Status};
 use tracing::Instrument;
 
 use crate::backends::{worker_error, Backends, WorkerLease};
+use crate::metrics::metrics;
 use crate::request::Job;
 use crate::sessions::worker_session_id;
 use crate::text::TextStream;
@@ -84,14 +85,57 @@ enum DraftState {
     Down { retry_at: Instant, attempt: u32 },
 }
 
-/// Runs a job to the end, sending events; then releases its sessions.
-pub async fn run(b: Arc<Backends>, job: Job, id: String, tx: Events, queue_ms: f64) {
+/// When a request arrived and how long it queued.
+#[derive(Clone, Copy, Debug)]
+pub struct Arrival {
+    pub at: Instant,
+    pub queue_ms: f64,
+}
+
+/// Runs a job to the end, sending events; then releases its sessions. Counts the request in
+/// the metrics however it ends.
+pub async fn run(b: Arc<Backends>, job: Job, id: String, tx: Events, arrival: Arrival) {
+    metrics().prompt_tokens.inc_by(job.prompt.len() as u64);
+    let span = tracing::Span::current();
+    let (finish, code) = match run_counted(b, job, id, tx, arrival).await {
+        Ok(s) => {
+            use eagle_trace::rpc::attribute;
+            attribute(&span, "gen_ai.usage.input_tokens", s.prompt_tokens as i64);
+            attribute(
+                &span,
+                "gen_ai.usage.output_tokens",
+                s.generated_tokens as i64,
+            );
+            attribute(
+                &span,
+                "gen_ai.response.finish_reasons",
+                crate::metrics::finish_label(s.finish),
+            );
+            attribute(&span, "eagle.target_passes", s.steps as i64);
+            attribute(&span, "eagle.mean_accepted", s.mean_accepted());
+            attribute(&span, "eagle.fallback_steps", s.fallback_steps as i64);
+            (Some(s.finish), Code::Ok)
+        }
+        Err(code) => (None, code),
+    };
+    eagle_trace::rpc::attribute(&span, "rpc.grpc.status_code", code as i64);
+    metrics().ended(finish, code);
+}
+
+async fn run_counted(
+    b: Arc<Backends>,
+    job: Job,
+    id: String,
+    tx: Events,
+    arrival: Arrival,
+) -> Result<Summary, Code> {
     let session = job.session.clone();
     let claim = match session.as_deref().map(|s| b.sessions.claim(s)).transpose() {
         Ok(c) => c,
         Err(e) => {
+            let code = e.code();
             let _ = tx.send(Err(e)).await;
-            return;
+            return Err(code);
         }
     };
     let placed = session.as_deref().and_then(|s| b.sessions.lookup(s));
@@ -102,8 +146,9 @@ pub async fn run(b: Arc<Backends>, job: Job, id: String, tx: Events, queue_ms: f
     {
         Ok(l) => l,
         Err(e) => {
+            let code = e.code();
             let _ = tx.send(Err(e)).await;
-            return;
+            return Err(code);
         }
     };
     tracing::Span::current().record("worker", lease.addr.as_str());
@@ -120,10 +165,12 @@ pub async fn run(b: Arc<Backends>, job: Job, id: String, tx: Events, queue_ms: f
         history: Vec::new(),
         draft: DraftState::Off,
         summary: Summary {
-            queue_ms,
+            queue_ms: arrival.queue_ms,
             ..Default::default()
         },
         tokens: Vec::new(),
+        arrived: arrival.at,
+        last_token_at: None,
     };
     let result = run.drive(&tx).await;
     let draft_sid = match &run.draft {
@@ -155,11 +202,22 @@ pub async fn run(b: Arc<Backends>, job: Job, id: String, tx: Events, queue_ms: f
     drop(claim);
     match result {
         Ok(()) => {
-            let _ = tx.send(Ok(Event::Done(run.summary))).await;
+            if run.summary.generated_tokens > 0 {
+                let m = metrics();
+                m.e2e.observe(
+                    arrival.at.elapsed().as_secs_f64(),
+                    eagle_metrics::exemplar(),
+                    None,
+                );
+            }
+            let _ = tx.send(Ok(Event::Done(run.summary.clone()))).await;
+            Ok(run.summary)
         }
         Err(e) => {
             tracing::warn!(session = %id, error = %e.message(), "request failed");
+            let code = e.code();
             let _ = tx.send(Err(e)).await;
+            Err(code)
         }
     }
 }
@@ -213,6 +271,9 @@ struct Run {
     draft: DraftState,
     summary: Summary,
     tokens: Vec<u32>,
+    /// When the request arrived, and when it last sent a token (for the latency metrics).
+    arrived: Instant,
+    last_token_at: Option<Instant>,
 }
 
 impl Run {
@@ -258,6 +319,7 @@ impl Run {
             } else {
                 None
             };
+            let nodes = tree.as_ref().map(|t| t.tokens.len());
             let step = match tree {
                 Some(tree) => {
                     let n = tree.tokens.len();
@@ -279,9 +341,11 @@ impl Run {
                     .await?
                 }
                 None => {
-                    if !matches!(self.draft, DraftState::Off) {
+                    let fallback = !matches!(self.draft, DraftState::Off);
+                    if fallback {
                         self.summary.fallback_steps += 1;
                     }
+                    metrics().decoded(fallback);
                     async {
                         self.lease
                             .client
@@ -302,6 +366,9 @@ impl Run {
             }
             .into_inner();
             let (toks, feats) = split_step(step, None)?;
+            if let Some(n) = nodes {
+                metrics().verified(n, toks.len());
+            }
             // The root (the previous last token) and the accepted path were run.
             run_len += toks.len();
             last = *toks.last().expect("split_step checked");
@@ -394,6 +461,8 @@ impl Run {
                 break;
             }
         }
+        self.observe_latency(taken.len());
+        metrics().generation_tokens.inc_by(taken.len() as u64);
         self.tokens.extend_from_slice(&taken);
         let delta = text.take();
         if (!taken.is_empty() || !delta.is_empty())
@@ -416,6 +485,25 @@ impl Run {
         }
     }
 
+    /// Time to first token, or the inter-token latency of `n` new tokens (the gap since the
+    /// last ones, divided over them).
+    fn observe_latency(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let (m, now, ex) = (metrics(), Instant::now(), eagle_metrics::exemplar());
+        match self.last_token_at {
+            None => m.ttft.observe((now - self.arrived).as_secs_f64(), ex, None),
+            Some(t) => {
+                let gap = (now - t).as_secs_f64() / n as f64;
+                for _ in 0..n {
+                    m.itl.observe(gap, ex.clone(), None);
+                }
+            }
+        }
+        self.last_token_at = Some(now);
+    }
+
     /// A tree from the draft side, or None (no speculation, or the draft side failed).
     async fn draft_tree(&mut self, root: u32) -> Option<eagle_proto::common::Tree> {
         let b = self.b.clone();
@@ -432,6 +520,7 @@ impl Run {
                     }
                 }
                 Err(e) => {
+                    metrics().draft_unavailable.inc();
                     tracing::warn!(session = %self.id, error = %e.message(), "draft service unavailable; decoding plainly");
                     self.draft = DraftState::Down {
                         retry_at: Instant::now() + b.timeouts.draft_retry,
@@ -471,6 +560,7 @@ impl Run {
                 r.into_inner().tree
             }
             Err(e) => {
+                metrics().draft_unavailable.inc();
                 tracing::warn!(session = %self.id, code = ?e.code(), error = %e.message(), "drafting failed; decoding plainly");
                 // Close the old session in the background in case it is still there.
                 let mut c = client.clone();

@@ -11,6 +11,7 @@
 //! - `membership.rs`: routing by etcd membership (complete healthy groups, by load).
 //! - `sessions.rs`: multi-turn sessions' KV placement.
 //! - `service.rs`: the gRPC service.
+//! - `metrics.rs`: the coordinator's Prometheus metrics.
 //! - `http/`: the OpenAI-compatible HTTP API and the web chat page, over the same queue and
 //!   step loop.
 //!
@@ -21,6 +22,7 @@ pub mod backends;
 pub mod generation;
 pub mod http;
 pub mod membership;
+pub mod metrics;
 pub mod queue;
 pub mod request;
 pub mod service;

@@ -105,12 +105,17 @@ struct Args {
     max_running_per_key: usize,
     #[command(flatten)]
     etcd: EtcdFlags,
+    #[command(flatten)]
+    trace: eagle_trace::TraceFlags,
+    #[command(flatten)]
+    metrics: eagle_metrics::MetricsFlags,
 }
 
 #[tokio::main]
 async fn main() {
-    let _trace = eagle_trace::init("coordinator");
-    if let Err(e) = run(Args::parse()).await {
+    let args = Args::parse();
+    let _trace = eagle_trace::init("eagle-coordinator", &args.trace, Vec::new());
+    if let Err(e) = run(args).await {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
@@ -220,6 +225,8 @@ async fn run(a: Args) -> Result<()> {
     let coord = Arc::new(
         Coordinator::new(backends, Queue::start(a.max_running, a.max_waiting)).with_keys(keys),
     );
+    coord.register_metrics(a.max_running, a.max_waiting);
+    eagle_metrics::start(&a.metrics, "eagle-coordinator").await?;
     reporter
         .set_serving::<GenerationServer<Coordinator>>()
         .await;

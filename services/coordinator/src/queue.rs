@@ -97,6 +97,9 @@ impl Queue {
                         });
                     }
                 }
+                let m = crate::metrics::metrics();
+                m.running.set(running as i64);
+                m.waiting.set(waiting.len() as i64);
             }
         });
         Queue { tx }

@@ -19,7 +19,8 @@ use tracing::Instrument;
 
 use crate::auth::ApiKeys;
 use crate::backends::Backends;
-use crate::generation::{run, Event, Summary};
+use crate::generation::{run, Arrival, Event, Summary};
+use crate::metrics::metrics;
 use crate::queue::Queue;
 use crate::request::{validate, Limits};
 
@@ -61,6 +62,12 @@ impl Coordinator {
         }
     }
 
+    /// Registers this process's coordinator metrics, the membership gauges reading this
+    /// coordinator's view. Call once, inside the runtime.
+    pub fn register_metrics(&self, max_running: usize, max_waiting: usize) {
+        crate::metrics::register_all(&self.backends, max_running, max_waiting);
+    }
+
     /// The name clients use for the served model.
     pub fn model_name(&self) -> &str {
         &self.backends.model_name
@@ -72,13 +79,29 @@ impl Coordinator {
     }
 
     /// Checks the API key, validates, waits for admission, starts the step loop; returns its
-    /// events. Every front end (gRPC here, HTTP in `http/`) goes through this one door.
+    /// events. Every front end (gRPC here, HTTP in `http/`) goes through this one door, and a
+    /// request refused here is counted here (one that starts is counted when it ends).
     pub(crate) async fn start(
         &self,
         req: GenerateRequest,
         authorization: Option<&str>,
         span: tracing::Span,
     ) -> Result<mpsc::Receiver<Result<Event, Status>>, Status> {
+        let r = self.admit_and_run(req, authorization, span.clone()).await;
+        if let Err(e) = &r {
+            metrics().ended(None, e.code());
+            eagle_trace::rpc::finish(&span, &r);
+        }
+        r
+    }
+
+    async fn admit_and_run(
+        &self,
+        req: GenerateRequest,
+        authorization: Option<&str>,
+        span: tracing::Span,
+    ) -> Result<mpsc::Receiver<Result<Event, Status>>, Status> {
+        let arrived = Instant::now();
         let key = self
             .keys
             .as_ref()
@@ -90,6 +113,7 @@ impl Coordinator {
             max_context: b.max_context,
         };
         let job = span.in_scope(|| validate(&req, &b.tokenizer, &limits))?;
+        request_attributes(&span, &b.model_name, &job);
         let id = format!(
             "{:x}-{}",
             self.epoch,
@@ -102,12 +126,18 @@ impl Coordinator {
             .admit()
             .instrument(tracing::info_span!(parent: &span, "queue"))
             .await?;
-        let queue_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let queued = t0.elapsed();
+        let ex = span.in_scope(eagle_metrics::exemplar);
+        metrics().queue_time.observe(queued.as_secs_f64(), ex, None);
+        let arrival = Arrival {
+            at: arrived,
+            queue_ms: queued.as_secs_f64() * 1e3,
+        };
         let (tx, rx) = mpsc::channel(32);
         let backends = self.backends.clone();
         tokio::spawn(
             async move {
-                run(backends, job, id, tx, queue_ms).await;
+                run(backends, job, id, tx, arrival).await;
                 drop(permit);
                 drop(key);
             }
@@ -125,7 +155,11 @@ fn authorization(req: &Request<GenerateRequest>) -> Option<String> {
         .map(String::from)
 }
 
-fn request_span(kind: &'static str, req: &Request<GenerateRequest>) -> tracing::Span {
+fn request_span(
+    kind: &'static str,
+    method: &'static str,
+    req: &Request<GenerateRequest>,
+) -> tracing::Span {
     let span = tracing::info_span!(
         "request",
         kind,
@@ -133,7 +167,27 @@ fn request_span(kind: &'static str, req: &Request<GenerateRequest>) -> tracing::
         worker = tracing::field::Empty
     );
     eagle_trace::adopt(&span, req.metadata());
+    eagle_trace::rpc::server(&span, "eagle.v1.Generation", method);
     span
+}
+
+/// The OpenTelemetry generative-AI attributes of a validated request (the usage ones are
+/// added when it ends), and ours for speculation.
+fn request_attributes(span: &tracing::Span, model: &str, job: &crate::request::Job) {
+    use eagle_trace::rpc::attribute;
+    let s = &job.sampling;
+    attribute(span, "gen_ai.operation.name", "text_completion");
+    attribute(span, "gen_ai.request.model", model.to_string());
+    attribute(span, "gen_ai.request.max_tokens", job.max_new_tokens as i64);
+    attribute(span, "gen_ai.request.temperature", f64::from(s.temperature));
+    attribute(span, "gen_ai.request.top_p", f64::from(s.top_p));
+    attribute(span, "gen_ai.request.top_k", s.top_k as i64);
+    attribute(span, "gen_ai.request.seed", s.seed as i64);
+    attribute(span, "eagle.speculation", job.spec.is_some());
+    if let Some(spec) = &job.spec {
+        attribute(span, "eagle.tree.total_token", i64::from(spec.total_token));
+        attribute(span, "eagle.tree.depth", spec.depth as i64);
+    }
 }
 
 pub(crate) fn stats(s: &Summary) -> (Usage, SpeculationStats) {
@@ -162,7 +216,7 @@ impl Generation for Coordinator {
         &self,
         req: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
-        let span = request_span("unary", &req);
+        let span = request_span("unary", "Generate", &req);
         let auth = authorization(&req);
         let mut rx = self.start(req.into_inner(), auth.as_deref(), span).await?;
         let mut out = GenerateResponse::default();
@@ -190,7 +244,7 @@ impl Generation for Coordinator {
         &self,
         req: Request<GenerateRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
-        let span = request_span("stream", &req);
+        let span = request_span("stream", "StreamGenerate", &req);
         let auth = authorization(&req);
         let rx = self.start(req.into_inner(), auth.as_deref(), span).await?;
         let stream = ReceiverStream::new(rx).map(|ev| {

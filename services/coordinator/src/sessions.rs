@@ -92,6 +92,17 @@ impl SessionPlacements {
         self.view.as_ref().and_then(|v| v.placement(id))
     }
 
+    /// Sessions with a recorded placement: etcd's count when it keeps them, else this
+    /// process's unexpired ones.
+    pub fn count(&self) -> usize {
+        if let Some(v) = &self.view {
+            return v.placements().len();
+        }
+        let mut m = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        m.retain(|_, (_, t)| t.elapsed() < self.ttl);
+        m.len()
+    }
+
     /// The session's cache now lives at `p`.
     pub fn record(&self, id: &str, p: Placement) {
         self.local

@@ -22,7 +22,6 @@ use eagle_proto::sessions::SessionTable;
 use eagle_proto::status::{from_engine, invalid};
 use eagle_proto::wire::{features_from_wire, sampling_from_wire, spec_from_wire, tree_to_wire};
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
 struct Sequence {
     ds: DraftSession,
@@ -31,6 +30,10 @@ struct Sequence {
     budget: TreeBudget,
     rng: Rng,
 }
+
+/// `eagle_step_duration_seconds{op="open"|"draft"}` (docs/metrics.md).
+static STEPS: std::sync::LazyLock<eagle_metrics::StepMetrics> =
+    std::sync::LazyLock::new(|| eagle_metrics::StepMetrics::new(&["open", "draft"]));
 
 pub struct DraftService {
     drafter: Arc<Drafter>,
@@ -76,6 +79,13 @@ impl DraftService {
     }
 
     /// Live sessions, read by the membership registration as this service's load.
+    /// Registers the draft service's metrics: step times and live sessions.
+    pub fn register_metrics(&self) {
+        std::sync::LazyLock::force(&STEPS);
+        let sessions = self.sessions.clone();
+        eagle_metrics::session_gauges(move || sessions.len(), None);
+    }
+
     pub fn load_probe(&self) -> impl Fn() -> u32 + Send + Sync + 'static {
         let sessions = self.sessions.clone();
         move || sessions.len() as u32
@@ -109,7 +119,8 @@ impl Draft for DraftService {
     async fn open(&self, req: Request<OpenRequest>) -> Result<Response<Empty>, Status> {
         let span = tracing::info_span!("draft.open", session = %req.get_ref().session_id, tokens = req.get_ref().tokens.len());
         eagle_trace::adopt(&span, req.metadata());
-        async {
+        let t0 = std::time::Instant::now();
+        let r = eagle_trace::rpc::handle(span, "eagle.draft.v1.Draft", "Open", async {
             let r = req.into_inner();
             let sampling = sampling_from_wire(r.sampling.as_ref())?;
             let spec = spec_from_wire(r.spec.as_ref())?;
@@ -156,15 +167,17 @@ impl Draft for DraftService {
                 return Err(e);
             }
             Ok(Response::new(Empty {}))
-        }
-        .instrument(span)
-        .await
+        })
+        .await;
+        STEPS.observe("open", t0);
+        r
     }
 
     async fn draft(&self, req: Request<DraftRequest>) -> Result<Response<DraftResponse>, Status> {
         let span = tracing::info_span!("draft.draft", session = %req.get_ref().session_id, committed = req.get_ref().commit_tokens.len(), nodes = tracing::field::Empty);
         eagle_trace::adopt(&span, req.metadata());
-        async {
+        let t0 = std::time::Instant::now();
+        let r = eagle_trace::rpc::handle(span, "eagle.draft.v1.Draft", "Draft", async {
             let r = req.into_inner();
             let tree = self
                 .sessions
@@ -182,15 +195,16 @@ impl Draft for DraftService {
             Ok(Response::new(DraftResponse {
                 tree: Some(tree_to_wire(&tree)),
             }))
-        }
-        .instrument(span)
-        .await
+        })
+        .await;
+        STEPS.observe("draft", t0);
+        r
     }
 
     async fn commit(&self, req: Request<CommitRequest>) -> Result<Response<Empty>, Status> {
         let span = tracing::info_span!("draft.commit", session = %req.get_ref().session_id, tokens = req.get_ref().tokens.len());
         eagle_trace::adopt(&span, req.metadata());
-        async {
+        eagle_trace::rpc::handle(span, "eagle.draft.v1.Draft", "Commit", async {
             let r = req.into_inner();
             self.sessions
                 .run(&r.session_id, &self.drafter, move |d, s| {
@@ -198,8 +212,7 @@ impl Draft for DraftService {
                 })
                 .await?;
             Ok(Response::new(Empty {}))
-        }
-        .instrument(span)
+        })
         .await
     }
 

@@ -52,12 +52,17 @@ struct Args {
     idle_timeout_s: f64,
     #[command(flatten)]
     etcd: eagle_membership::EtcdFlags,
+    #[command(flatten)]
+    trace: eagle_trace::TraceFlags,
+    #[command(flatten)]
+    metrics: eagle_metrics::MetricsFlags,
 }
 
 #[tokio::main]
 async fn main() {
-    let _trace = eagle_trace::init("draft");
-    if let Err(e) = run(Args::parse()).await {
+    let args = Args::parse();
+    let _trace = eagle_trace::init("eagle-draft", &args.trace, Vec::new());
+    if let Err(e) = run(args).await {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
@@ -92,6 +97,8 @@ async fn run(a: Args) -> Result<()> {
             idle_timeout: Duration::from_secs_f64(a.idle_timeout_s),
         },
     );
+    svc.register_metrics();
+    eagle_metrics::start(&a.metrics, "eagle-draft").await?;
     let (reporter, health) = serve::health();
     reporter.set_serving::<DraftServer<DraftService>>().await;
     let sessions = svc.load_probe();

@@ -27,9 +27,9 @@ use eagle_proto::worker::{
     CostPoint, DecodeRequest, GroupOp, PrefillRequest, Step, VerifyRequest, WorkerInfo,
 };
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
 pub mod group;
+pub mod metrics;
 mod sequence;
 pub use group::Group;
 use sequence::Sequence;
@@ -89,8 +89,15 @@ impl WorkerService {
         prepare: impl FnOnce(&mut Sequence) -> Result<(), Status> + Send + 'static,
         call: impl FnOnce(&TargetModel, &mut Sequence) -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
+        let name = match &op.op {
+            Some(Op::Prefill(_)) => "prefill",
+            Some(Op::Verify(_)) => "verify",
+            _ => "decode",
+        };
+        let t0 = std::time::Instant::now();
         let (group, table, sid) = (self.group.clone(), self.sessions.clone(), id.to_string());
-        self.sessions
+        let r = self
+            .sessions
             .run(id, &self.target, move |target, s| {
                 prepare(s)?;
                 let Some(g) = group else {
@@ -105,7 +112,28 @@ impl WorkerService {
                 };
                 g.mirror(still_there, &op, || call(target, s))
             })
-            .await
+            .await;
+        metrics::STEPS.observe(name, t0);
+        r
+    }
+
+    /// Registers the worker's metrics, reading this service's session table and group.
+    pub fn register_metrics(&self) {
+        let (a, b, limit) = (
+            self.sessions.clone(),
+            self.sessions.clone(),
+            self.sessions.limit_bytes(),
+        );
+        let group = self.group.clone();
+        metrics::register(
+            move || a.len(),
+            move || b.bytes(),
+            limit,
+            self.group.as_ref().map_or(1, |g| {
+                eagle_engine::parallel::Collective::world(g.tcp().as_ref())
+            }),
+            move || group.as_ref().is_none_or(|g| g.broken().is_none()),
+        );
     }
 
     /// Live sessions, read by the membership registration as this worker's load.
@@ -120,7 +148,7 @@ impl Worker for WorkerService {
     async fn prefill(&self, req: Request<PrefillRequest>) -> Result<Response<Step>, Status> {
         let span = tracing::info_span!("worker.prefill", session = %req.get_ref().session_id, tokens = req.get_ref().tokens.len(), cached = tracing::field::Empty);
         eagle_trace::adopt(&span, req.metadata());
-        async {
+        eagle_trace::rpc::handle(span, "eagle.worker.v1.Worker", "Prefill", async {
             let r = req.into_inner();
             let cfg = &self.target.cfg;
             if r.tokens.is_empty() {
@@ -182,15 +210,14 @@ impl Worker for WorkerService {
                     Err(e)
                 }
             }
-        }
-        .instrument(span)
+        })
         .await
     }
 
     async fn verify(&self, req: Request<VerifyRequest>) -> Result<Response<Step>, Status> {
         let span = tracing::info_span!("worker.verify", session = %req.get_ref().session_id, nodes = tracing::field::Empty, accepted = tracing::field::Empty);
         eagle_trace::adopt(&span, req.metadata());
-        async {
+        eagle_trace::rpc::handle(span, "eagle.worker.v1.Worker", "Verify", async {
             let r = req.into_inner();
             let wire = r.tree.ok_or_else(|| invalid("verify: no tree"))?;
             let tree = tree_from_wire(&wire, self.target.cfg.vocab_size)?;
@@ -212,15 +239,14 @@ impl Worker for WorkerService {
                 .await?;
             tracing::Span::current().record("accepted", step.tokens.len());
             Ok(Response::new(step))
-        }
-        .instrument(span)
+        })
         .await
     }
 
     async fn decode(&self, req: Request<DecodeRequest>) -> Result<Response<Step>, Status> {
         let span = tracing::info_span!("worker.decode", session = %req.get_ref().session_id);
         eagle_trace::adopt(&span, req.metadata());
-        async {
+        eagle_trace::rpc::handle(span, "eagle.worker.v1.Worker", "Decode", async {
             let r = req.into_inner();
             let token = r.token;
             let id = r.session_id.clone();
@@ -236,8 +262,7 @@ impl Worker for WorkerService {
                 )
                 .await?;
             Ok(Response::new(step))
-        }
-        .instrument(span)
+        })
         .await
     }
 

@@ -56,6 +56,10 @@ struct Args {
     tp: TpArgs,
     #[command(flatten)]
     etcd: eagle_membership::EtcdFlags,
+    #[command(flatten)]
+    trace: eagle_trace::TraceFlags,
+    #[command(flatten)]
+    metrics: eagle_metrics::MetricsFlags,
 }
 
 /// Tensor parallelism: one model split over several rank processes.
@@ -89,19 +93,24 @@ struct TpArgs {
 
 #[tokio::main]
 async fn main() {
-    let _trace = eagle_trace::init("worker");
-    if let Err(e) = run(Args::parse()).await {
+    let mut args = Args::parse();
+    if args.tp.tp > 1 && args.etcd.etcd.is_some() && args.etcd.group.is_none() {
+        // Every rank of the group registers under one group name.
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        args.etcd.group = Some(format!("tp-{}-{}", host.trim(), std::process::id()));
+    }
+    let resource = vec![
+        opentelemetry::KeyValue::new("eagle.group", args.etcd.group.clone().unwrap_or_default()),
+        opentelemetry::KeyValue::new("eagle.rank", args.tp.tp_rank as i64),
+    ];
+    let _trace = eagle_trace::init("eagle-worker", &args.trace, resource);
+    if let Err(e) = run(args).await {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
 }
 
-async fn run(mut a: Args) -> Result<()> {
-    if a.tp.tp > 1 && a.etcd.etcd.is_some() && a.etcd.group.is_none() {
-        // Every rank of the group registers under one group name.
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        a.etcd.group = Some(format!("tp-{}-{}", host.trim(), std::process::id()));
-    }
+async fn run(a: Args) -> Result<()> {
     let precision = parse_precision(&a.dtype)?;
     let dtype = precision.dtype;
     let wire_dtype = parse_dtype(&a.wire_dtype)?;
@@ -161,6 +170,8 @@ async fn run(mut a: Args) -> Result<()> {
         },
         group.clone(),
     );
+    svc.register_metrics();
+    eagle_metrics::start(&a.metrics, "eagle-worker").await?;
     let (reporter, health) = serve::health();
     reporter.set_serving::<WorkerServer<WorkerService>>().await;
     let sessions = svc.load_probe();

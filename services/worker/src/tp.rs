@@ -24,6 +24,7 @@ use eagle_membership::record::Kind;
 use eagle_membership::service::{join_service, ServiceInfo};
 use eagle_parallel::TcpGroup;
 use eagle_worker::group::{follow, Group};
+use eagle_worker::metrics::Timed;
 
 use crate::Args;
 
@@ -104,6 +105,9 @@ pub fn leader(a: &Args, cfg: &ModelConfig, device: &Device) -> Result<(Shard, Ar
                 .args(["--idle-timeout-s", &a.idle_timeout_s.to_string()])
                 // The ranks register under rank 0's model name (a group agrees on it).
                 .args(["--model-name", &a.model_name]);
+            if let Some(e) = &a.trace.otlp_endpoint {
+                cmd.args(["--otlp-endpoint", e]);
+            }
             if let Some(e) = &a.etcd.etcd {
                 cmd.args(["--etcd", e, "--cluster", &a.etcd.cluster])
                     .args(["--etcd-ttl-s", &a.etcd.etcd_ttl_s.to_string()]);
@@ -164,7 +168,8 @@ pub fn leader(a: &Args, cfg: &ModelConfig, device: &Device) -> Result<(Shard, Ar
             tcp.shutdown(&format!("rank {r} (pid {pid}) exited ({status})"));
         }));
     }
-    let comm = collective(tcp.clone(), device)?;
+    // Rank 0's collectives are timed for the metrics; every rank waits in each one alike.
+    let comm: Arc<dyn Collective> = Arc::new(Timed(collective(tcp.clone(), device)?));
     tracing::info!("tensor-parallel group of {n} formed at {addr}");
     Ok((Shard::of(comm), Arc::new(Group::new(tcp)), Ranks(watchers)))
 }

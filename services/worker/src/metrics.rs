@@ -1,0 +1,81 @@
+//! The worker's metrics (names and meaning: `docs/metrics.md`): time of each model call by
+//! operation, live sessions and KV cache bytes against the budget, and for rank 0 of a
+//! tensor-parallel group the time of each collective and the group's health.
+
+use std::sync::{Arc, LazyLock};
+use std::time::Instant;
+
+use candle_core::Tensor;
+use eagle_engine::parallel::Collective;
+use eagle_metrics::{op_histograms, OpHistograms, OpLabel, StepMetrics};
+
+pub(crate) static STEPS: LazyLock<StepMetrics> =
+    LazyLock::new(|| StepMetrics::new(&["prefill", "verify", "decode"]));
+
+static COLLECTIVES: LazyLock<OpHistograms> = LazyLock::new(|| {
+    op_histograms(
+        "eagle_collective_duration_seconds",
+        "Tensor-parallel collectives run by rank 0",
+        &["all_reduce", "all_gather"],
+    )
+});
+
+/// Registers the worker's metrics: step times, the session table's gauges, and the group's
+/// (`world` ranks; `healthy` read at scrape time).
+pub fn register(
+    sessions: impl Fn() -> usize + Send + Sync + 'static,
+    cache_bytes: impl Fn() -> u64 + Send + Sync + 'static,
+    cache_limit: u64,
+    world: usize,
+    healthy: impl Fn() -> bool + Send + Sync + 'static,
+) {
+    LazyLock::force(&STEPS);
+    LazyLock::force(&COLLECTIVES);
+    eagle_metrics::session_gauges(sessions, Some((Box::new(cache_bytes), cache_limit)));
+    eagle_metrics::gauge_fn(
+        "eagle_tp_world_size",
+        "Ranks in this worker's group (1: not sharded)",
+        move || world as f64,
+    );
+    eagle_metrics::gauge_fn(
+        "eagle_tp_group_healthy",
+        "1 while every rank of the group answers, 0 once one died",
+        move || f64::from(u8::from(healthy())),
+    );
+}
+
+/// A collective whose calls are timed into `eagle_collective_duration_seconds`.
+#[derive(Debug)]
+pub struct Timed(pub Arc<dyn Collective>);
+
+impl Timed {
+    fn time<T>(op: &'static str, f: impl FnOnce() -> T) -> T {
+        let t0 = Instant::now();
+        let r = f();
+        COLLECTIVES
+            .get_or_create(&OpLabel { op })
+            .observe(t0.elapsed().as_secs_f64());
+        r
+    }
+}
+
+impl Collective for Timed {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+    fn world(&self) -> usize {
+        self.0.world()
+    }
+    fn all_reduce_sum(&self, x: &mut [f32]) -> eagle_engine::Result<()> {
+        Self::time("all_reduce", || self.0.all_reduce_sum(x))
+    }
+    fn all_gather(&self, x: &[f32]) -> eagle_engine::Result<Vec<f32>> {
+        Self::time("all_gather", || self.0.all_gather(x))
+    }
+    fn all_reduce_tensor(&self, t: &Tensor) -> eagle_engine::Result<Tensor> {
+        Self::time("all_reduce", || self.0.all_reduce_tensor(t))
+    }
+    fn all_gather_tensor(&self, t: &Tensor) -> eagle_engine::Result<Tensor> {
+        Self::time("all_gather", || self.0.all_gather_tensor(t))
+    }
+}
