@@ -157,7 +157,7 @@ async fn one_request_is_one_trace_across_the_processes() {
         .collect();
     let request = spans
         .iter()
-        .find(|s| s["service"] == "coordinator" && s["name"] == "request")
+        .find(|s| s["service"] == "eagle-coordinator" && s["name"] == "request")
         .expect("a request span");
     let trace_id = request["trace_id"].as_str().unwrap();
     let in_trace = |service: &str, name: &str| {
@@ -167,14 +167,14 @@ async fn one_request_is_one_trace_across_the_processes() {
             .collect::<Vec<_>>()
     };
     for (service, name) in [
-        ("coordinator", "queue"),
-        ("coordinator", "prefill"),
-        ("coordinator", "draft"),
-        ("coordinator", "verify"),
-        ("worker", "worker.prefill"),
-        ("worker", "worker.verify"),
-        ("draft", "draft.open"),
-        ("draft", "draft.draft"),
+        ("eagle-coordinator", "queue"),
+        ("eagle-coordinator", "prefill"),
+        ("eagle-coordinator", "draft"),
+        ("eagle-coordinator", "verify"),
+        ("eagle-worker", "worker.prefill"),
+        ("eagle-worker", "worker.verify"),
+        ("eagle-draft", "draft.open"),
+        ("eagle-draft", "draft.draft"),
     ] {
         assert!(
             !in_trace(service, name).is_empty(),
@@ -182,7 +182,7 @@ async fn one_request_is_one_trace_across_the_processes() {
         );
     }
     // A worker verify span's ancestry reaches the coordinator's request span.
-    let v = in_trace("worker", "worker.verify")[0];
+    let v = in_trace("eagle-worker", "worker.verify")[0];
     let mut cur = v;
     let mut hops = 0;
     while let Some(p) = cur["parent_span_id"].as_str() {

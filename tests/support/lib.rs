@@ -20,6 +20,7 @@ use tonic::transport::Channel;
 
 pub mod etcd;
 pub mod http;
+pub mod otlp;
 
 pub const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
