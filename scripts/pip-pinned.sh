@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs a requirements file's pinned PyPI packages (`name==version` lines) when one is
 # missing or at another version; quick when all are there. Used by the Python test suites
-# (tests/helm/run.sh, tests/http/run.sh).
+# (tests/helm/run.sh, tests/http/run.sh, tests/metrics/run.sh: deploy/grafana/requirements.txt).
 set -euo pipefail
 req="$1"
 if ! python3 - "$req" 2>/dev/null <<'PY'

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Installs what building (and, with --tests, testing) eagle-serve needs and is missing, saying
 # what it does: gcc and protoc (gRPC code generation, etcd-client's build script) for the
-# build; python3 with pip, etcd (the membership tests start a real one), and Chromium with its
-# WebDriver (the chat page's test drives a real browser) for the tests (tests/helm/run.sh and
-# tests/http/run.sh install their own pinned PyPI packages). Debian/Ubuntu packages through apt-get, as root or with
+# build; python3 with pip, etcd (the membership tests start a real one), Chromium with its
+# WebDriver (the chat page's test drives a real browser) and Prometheus with promtool (the
+# metrics tests scrape a local cluster and check deploy/prometheus/; the package's own service,
+# where systemd runs it, is not used: the tests start theirs on a free port) for the tests
+# (tests/helm/run.sh, tests/http/run.sh and tests/metrics/run.sh install their own pinned PyPI
+# packages). Debian/Ubuntu packages through apt-get, as root or with
 # sudo; anything it cannot install is named with the command to run. Idempotent and quick when
 # everything is there. Called by scripts/demo.sh, scripts/test.sh and .ci/run.
 set -euo pipefail
@@ -20,6 +23,7 @@ if $tests; then
   command -v etcd >/dev/null || need+=(etcd-server)
   command -v chromium >/dev/null || need+=(chromium)
   command -v chromedriver >/dev/null || need+=(chromium-driver)
+  { command -v prometheus >/dev/null && command -v promtool >/dev/null; } || need+=(prometheus)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]} (Debian packages)" >&2

@@ -16,3 +16,8 @@ cargo test --release --workspace -- --test-threads 2 "$@"
 # The HTTP API's tests (tests/http; Python, a few minutes): the official `openai` client against
 # a local cluster, and the chat page in headless Chromium.
 ./tests/http/run.sh
+# The metrics tests (tests/metrics; Python, about a minute): promtool on deploy/prometheus/, the
+# Grafana dashboard against docs/metrics.md, then a local cluster scraped by Prometheus with
+# deploy/prometheus/prometheus.yml: every metric of the contract, counters equal to the requests
+# sent, trace exemplars, every dashboard query, deploy/grafana/plot.py.
+./tests/metrics/run.sh

@@ -6,7 +6,8 @@ as a real local cluster that must answer like the in-process engine.
 Run: tests/helm/run.sh (installs the pinned packages), or python3 tests/helm/test_chart.py
 [NAME_SUBSTRING ...]. Prints one line per test and `N passed, M failed`; exits 1 on failure.
 The local cluster test needs target/release (eagle, eagle-coordinator, eagle-draft,
-eagle-worker), etcd on PATH (Debian etcd-server) and flock (util-linux).
+eagle-worker), etcd on PATH (Debian etcd-server) and flock (util-linux); the scrape-config tests
+need promtool (Debian prometheus).
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import traceback
+
+import yaml
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
@@ -118,12 +122,12 @@ def kubernetes_api_schemas():
 
 @test
 def optional_parts_render_valid():
-    """Metrics (annotations, ports, ServiceMonitor), TLS and API-key mounts, a chart-made model
-    PVC, persistent 3-member etcd and an external etcd all render into valid objects; they stay
-    off by default."""
+    """A ServiceMonitor, TLS and API-key mounts, a chart-made model PVC, persistent 3-member
+    etcd and an external etcd all render into valid objects; they stay off by default
+    (metrics are on: see metrics_on_every_eagle_container)."""
     defaults = manifests(render(None))
     text = json.dumps([strip(d) for d in defaults])
-    assert "prometheus.io/scrape" not in text and "ServiceMonitor" not in text
+    assert "ServiceMonitor" not in text
     assert "/etc/eagle/tls" not in text and "/etc/eagle/api-keys" not in text
     values = {
         "metrics": {"enabled": True, "serviceMonitor": {"enabled": True}},
@@ -138,6 +142,7 @@ def optional_parts_render_valid():
     sm = of_kind(docs, "ServiceMonitor")
     assert len(sm) == 1 and sm[0]["spec"]["endpoints"][0]["port"] == "metrics", sm
     assert sm[0]["apiVersion"] == "monitoring.coreos.com/v1"
+    assert sm[0]["spec"]["endpoints"][0]["path"] == "/metrics", sm[0]["spec"]["endpoints"]
     for w in of_kind(docs, "Deployment") + of_kind(docs, "StatefulSet"):
         if w["metadata"]["labels"]["app.kubernetes.io/component"] == "etcd":
             assert w["spec"]["replicas"] == 3 and w["spec"]["volumeClaimTemplates"], w["metadata"]["name"]
@@ -158,6 +163,199 @@ def optional_parts_render_valid():
     coord = by_name(ext, "Deployment", "demo-eagle-serve-coordinator")
     args = pod_spec(coord)["containers"][0]["args"]
     assert args[args.index("--etcd") + 1] == "http://etcd.infra.svc:2379", args
+
+
+# ---- metrics and their scraping -----------------------------------------------------------
+
+EAGLE_COMPONENTS = ("coordinator", "draft", "worker")
+
+
+def eagle_workloads(docs):
+    return [w for w in of_kind(docs, "Deployment") + of_kind(docs, "StatefulSet")
+            if w["metadata"]["labels"]["app.kubernetes.io/component"] in EAGLE_COMPONENTS]
+
+
+@test
+def metrics_on_every_eagle_container():
+    """Metrics are on by default: every coordinator, draft and worker container (every layout,
+    every example) gets --metrics-addr 0.0.0.0:<metrics.port>, a container port `metrics` that
+    is no other port, and its pod prometheus.io/scrape, /port and /path annotations; etcd gets
+    none. /metrics needs no API key, so the coordinator's public Service does not carry the
+    port, a headless <release>-coordinator-metrics Service does. metrics.enabled=false removes
+    all of it."""
+    for label, values, docs in all_renders():
+        for w in eagle_workloads(docs):
+            name = w["metadata"]["name"]
+            ann = w["spec"]["template"]["metadata"].get("annotations", {})
+            assert ann.get("prometheus.io/scrape") == "true" and ann.get("prometheus.io/path") == "/metrics", (label, name, ann)
+            c = pod_spec(w)["containers"][0]
+            ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+            assert "metrics" in ports and ann["prometheus.io/port"] == str(ports["metrics"]), (label, name, ports, ann)
+            assert list(ports.values()).count(ports["metrics"]) == 1, (label, name, ports)
+            assert arg(c["args"], "--metrics-addr") == f"0.0.0.0:{ports['metrics']}", (label, name, c["args"])
+            assert c["args"].count("--metrics-addr") == 1, c["args"]
+        for w in of_kind(docs, "StatefulSet"):
+            if w["metadata"]["labels"]["app.kubernetes.io/component"] == "etcd":
+                c = pod_spec(w)["containers"][0]
+                assert "--metrics-addr" not in c["args"] and "prometheus.io/scrape" not in json.dumps(w), label
+        public = by_name(docs, "Service", "demo-eagle-serve-coordinator")
+        assert "metrics" not in {p["name"] for p in public["spec"]["ports"]}, f"{label}: /metrics on the public Service"
+        ms = by_name(docs, "Service", "demo-eagle-serve-coordinator-metrics")
+        assert ms["spec"]["clusterIP"] == "None" and [p["name"] for p in ms["spec"]["ports"]] == ["metrics"], ms
+    off = manifests(render({"metrics": {"enabled": False}}))
+    text = json.dumps([strip(d) for d in off])
+    for word in ("--metrics-addr", "prometheus.io/", '"metrics"', "coordinator-metrics"):
+        assert word not in text, f"metrics.enabled=false still renders {word}"
+
+
+def sanitize(name: str) -> str:
+    """A Kubernetes label or annotation name as Prometheus' discovery writes it in a label name."""
+    return re.sub(r"[^a-zA-Z0-9_]", "_", name)
+
+
+def kubernetes_pod_targets(docs):
+    """The target groups Prometheus' Kubernetes discovery (role: pod) would make of the pods of
+    a render: one per declared port of each container, with the __meta_kubernetes_pod_* labels
+    it sets (pods named as their controllers name them, each with an IP of its own)."""
+    groups, n = [], 0
+    for w in of_kind(docs, "Deployment") + of_kind(docs, "StatefulSet"):
+        tmpl = w["spec"]["template"]
+        for i in range(w["spec"].get("replicas", 1)):
+            n += 1
+            ip = f"10.1.{n // 250}.{n % 250 + 1}"
+            pod = f"{w['metadata']['name']}-{i}" if w["kind"] == "StatefulSet" else f"{w['metadata']['name']}-7d9f8c6b5-q{i}x2z"
+            meta = {
+                "__meta_kubernetes_namespace": NAMESPACE,
+                "__meta_kubernetes_pod_name": pod,
+                "__meta_kubernetes_pod_ip": ip,
+                "__meta_kubernetes_pod_phase": "Running",
+                "__meta_kubernetes_pod_ready": "true",
+            }
+            for k, v in (tmpl["metadata"].get("labels") or {}).items():
+                meta[f"__meta_kubernetes_pod_label_{sanitize(k)}"] = str(v)
+                meta[f"__meta_kubernetes_pod_labelpresent_{sanitize(k)}"] = "true"
+            for k, v in (tmpl["metadata"].get("annotations") or {}).items():
+                meta[f"__meta_kubernetes_pod_annotation_{sanitize(k)}"] = str(v)
+                meta[f"__meta_kubernetes_pod_annotationpresent_{sanitize(k)}"] = "true"
+            for c in tmpl["spec"]["containers"]:
+                for p in c.get("ports", []):
+                    groups.append({"targets": [f"{ip}:{p['containerPort']}"], "labels": {
+                        **meta,
+                        "__meta_kubernetes_pod_container_name": c["name"],
+                        "__meta_kubernetes_pod_container_init": "false",
+                        "__meta_kubernetes_pod_container_port_name": p.get("name", ""),
+                        "__meta_kubernetes_pod_container_port_number": str(p["containerPort"]),
+                        "__meta_kubernetes_pod_container_port_protocol": p.get("protocol", "TCP"),
+                    }})
+    return groups
+
+
+def discovered(config: dict, job: str, groups) -> list[dict]:
+    """`promtool check service-discovery` of `job` in `config` (Kubernetes discovery replaced
+    by a file SD holding `groups`: Debian's promtool has no Kubernetes discovery): the labels
+    of each target that relabeling keeps."""
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is not on PATH (Debian prometheus; scripts/setup.sh --tests installs it)"
+    with tempfile.TemporaryDirectory(prefix="eagle-sd-") as d:
+        sd = pathlib.Path(d) / "pods.json"
+        sd.write_text(json.dumps(groups))
+        config = json.loads(json.dumps(config))
+        config.pop("rule_files", None)
+        for sc in config["scrape_configs"]:
+            if sc.pop("kubernetes_sd_configs", None) is not None:
+                sc["file_sd_configs"] = [{"files": [str(sd)]}]
+        cfg = pathlib.Path(d) / "prometheus.yml"
+        cfg.write_text(yaml.safe_dump(config))
+        check = subprocess.run([promtool, "check", "config", str(cfg)], capture_output=True, text=True, timeout=60)
+        assert check.returncode == 0, check.stdout + check.stderr
+        r = subprocess.run([promtool, "check", "service-discovery", str(cfg), job, "--timeout=1s"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "[" in r.stdout, r.stdout + r.stderr
+        found = json.loads(r.stdout[r.stdout.index("["):])
+    assert len(found) == sum(len(g["targets"]) for g in groups), (len(found), len(groups))
+    return [t["labels"] for t in found if t["labels"]]
+
+
+def expected_scrapes(docs) -> dict[str, tuple[str, str]]:
+    """instance -> (job, pod) of every target the chart means to be scraped: each coordinator
+    and draft pod, and rank 0 (ordinal 0) of each worker group, on its `metrics` port."""
+    want = {}
+    for g in kubernetes_pod_targets(docs):
+        lab = g["labels"]
+        comp = lab.get("__meta_kubernetes_pod_label_app_kubernetes_io_component")
+        if comp not in EAGLE_COMPONENTS or lab["__meta_kubernetes_pod_container_port_name"] != "metrics":
+            continue
+        if comp == "worker" and not lab["__meta_kubernetes_pod_name"].endswith("-0"):
+            continue
+        want[g["targets"][0]] = (f"eagle-{comp}", lab["__meta_kubernetes_pod_name"])
+    return want
+
+
+@test
+def prometheus_kubernetes_config_scrapes_the_charts_pods():
+    """deploy/prometheus/prometheus-kubernetes.yml, run by promtool over the pods of every
+    render as Kubernetes discovery would list them, keeps exactly the `metrics` port of each
+    coordinator and draft pod and of rank 0 of each worker group (the pod-per-rank example's
+    ranks 1-7 serve none), with the contract's job names and namespace, pod, release and group
+    labels; etcd, gRPC, HTTP and TP ports are dropped."""
+    config = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus-kubernetes.yml").read_text())
+    jobs = [sc["job_name"] for sc in config["scrape_configs"]]
+    assert jobs == ["eagle-serve"], jobs
+    for label, _, docs in all_renders():
+        groups = kubernetes_pod_targets(docs)
+        kept = discovered(config, "eagle-serve", groups)
+        want = expected_scrapes(docs)
+        got = {t["instance"]: (t["job"], t["pod"]) for t in kept}
+        assert got == want, f"{label}: scraped {got}, want {want}"
+        for t in kept:
+            assert t["namespace"] == NAMESPACE and t["release"] == "demo" and t["__metrics_path__"] == "/metrics", t
+            assert ("group" in t) == (t["job"] == "eagle-worker"), t
+            assert not [k for k in t if k.startswith("__meta")], t
+
+
+@test
+def service_monitor_relabelings_give_the_contract_job_names():
+    """The ServiceMonitor's relabelings, as Prometheus relabel configs after a keep of the
+    `metrics` port (what the operator makes of `port: metrics`), run by promtool over the same
+    pods: the jobs are eagle-coordinator, eagle-draft and eagle-worker, ranks above 0 dropped."""
+    docs = manifests(render({"metrics": {"serviceMonitor": {"enabled": True}}}))
+    sm = of_kind(docs, "ServiceMonitor")[0]
+    ep = sm["spec"]["endpoints"][0]
+    snake = {"sourceLabels": "source_labels", "targetLabel": "target_label"}
+    # The operator's own first: keep the endpoint's port, label the pod (and the namespace, the
+    # Service: `service`, which the chart's relabelings drop again).
+    relabel = [{"source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": ep["port"], "action": "keep"},
+               {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+               {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+               {"target_label": "service", "replacement": "some-service"}]
+    relabel += [{snake.get(k, k): v for k, v in r.items()} for r in ep["relabelings"]]
+    for values in [{"metrics": {"serviceMonitor": {"enabled": True}}},
+                   deep_merge(example_values("qwen2-72b-tp8-multinode"), {"metrics": {"serviceMonitor": {"enabled": True}}})]:
+        docs = manifests(render(values))
+        config = {"scrape_configs": [{"job_name": "sm", "kubernetes_sd_configs": [{"role": "pod"}], "relabel_configs": relabel}]}
+        kept = discovered(config, "sm", kubernetes_pod_targets(docs))
+        got = {t["instance"]: (t["job"], t["pod"]) for t in kept}
+        assert got == expected_scrapes(docs), got
+        for t in kept:
+            assert t["release"] == "demo" and "service" not in t and ("group" in t) == (t["job"] == "eagle-worker"), t
+
+
+@test
+def grafana_dashboard_configmap():
+    """The chart's dashboards/eagle-serve.json is deploy/grafana/dashboards/eagle-serve.json, and
+    metrics.grafanaDashboard.enabled puts it in a valid ConfigMap with the sidecar's label."""
+    chart_copy = (CHART / "dashboards" / "eagle-serve.json").read_bytes()
+    source = (REPO / "deploy" / "grafana" / "dashboards" / "eagle-serve.json").read_bytes()
+    assert chart_copy == source, ("helm/eagle-serve/dashboards/eagle-serve.json differs from deploy/grafana/dashboards/"
+                                  "eagle-serve.json: cp deploy/grafana/dashboards/eagle-serve.json helm/eagle-serve/dashboards/")
+    docs = manifests(render({"metrics": {"grafanaDashboard": {"enabled": True}}}))
+    cms = of_kind(docs, "ConfigMap")
+    assert len(cms) == 1 and cms[0]["metadata"]["labels"]["grafana_dashboard"] == "1", cms
+    kubernetes_validate.validate(strip(cms[0]), KUBE_VERSIONS[-1], strict=True)
+    data = cms[0]["data"]
+    assert list(data) == ["eagle-serve.json"] and json.loads(data["eagle-serve.json"])["uid"] == "eagle-serve"
+    assert len(json.dumps(strip(cms[0]))) < 1 << 20, "a ConfigMap holds at most 1 MiB"
+    assert not of_kind(manifests(render(None)), "ConfigMap"), "the dashboard ConfigMap is off by default"
 
 
 # ---- chart invariants ---------------------------------------------------------------------
@@ -356,8 +554,12 @@ BAD_VALUES = [
     ("group override of fetch on emptyDir", {"workers": {"groups": [{"name": "g0", "tp": 1, "model": {"fetch": ""}}]}}, "workers.groups[0].model.fetch"),
     ("existingClaim without a name", {"modelStorage": {"type": "existingClaim"}}, "modelStorage.existingClaim"),
     ("TLS without a Secret", {"security": {"tls": {"enabled": True}}}, "security.tls.secretName"),
-    ("ServiceMonitor without metrics", {"metrics": {"serviceMonitor": {"enabled": True}}}, "metrics.serviceMonitor.enabled"),
-    ("Grafana dashboard before one ships", {"metrics": {"grafanaDashboard": {"enabled": True}}}, "metrics.grafanaDashboard.enabled"),
+    ("ServiceMonitor without metrics", {"metrics": {"enabled": False, "serviceMonitor": {"enabled": True}}}, "metrics.serviceMonitor.enabled"),
+    ("metrics port on the gRPC port", {"metrics": {"port": 50051}}, "metrics.port: 50051 is also coordinator.port"),
+    ("metrics port on the HTTP port", {"metrics": {"port": 8000}}, "metrics.port: 8000 is also coordinator.http.port"),
+    ("metrics port on the TP group port", {"metrics": {"port": 7070}}, "metrics.port: 7070 is also workers.tpPort"),
+    ("metrics path (the services serve /metrics only)", {"metrics": {"path": "/stats"}}, "path"),
+    ("ServiceMonitor interval not a duration", {"metrics": {"serviceMonitor": {"interval": "30"}}}, "/metrics/serviceMonitor/interval"),
 ]
 
 
@@ -378,6 +580,8 @@ def bad_values_refused_naming_the_value():
         {"workers": {"groups": [{"name": "g0", "tp": 3, "gpusPerPod": 3}]}},
         {"workers": {"groups": [{"name": "g0", "tp": 2, "count": 3}]}},
         {"etcd": {"replicas": 3, "persistence": {"enabled": True}}},
+        {"metrics": {"port": 8000}, "coordinator": {"http": {"enabled": False}}},
+        {"metrics": {"enabled": False, "port": 50051}},
     ]:
         render(values)
 
@@ -521,8 +725,9 @@ def cpu_demo_commands_start_a_real_cluster():
     environment; all their probes pass; the coordinator answers Generate, and the HTTP API's
     chat completions, with the tokens of `eagle generate` (the in-process engine) on the same
     prompt, with speculation; the worker
-    group is registered in etcd under the chart's cluster and group names; everything stops on
-    SIGTERM within the grace period."""
+    group is registered in etcd under the chart's cluster and group names; every service serves
+    /metrics behind its Service's `metrics` port; everything stops on SIGTERM within the grace
+    period."""
     cluster, seen, got, want, status, took = run_local_cluster(example_values("cpu-demo"), "cpu-demo")
     with stopped_after(cluster):
         assert got["token_ids"] == want["token_ids"], f"cluster {got['token_ids']} != engine {want['token_ids']}"
@@ -544,6 +749,19 @@ def cpu_demo_commands_start_a_real_cluster():
         with urllib.request.urlopen(req, timeout=120) as r:
             answer = json.load(r)
         assert answer["eagle"]["token_ids"] == want["token_ids"], answer
+        # Every service's /metrics through its Service's `metrics` port (the coordinator's
+        # headless metrics Service), in OpenMetrics, from the binary the chart named.
+        for svc_name, metric in [("demo-eagle-serve-coordinator-metrics", "eagle_time_to_first_token_seconds_bucket"),
+                                 ("demo-eagle-serve-draft", "eagle_step_duration_seconds_bucket"),
+                                 ("demo-eagle-serve-worker-g0", "eagle_kv_cache_capacity_bytes")]:
+            svc = cluster.services[svc_name]
+            port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "metrics")
+            req = urllib.request.Request(f"http://{cluster.service_addr(svc_name, port)}/metrics",
+                                         headers={"Accept": "application/openmetrics-text;version=1.0.0"})
+            with urllib.request.urlopen(req, timeout=30) as r:
+                body = r.read().decode()
+            assert body.endswith("# EOF\n"), f"{svc_name}: not OpenMetrics: {body[-300:]!r}"
+            assert f"\n{metric}" in body and "\neagle_build_info{" in body, f"{svc_name}: no {metric} or eagle_build_info"
     print(f"    {len(got['token_ids'])} tokens identical, {got['stats']['steps']} steps "
           f"(mean accepted {got['stats']['mean_accepted']:.2f}), "
           f"{len(seen)} probes passed, {took:.1f} s to answer")

@@ -13,6 +13,19 @@ the rendered commands as real processes, so a flag that a binary does not know f
 {{- list "--etcd" (include "eagle-serve.etcdUrls" .) "--cluster" (include "eagle-serve.clusterName" .) "--etcd-ttl-s" (toString (int .Values.cluster.leaseTtlSeconds)) | toJson -}}
 {{- end -}}
 
+{{/*
+--metrics-addr: every eagle service, with metrics.enabled: /metrics (OpenMetrics, docs/metrics.md)
+on all interfaces of the pod at metrics.port, the container port named `metrics`. An empty list
+when metrics are off.
+*/}}
+{{- define "eagle-serve.flags.metrics" -}}
+{{- if .Values.metrics.enabled -}}
+{{- list "--metrics-addr" (printf "0.0.0.0:%d" (int .Values.metrics.port)) | toJson -}}
+{{- else -}}
+{{- list | toJson -}}
+{{- end -}}
+{{- end -}}
+
 {{/* The device flag of a pod: cpu, or cuda when it holds GPUs. */}}
 {{- define "eagle-serve.flags.device" -}}
 {{- if and (eq .root.Values.device "cuda") (gt (int .gpus) 0) -}}cuda{{- else -}}cpu{{- end -}}
@@ -35,6 +48,7 @@ the rendered commands as real processes, so a flag that a binary does not know f
   "--session-ttl-s" (toString (int64 $c.sessionTtlSeconds))
 -}}
 {{- $args = concat $args (include "eagle-serve.flags.etcd" . | fromJsonArray) -}}
+{{- $args = concat $args (include "eagle-serve.flags.metrics" . | fromJsonArray) -}}
 {{- if $v.model.chatTemplate -}}
 {{- $args = concat $args (list "--chat-template" (toString $v.model.chatTemplate)) -}}
 {{- end -}}
@@ -59,6 +73,7 @@ the rendered commands as real processes, so a flag that a binary does not know f
   "--idle-timeout-s" (toString $d.idleTimeoutSeconds)
 -}}
 {{- $args = concat $args (include "eagle-serve.flags.etcd" . | fromJsonArray) -}}
+{{- $args = concat $args (include "eagle-serve.flags.metrics" . | fromJsonArray) -}}
 {{- concat $args ($d.extraArgs | default list) | toYaml -}}
 {{- end -}}
 
@@ -89,6 +104,7 @@ rank-0-only flags.
   "--group" $g.name
 -}}
 {{- $args = concat $args (include "eagle-serve.flags.etcd" $root | fromJsonArray) -}}
+{{- $args = concat $args (include "eagle-serve.flags.metrics" $root | fromJsonArray) -}}
 {{- if $g.perRank -}}
 {{- $args = concat $args (list
   "--tp-no-spawn"

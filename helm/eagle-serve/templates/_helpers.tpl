@@ -227,7 +227,19 @@ resources, nodeSelector, tolerations, affinity, extraArgs, extraEnv). Use with f
 {{- fail "security.apiKeys.secretName: security.apiKeys.enabled needs a Secret" -}}
 {{- end -}}
 {{- if and $v.metrics.serviceMonitor.enabled (not $v.metrics.enabled) -}}
-{{- fail "metrics.serviceMonitor.enabled: needs metrics.enabled (and /metrics does not exist yet: the observability issue)" -}}
+{{- fail "metrics.serviceMonitor.enabled: needs metrics.enabled (the ServiceMonitor scrapes the `metrics` ports)" -}}
+{{- end -}}
+{{- if $v.metrics.enabled -}}
+{{- $mp := int $v.metrics.port -}}
+{{- $taken := dict "coordinator.port" $v.coordinator.port "draft.port" $v.draft.port "workers.port" $v.workers.port "workers.tpPort" $v.workers.tpPort -}}
+{{- if $v.coordinator.http.enabled -}}
+{{- $_ := set $taken "coordinator.http.port" $v.coordinator.http.port -}}
+{{- end -}}
+{{- range $name, $port := $taken -}}
+{{- if eq (int $port) $mp -}}
+{{- fail (printf "metrics.port: %d is also %s; a container cannot listen twice on one port" $mp $name) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- $_ := include "eagle-serve.groups" . | fromJson -}}
 {{- end -}}

@@ -47,13 +47,17 @@ affinity:
 {{- end }}
 {{- end -}}
 
-{{/* Pod annotations: the user's plus, with metrics on, Prometheus' scrape annotations. */}}
+{{/*
+Pod annotations: the user's plus, with metrics on, the prometheus.io/* scrape annotations that
+annotation-based scrape configs read (deploy/prometheus/prometheus-kubernetes.yml keys on the
+`metrics` port name instead). The services serve at /metrics only.
+*/}}
 {{- define "eagle-serve.podAnnotations" -}}
 {{- $a := dict -}}
 {{- if .root.Values.metrics.enabled -}}
 {{- $_ := set $a "prometheus.io/scrape" "true" -}}
 {{- $_ := set $a "prometheus.io/port" (toString (int .root.Values.metrics.port)) -}}
-{{- $_ := set $a "prometheus.io/path" .root.Values.metrics.path -}}
+{{- $_ := set $a "prometheus.io/path" "/metrics" -}}
 {{- end -}}
 {{- $a = merge (deepCopy (.extra | default dict)) $a -}}
 {{- with $a }}
