@@ -277,15 +277,13 @@ def discovered(config: dict, job: str, groups) -> list[dict]:
 
 
 def expected_scrapes(docs) -> dict[str, tuple[str, str]]:
-    """instance -> (job, pod) of every target the chart means to be scraped: each coordinator
-    and draft pod, and rank 0 (ordinal 0) of each worker group, on its `metrics` port."""
+    """instance -> (job, pod) of every target the chart means to be scraped: each coordinator,
+    draft and worker pod (every rank's of a pod-per-rank group), on its `metrics` port."""
     want = {}
     for g in kubernetes_pod_targets(docs):
         lab = g["labels"]
         comp = lab.get("__meta_kubernetes_pod_label_app_kubernetes_io_component")
         if comp not in EAGLE_COMPONENTS or lab["__meta_kubernetes_pod_container_port_name"] != "metrics":
-            continue
-        if comp == "worker" and not lab["__meta_kubernetes_pod_name"].endswith("-0"):
             continue
         want[g["targets"][0]] = (f"eagle-{comp}", lab["__meta_kubernetes_pod_name"])
     return want
@@ -295,9 +293,9 @@ def expected_scrapes(docs) -> dict[str, tuple[str, str]]:
 def prometheus_kubernetes_config_scrapes_the_charts_pods():
     """deploy/prometheus/prometheus-kubernetes.yml, run by promtool over the pods of every
     render as Kubernetes discovery would list them, keeps exactly the `metrics` port of each
-    coordinator and draft pod and of rank 0 of each worker group (the pod-per-rank example's
-    ranks 1-7 serve none), with the contract's job names and namespace, pod, release and group
-    labels; etcd, gRPC, HTTP and TP ports are dropped."""
+    coordinator, draft and worker pod (the pod-per-rank example's ranks 1-7 included: they serve
+    the every-process metrics), with the contract's job names and namespace, pod, release and
+    group labels; etcd, gRPC, HTTP and TP ports are dropped."""
     config = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus-kubernetes.yml").read_text())
     jobs = [sc["job_name"] for sc in config["scrape_configs"]]
     assert jobs == ["eagle-serve"], jobs
@@ -317,13 +315,14 @@ def prometheus_kubernetes_config_scrapes_the_charts_pods():
 def service_monitor_relabelings_give_the_contract_job_names():
     """The ServiceMonitor's relabelings, as Prometheus relabel configs after a keep of the
     `metrics` port (what the operator makes of `port: metrics`), run by promtool over the same
-    pods: the jobs are eagle-coordinator, eagle-draft and eagle-worker, ranks above 0 dropped."""
+    pods: the jobs are eagle-coordinator, eagle-draft and eagle-worker, every rank's pod kept,
+    the operator's own labels left alone."""
     docs = manifests(render({"metrics": {"serviceMonitor": {"enabled": True}}}))
     sm = of_kind(docs, "ServiceMonitor")[0]
     ep = sm["spec"]["endpoints"][0]
     snake = {"sourceLabels": "source_labels", "targetLabel": "target_label"}
-    # The operator's own first: keep the endpoint's port, label the pod (and the namespace, the
-    # Service: `service`, which the chart's relabelings drop again).
+    # The operator's own first: keep the endpoint's port, label the pod, the namespace and the
+    # Service (`service`).
     relabel = [{"source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": ep["port"], "action": "keep"},
                {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
                {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
@@ -337,7 +336,7 @@ def service_monitor_relabelings_give_the_contract_job_names():
         got = {t["instance"]: (t["job"], t["pod"]) for t in kept}
         assert got == expected_scrapes(docs), got
         for t in kept:
-            assert t["release"] == "demo" and "service" not in t and ("group" in t) == (t["job"] == "eagle-worker"), t
+            assert t["release"] == "demo" and t["service"] == "some-service" and ("group" in t) == (t["job"] == "eagle-worker"), t
 
 
 @test

@@ -24,6 +24,7 @@ class Metric:
     labels: tuple[str, ...]
     exemplars: bool
     section: str  # the heading of its table
+    exported_by: tuple[str, ...] = ()  # its table's "exported by" column, where there is one
 
     def series(self) -> str:
         """The name of a series that exists whenever the metric does."""
@@ -35,28 +36,33 @@ class Metric:
             return ("eagle-coordinator",)
         if self.section.startswith("Every process"):
             return JOBS
-        # The worker and draft service table: what the draft service exports is said per row.
-        if self.name in DRAFT_TOO:
-            return ("eagle-worker", "eagle-draft")
-        return ("eagle-worker",)
-
-
-# Rows of the worker/draft table that the draft service exports too (the others say "(worker)",
-# "the worker's", "run by rank 0", "this worker's group").
-DRAFT_TOO = {"eagle_step_duration_seconds", "eagle_sessions"}
+        # The worker and draft service table says per row which of the two export it.
+        jobs = tuple(f"eagle-{w}" for w in self.exported_by)
+        if not jobs or not set(jobs) <= set(JOBS):
+            raise ValueError(f"{DOC}: {self.name}: exported by {self.exported_by!r}")
+        return jobs
 
 
 def metrics(doc: pathlib.Path = DOC) -> list[Metric]:
-    """Every row of every metrics table: `| \\`name\\` | type | labels | meaning |`."""
+    """Every row of every metrics table: `| \\`name\\` | type | labels | meaning |`, with an
+    `exported by` column (`worker, draft`) before the meaning in the worker/draft table."""
     out: list[Metric] = []
     section = ""
+    header: list[str] = []
     for line in doc.read_text().splitlines():
         if line.startswith("## "):
-            section = line[3:].strip()
+            section, header = line[3:].strip(), []
+            continue
+        if line.startswith("| name |"):
+            header = [c.strip() for c in line.strip().strip("|").split("|")]
             continue
         m = re.match(r"^\|\s*`([a-z_:][a-z0-9_:]*)`\s*\|([^|]*)\|([^|]*)\|", line)
         if not m:
             continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        exported_by: tuple[str, ...] = ()
+        if "exported by" in header:
+            exported_by = tuple(w.strip() for w in cells[header.index("exported by")].split(","))
         name, kind, labels = m.group(1), m.group(2).strip(), m.group(3)
         base = kind.split(",")[0].split("(")[0].strip()
         if base not in ("counter", "gauge", "histogram"):
@@ -65,7 +71,7 @@ def metrics(doc: pathlib.Path = DOC) -> list[Metric]:
         # "`finish_reason` (`stop`, ...), `code` (...)", "`op`: worker `prefill`, ...".
         outside = re.sub(r"\([^)]*\)", "", labels).split(":")[0]
         label_names = tuple(re.findall(r"`([a-z_][a-z0-9_]*)`", outside))
-        out.append(Metric(name, base, label_names, "exemplars" in kind, section))
+        out.append(Metric(name, base, label_names, "exemplars" in kind, section, exported_by))
     if not out:
         raise ValueError(f"{doc}: no metric tables found")
     names = [m.name for m in out]

@@ -195,8 +195,8 @@ def contract_tables_parse():
 @static
 def promtool_checks_local_config():
     """prometheus.yml is valid with alerts.yml beside it and SD files as `eagle cluster up`
-    writes them; its relabeling turns the files' `service` label into `process` (so it cannot
-    clash with eagle_build_info's own `service`), and the jobs are the contract's."""
+    writes them; the targets keep the files' `service` label (the process's name), and the
+    jobs are the contract's."""
     with tempfile.TemporaryDirectory(prefix="eagle-promcfg-") as d:
         work = pathlib.Path(d)
         for f in ("prometheus.yml", "alerts.yml"):
@@ -218,7 +218,7 @@ def promtool_checks_local_config():
             assert len(found) == 1, found
             labels = found[0]["labels"]
             name = "worker-0" if job == "eagle-worker" else job.split("-", 1)[1]
-            assert labels["job"] == job and labels["process"] == name and "service" not in labels, labels
+            assert labels["job"] == job and labels["service"] == name, labels
             assert labels["__address__"] == f"127.0.0.1:{41000 + i}" and labels["__metrics_path__"] == "/metrics", labels
 
 
@@ -391,7 +391,8 @@ def chat_body(prompt: str, **extra: Any) -> dict[str, Any]:
 
 def send_requests(s: Live) -> None:
     """The known set of requests: 5 chat completions (speculation on), one with speculation
-    off, one streamed, and one refused by the shared validation (INVALID_ARGUMENT, HTTP 400)."""
+    off, one streamed, one refused by the shared validation and one by the HTTP layer before it
+    (both INVALID_ARGUMENT, HTTP 400)."""
     c = s.cluster
 
     def answered(body: dict[str, Any], spec: bool) -> None:
@@ -430,6 +431,10 @@ def send_requests(s: Live) -> None:
                      {"messages": [{"role": "robot", "content": "beep"}], "max_tokens": MAX_TOKENS})
     assert code == 400, f"a message with role robot: HTTP {code}, not 400: {raw[:500]!r}"
     s.refused["INVALID_ARGUMENT"] += 1
+    # Refused by the HTTP layer itself (one choice per request), counted all the same.
+    code, raw = post(c, "/v1/chat/completions", chat_body(PROMPTS[0], n=2))
+    assert code == 400 and json.loads(raw)["error"]["param"] == "n", f"n = 2: HTTP {code}, not 400 naming n: {raw[:500]!r}"
+    s.refused["INVALID_ARGUMENT"] += 1
 
 
 def eventually(check: Callable[[], None], timeout_s: float = 20) -> None:
@@ -450,7 +455,7 @@ def eventually(check: Callable[[], None], timeout_s: float = 20) -> None:
 def targets_from_sd_files_are_up(s: Live):
     """One `metrics NAME URL` line per process (coordinator, draft, worker-0), the SD files
     list exactly those addresses under the right job, and Prometheus scrapes each, up, with
-    job eagle-<kind> and the process' name as `process`."""
+    job eagle-<kind> and the process' name as `service`."""
     m = s.cluster.metrics
     assert {"coordinator", "draft", "worker-0"} <= set(m), f"metrics lines: {s.cluster.lines}"
     for name, url in m.items():
@@ -469,7 +474,7 @@ def targets_from_sd_files_are_up(s: Live):
         assert t["health"] == "up", (name, t["health"], t.get("lastError"))
         labels = t["labels"]
         assert labels["job"] == "eagle-" + name.split("-")[0], (name, labels)
-        assert labels.get("process") == name and "service" not in labels, (name, labels)
+        assert labels.get("service") == name, (name, labels)
 
 
 @live
@@ -512,8 +517,8 @@ def every_contract_metric_exists_under_its_job(s: Live):
 @live
 def request_counts_match_what_was_sent(s: Live):
     """eagle_requests_total: the successful requests with code OK, by finish_reason as the
-    responses said (HTTP's "stop" is the contract's stop or eos), and the refused one with its
-    code and finish_reason none; nothing else."""
+    responses said (HTTP's "stop" is the contract's stop or eos), and the refused ones, the
+    HTTP layer's included, once each with their code and finish_reason none; nothing else."""
 
     def check():
         p = s.prom
@@ -629,7 +634,7 @@ def gauges_of_an_idle_local_cluster(s: Live):
     assert p.value('eagle_kv_cache_bytes{job="eagle-worker"}') >= 0
     for job in JOBS:
         build = p.query(f'eagle_build_info{{job="{job}"}}')
-        assert build and all(float(b["value"][1]) == 1 and b["metric"].get("version") and b["metric"].get("service")
+        assert build and all(float(b["value"][1]) == 1 and b["metric"].get("version") and b["metric"].get("binary") == job
                              for b in build), f"{job}: eagle_build_info {build}"
         assert p.value(f'sum(process_resident_memory_bytes{{job="{job}"}})') > 0
         started = p.value(f'min(process_start_time_seconds{{job="{job}"}})')

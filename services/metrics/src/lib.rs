@@ -118,17 +118,17 @@ pub fn op_histograms(name: &str, help: &str, ops: &[&'static str]) -> OpHistogra
     register(name, help, f)
 }
 
-/// Registers what every process exports: `eagle_build_info{service, version}`, the dropped
+/// Registers what every process exports: `eagle_build_info{binary, version}`, the dropped
 /// spans of the trace exporter, and the `process_*` metrics. Call once, at start.
 pub fn init_process(service: &'static str) {
     #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
     struct Build {
-        service: &'static str,
+        binary: &'static str,
         version: &'static str,
     }
     let info: Family<Build, Gauge> = Family::default();
     info.get_or_create(&Build {
-        service,
+        binary: service,
         version: env!("CARGO_PKG_VERSION"),
     })
     .set(1);

@@ -115,6 +115,8 @@ pub fn leader(a: &Args, cfg: &ModelConfig, device: &Device) -> Result<(Shard, Ar
                     cmd.args(["--group", g]);
                 }
             }
+            // A rank's metrics address, if any, is its own: never rank 0's.
+            cmd.env_remove("EAGLE_METRICS_ADDR");
             let child = cmd
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())

@@ -179,11 +179,18 @@ async fn run(
     // The key first: a caller without one learns nothing else, not even what is wrong with
     // the body.
     let auth = super::authorization(&headers).map(str::to_owned);
-    c.authorize(auth.as_deref())
-        .map_err(|s| ApiError::from_status(&s))?;
-    let body = body.map_err(|r| ApiError::new(r.status(), r.body_text()))?;
-    let req = parse(&body)?;
-    let grpc = req.to_grpc(ep, c.model_name())?;
+    let checked = (|| {
+        c.authorize(auth.as_deref())
+            .map_err(|s| ApiError::from_status(&s))?;
+        let body = body.map_err(|r| ApiError::new(r.status(), r.body_text()))?;
+        let req = parse(&body)?;
+        let grpc = req.to_grpc(ep, c.model_name())?;
+        Ok::<_, ApiError>((req, grpc))
+    })();
+    // Refused here, before the common door: counted here (the door counts the rest).
+    let (req, grpc) = checked.inspect_err(|e| {
+        crate::metrics::metrics().ended(None, e.grpc_code());
+    })?;
     let span = tracing::info_span!(
         "request",
         kind = if req.stream { "http-stream" } else { "http" },

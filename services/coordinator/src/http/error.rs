@@ -53,6 +53,24 @@ impl ApiError {
     /// An error of the shared validation or of the step loop. Its message is written with the
     /// gRPC API's field names; they are renamed to the HTTP API's, and the first of
     /// [`PARAM_NAMES`] it mentions is the `param`.
+    /// The gRPC code a refusal with this HTTP status corresponds to (for the metrics, which
+    /// count gRPC and HTTP requests alike).
+    pub fn grpc_code(&self) -> Code {
+        match self.status.as_u16() {
+            400 | 413 | 415 | 422 => Code::InvalidArgument,
+            401 => Code::Unauthenticated,
+            403 => Code::PermissionDenied,
+            404 => Code::NotFound,
+            409 => Code::Aborted,
+            429 => Code::ResourceExhausted,
+            499 => Code::Cancelled,
+            501 => Code::Unimplemented,
+            503 => Code::Unavailable,
+            504 => Code::DeadlineExceeded,
+            _ => Code::Internal,
+        }
+    }
+
     pub fn from_status(s: &Status) -> Self {
         let status = match s.code() {
             Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
