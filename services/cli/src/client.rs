@@ -19,6 +19,10 @@ pub struct ClientArgs {
     /// The API key, for a cluster that requires one (sent as `authorization: Bearer KEY`).
     #[arg(long, env = "EAGLE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Connect over TLS, trusting this CA (PEM; `eagle cluster up --tls` prints its path as
+    /// `ca PATH`).
+    #[arg(long, env = "EAGLE_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
     /// The prompt. With --chat it is the user's message, run through the chat template;
     /// otherwise it is sent to the model as is.
     #[arg(long)]
@@ -144,19 +148,27 @@ fn stats_line(usage: &Usage, s: &SpeculationStats, finish: i32) -> String {
 }
 
 /// A client of the coordinator at `addr` (`HOST:PORT`, or a URL).
-pub async fn connect(addr: &str) -> Result<GenerationClient<tonic::transport::Channel>> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
+/// A client of the coordinator at `addr`; over TLS trusting `tls_ca` when given.
+pub async fn connect(
+    addr: &str,
+    tls_ca: Option<&std::path::Path>,
+) -> Result<GenerationClient<tonic::transport::Channel>> {
+    let tls = match tls_ca {
+        Some(p) => Some(eagle_proto::tls::trusting(
+            &std::fs::read(p).with_context(|| format!("reading the CA {}", p.display()))?,
+        )),
+        None => None,
     };
-    GenerationClient::connect(url.clone())
+    let ep = eagle_proto::tls::endpoint_with(addr, tls)?;
+    let channel = ep
+        .connect()
         .await
-        .with_context(|| format!("connecting to {url}"))
+        .with_context(|| format!("connecting to {}", ep.uri()))?;
+    Ok(GenerationClient::new(channel))
 }
 
 pub async fn call(a: &ClientArgs) -> Result<()> {
-    let mut client = connect(&a.addr).await?;
+    let mut client = connect(&a.addr, a.tls_ca.as_deref()).await?;
     let req = a.grpc_request()?;
     if a.stream {
         let mut stream = client

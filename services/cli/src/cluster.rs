@@ -43,6 +43,13 @@ pub enum ClusterCommand {
     /// List what etcd knows about a cluster: members (group, rank, address, process id,
     /// lease), complete groups, and KV placements of multi-turn sessions.
     Status(crate::etcd::StatusArgs),
+    /// Write a throwaway CA (ca.pem; its key is not kept) and a certificate it signs for
+    /// localhost and 127.0.0.1 (cert.pem, key.pem) into DIR: what `cluster up --tls` makes,
+    /// for services started by hand (--tls-ca, --tls-cert, --tls-key).
+    Certs {
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Args, Clone, Debug)]
@@ -84,6 +91,11 @@ pub struct UpArgs {
     /// (0: never restart; any exit stops it).
     #[arg(long, env = "EAGLE_MAX_RESTARTS", default_value_t = 5)]
     pub max_restarts: u32,
+    /// Mutual TLS between every process, and TLS on the public APIs: a throwaway CA and
+    /// certificate are made for this cluster; `ca PATH` on stdout names the CA a client must
+    /// trust (eagle client --tls-ca PATH).
+    #[arg(long)]
+    pub tls: bool,
     /// Serve no Prometheus metrics. By default every process serves them on a free port and
     /// a `metrics NAME URL` line per process follows `ready` on stdout.
     #[arg(long)]
@@ -123,6 +135,9 @@ pub fn run(cmd: ClusterCommand) -> Result<()> {
                 for (name, url) in &c.metrics {
                     println!("metrics {name} {url}");
                 }
+                if let Some(t) = &c.tls {
+                    println!("ca {}", t.ca.display());
+                }
                 if let Some(dir) = &a.prometheus_sd_dir {
                     c.write_prometheus_targets(dir)?;
                     eprintln!("Prometheus targets written to {}", dir.display());
@@ -150,6 +165,7 @@ pub fn run(cmd: ClusterCommand) -> Result<()> {
                 let args = ClientArgs {
                     addr: c.addr.clone(),
                     api_key: std::env::var("EAGLE_API_KEY").ok(),
+                    tls_ca: c.tls.as_ref().map(|t| t.ca.clone()),
                     prompt,
                     chat: true,
                     system: None,
@@ -174,6 +190,13 @@ pub fn run(cmd: ClusterCommand) -> Result<()> {
                 r
             }
             ClusterCommand::Status(a) => crate::etcd::status(&a).await,
+            ClusterCommand::Certs { dir } => {
+                let f = crate::certs::write(&dir, "eagle-serve")?;
+                println!("ca {}", f.ca.display());
+                println!("cert {}", f.cert.display());
+                println!("key {}", f.key.display());
+                Ok(())
+            }
         }
     })
 }
@@ -208,16 +231,20 @@ pub struct Cluster {
     pub http: Option<String>,
     /// Each process's metrics URL, by a short name (coordinator, draft, worker-N).
     pub metrics: Vec<(String, String)>,
+    /// The cluster's certificates, with --tls.
+    pub tls: Option<crate::certs::CertFiles>,
     procs: Vec<Proc>,
     /// A local etcd's data, removed when the cluster goes.
     _etcd_dir: Option<crate::etcd::DataDir>,
+    /// The certificates' folder, removed when the cluster goes.
+    _tls_dir: Option<crate::etcd::DataDir>,
 }
 
 /// What a started service announced on stdout.
 struct Announced {
     /// From its `listening ADDR` line.
     addr: String,
-    /// From an `http http://ADDR` line before it: the HTTP API's address.
+    /// From an `http URL` line before it: the HTTP API's URL (http:// or https://).
     http: Option<String>,
     /// From a `metrics http://ADDR/metrics` line before it.
     metrics: Option<String>,
@@ -269,15 +296,15 @@ async fn spawn(name: String, bin: PathBuf, args: Vec<String>) -> Result<(Proc, A
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let http = before
         .iter()
-        .find_map(|l| l.strip_prefix("http http://"))
-        .map(|a| a.trim().to_string());
+        .find_map(|l| l.strip_prefix("http "))
+        .map(|u| u.trim().to_string());
     let metrics = before
         .iter()
         .find_map(|l| l.strip_prefix("metrics "))
         .map(|u| u.trim().to_string());
     let mut restart = Restart { bin, args };
     restart.pin("--listen", &addr);
-    if let Some(h) = &http {
+    if let Some(h) = http.as_deref().and_then(host_port) {
         restart.pin("--http-addr", h);
     }
     if let Some(m) = metrics.as_deref().and_then(host_port) {
@@ -293,9 +320,9 @@ async fn spawn(name: String, bin: PathBuf, args: Vec<String>) -> Result<(Proc, A
     ))
 }
 
-/// `127.0.0.1:PORT` of `http://127.0.0.1:PORT/metrics`.
+/// `127.0.0.1:PORT` of `http://127.0.0.1:PORT/metrics` (or `https://`).
 fn host_port(url: &str) -> Option<&str> {
-    url.strip_prefix("http://")?.split('/').next()
+    url.split_once("://")?.1.split('/').next()
 }
 
 impl Cluster {
@@ -313,6 +340,17 @@ impl Cluster {
         let head = resolve_head(m, policy)?;
         let name = model_name(&m.model);
         let model_s = model.display().to_string();
+        // With --tls, certificates for every process, made before any starts.
+        let (tls, tls_dir) = if a.tls {
+            let dir = std::env::temp_dir().join(format!("eagle-tls-{}", std::process::id()));
+            let files = crate::certs::write(&dir, "eagle-serve")?;
+            (Some(files), Some(crate::etcd::DataDir(dir)))
+        } else {
+            (None, None)
+        };
+        let tls_args = tls
+            .as_ref()
+            .map_or_else(Vec::new, crate::certs::CertFiles::args);
         let common = |extra: &[String]| -> Vec<String> {
             let mut v = vec![
                 "--model".into(),
@@ -328,6 +366,7 @@ impl Cluster {
             if let Some(e) = &a.otlp_endpoint {
                 v.extend(["--otlp-endpoint".into(), e.clone()]);
             }
+            v.extend_from_slice(&tls_args);
             v.extend_from_slice(extra);
             v
         };
@@ -341,9 +380,13 @@ impl Cluster {
             addr: String::new(),
             http: None,
             metrics: Vec::new(),
+            tls: None,
             procs: Vec::new(),
             _etcd_dir: None,
+            _tls_dir: None,
         };
+        cluster.tls = tls;
+        cluster._tls_dir = tls_dir;
         let etcd_url = match a.etcd.resolve().await? {
             Some((url, local)) => {
                 if let Some(l) = local {
@@ -476,7 +519,7 @@ impl Cluster {
                 cluster.procs.push(p);
                 cluster.announce_metrics("coordinator".into(), a.metrics);
                 cluster.addr = a.addr;
-                cluster.http = a.http.map(|h| format!("http://{h}"));
+                cluster.http = a.http;
                 Ok(cluster)
             }
             Err(e) => {
@@ -581,13 +624,14 @@ impl RemoteBench {
             max_running_per_key: 0,
             max_restarts: 0,
             no_metrics: true,
+            tls: false,
             prometheus_sd_dir: None,
             otlp_endpoint: None,
             etcd: Default::default(),
         };
         let (cluster, client, hidden) = rt.block_on(async {
             let c = Cluster::start(&up).await?;
-            let client = crate::client::connect(&c.addr).await?;
+            let client = crate::client::connect(&c.addr, None).await?;
             let path = resolve_or_fetch(&model.model)?;
             let hidden = eagle_engine::loader::open_model(&path)?.config.hidden_size;
             Ok::<_, anyhow::Error>((c, client, hidden))
@@ -609,6 +653,7 @@ impl RemoteBench {
         let args = ClientArgs {
             addr: String::new(),
             api_key: None,
+            tls_ca: None,
             prompt: prompt.into(),
             chat: !raw,
             system: None,

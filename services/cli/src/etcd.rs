@@ -90,7 +90,7 @@ pub struct LocalEtcd {
 }
 
 /// A folder removed on drop.
-pub struct DataDir(PathBuf);
+pub struct DataDir(pub PathBuf);
 
 impl Drop for DataDir {
     fn drop(&mut self) {

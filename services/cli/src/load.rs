@@ -40,6 +40,9 @@ pub struct LoadArgs {
     /// The API key, for a cluster that requires one.
     #[arg(long, env = "EAGLE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Connect over TLS, trusting this CA (PEM).
+    #[arg(long, env = "EAGLE_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
     /// Prompts, one JSON object per line with `prompt` (and `raw: true` to skip the chat
     /// template); used in order, round-robin.
     #[arg(long, default_value = "bench/prompts/eagle-mt-24.jsonl")]
@@ -121,6 +124,7 @@ impl LoadArgs {
         ClientArgs {
             addr: String::new(),
             api_key: self.api_key.clone(),
+            tls_ca: None,
             prompt: p.prompt.clone(),
             chat: !p.raw,
             system: None,
@@ -233,7 +237,7 @@ pub fn run(a: LoadArgs) -> Result<()> {
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let client = crate::client::connect(&a.addr).await?;
+        let client = crate::client::connect(&a.addr, a.tls_ca.as_deref()).await?;
         let bar = match total {
             Some(n) => ProgressBar::new(n as u64),
             None => ProgressBar::new((a.duration.unwrap_or(0.0) * 1e3) as u64),

@@ -3,6 +3,7 @@
 //! parses the command line.
 
 mod bench;
+mod certs;
 mod client;
 mod cluster;
 mod data;

@@ -11,7 +11,7 @@ use eagle_engine::tokenizer::Tokenizer;
 use eagle_proto::draft::draft_client::DraftClient;
 use eagle_proto::worker::worker_client::WorkerClient;
 use eagle_proto::worker::CostPoint;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use eagle_membership::Kind;
@@ -54,18 +54,9 @@ pub struct Timeouts {
 }
 
 /// A channel to `addr` (`host:port` or a URL) that connects on first use and reconnects after
-/// failures.
+/// failures; over TLS when the process has it (`eagle_proto::tls`).
 pub fn channel(addr: &str) -> Result<Channel, Status> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    let ep = Endpoint::from_shared(url)
-        .map_err(|e| Status::invalid_argument(format!("bad address {addr:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true);
-    Ok(ep.connect_lazy())
+    Ok(eagle_proto::tls::endpoint(addr)?.connect_lazy())
 }
 
 pub fn worker_client(addr: &str) -> Result<WorkerClient<Channel>, Status> {

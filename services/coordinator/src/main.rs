@@ -109,6 +109,8 @@ struct Args {
     trace: eagle_trace::TraceFlags,
     #[command(flatten)]
     metrics: eagle_metrics::MetricsFlags,
+    #[command(flatten)]
+    tls: eagle_proto::tls::TlsFlags,
 }
 
 #[tokio::main]
@@ -122,6 +124,11 @@ async fn main() {
 }
 
 async fn run(a: Args) -> Result<()> {
+    let tls = a.tls.load()?;
+    if let Some(t) = &tls {
+        // Calls to the workers and the draft service present this process's certificate.
+        eagle_proto::tls::set_client(t.clone());
+    }
     let keys = ApiKeys::load(
         a.api_keys_file.as_deref(),
         std::env::var("EAGLE_API_KEYS").ok().as_deref(),
@@ -233,7 +240,7 @@ async fn run(a: Args) -> Result<()> {
     let shutdown = serve::Shutdown::on_signal();
     let http = match &a.http_addr {
         Some(addr) => {
-            let listener = eagle_coordinator::http::bind(addr).await?;
+            let listener = eagle_coordinator::http::bind(addr, tls.as_ref()).await?;
             let stop = shutdown.clone().wait();
             Some(tokio::spawn(eagle_coordinator::http::serve(
                 listener,
@@ -246,7 +253,7 @@ async fn run(a: Args) -> Result<()> {
     // Bound after the HTTP API: `listening ADDR` is the last line a starter waits for.
     let (incoming, _addr) = serve::bind(&a.listen).await?;
     tracing::info!(model = %a.model_name, workers = ?a.workers, draft = ?a.draft, http = ?a.http_addr, "coordinator ready");
-    tonic::transport::Server::builder()
+    serve::server(tls.as_ref(), true)?
         .add_service(health)
         .add_service(serve::reflection())
         .add_service(GenerationServer::from_arc(coord))

@@ -56,6 +56,8 @@ struct Args {
     trace: eagle_trace::TraceFlags,
     #[command(flatten)]
     metrics: eagle_metrics::MetricsFlags,
+    #[command(flatten)]
+    tls: eagle_proto::tls::TlsFlags,
 }
 
 #[tokio::main]
@@ -69,6 +71,7 @@ async fn main() {
 }
 
 async fn run(a: Args) -> Result<()> {
+    let tls = a.tls.load()?;
     let device = parse_device(&a.device)?;
     let precision = parse_precision(&a.dtype)?;
     check_precision(&precision, &device)?;
@@ -112,7 +115,7 @@ async fn run(a: Args) -> Result<()> {
         tp: 1,
     };
     let member = join_service(&a.etcd, info, addr, sessions, &reporter).await?;
-    tonic::transport::Server::builder()
+    serve::server(tls.as_ref(), false)?
         .add_service(health)
         .add_service(serve::reflection())
         .add_service(DraftServer::new(svc).max_decoding_message_size(64 << 20))

@@ -4,10 +4,12 @@
 //! - [`common`], [`worker`], [`draft`]: the internal services a coordinator drives.
 //! - [`wire`]: conversions between wire messages and engine types (features, trees, sampling).
 //! - [`status`]: the one place engine errors become gRPC status codes.
+//! - [`serve`], [`tls`]: what every server shares (binding, health, shutdown, mutual TLS).
 
 pub mod serve;
 pub mod sessions;
 pub mod status;
+pub mod tls;
 pub mod wire;
 
 /// Generated code, nested as the proto packages are (cross-package references need it).

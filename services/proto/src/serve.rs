@@ -88,3 +88,16 @@ pub fn reflection() -> tonic_reflection::server::v1::ServerReflectionServer<
         .build_v1()
         .expect("the embedded descriptor sets are valid")
 }
+
+/// A gRPC server builder, with TLS when `tls` is given: clients must present a certificate
+/// the CA signed, unless `public` (the public API, where client certificates are optional).
+pub fn server(
+    tls: Option<&crate::tls::Tls>,
+    public: bool,
+) -> Result<tonic::transport::Server, tonic::transport::Error> {
+    let b = tonic::transport::Server::builder();
+    match tls {
+        Some(t) => b.tls_config(t.server(public)),
+        None => Ok(b),
+    }
+}

@@ -60,6 +60,8 @@ struct Args {
     trace: eagle_trace::TraceFlags,
     #[command(flatten)]
     metrics: eagle_metrics::MetricsFlags,
+    #[command(flatten)]
+    tls: eagle_proto::tls::TlsFlags,
 }
 
 /// Tensor parallelism: one model split over several rank processes.
@@ -111,12 +113,15 @@ async fn main() {
 }
 
 async fn run(a: Args) -> Result<()> {
+    let tls = a.tls.load()?;
     let precision = parse_precision(&a.dtype)?;
     let dtype = precision.dtype;
     let wire_dtype = parse_dtype(&a.wire_dtype)?;
     let device = parse_device(&a.device)?;
     check_precision(&precision, &device)?;
     if a.tp.tp_rank > 0 {
+        // Ranks above 0 serve no API: only the every-process metrics (memory, build).
+        eagle_metrics::start(&a.metrics, "eagle-worker").await?;
         let a2 = a.clone();
         return tokio::task::spawn_blocking(move || tp::follower(&a2, dtype, device)).await?;
     }
@@ -209,7 +214,7 @@ async fn run(a: Args) -> Result<()> {
             }
         });
     }
-    tonic::transport::Server::builder()
+    serve::server(tls.as_ref(), false)?
         .add_service(health)
         .add_service(serve::reflection())
         .add_service(WorkerServer::new(svc).max_decoding_message_size(64 << 20))

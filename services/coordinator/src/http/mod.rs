@@ -5,6 +5,7 @@
 //! - `completions.rs`: `/v1/chat/completions` and `/v1/completions`, unary and streamed.
 //! - `error.rs`: OpenAI's error object and the HTTP status of every failure.
 //! - `page.html`: the chat page at `/` (no build step; everything it loads is served here).
+//! - `tls.rs`: HTTPS, when the coordinator has a certificate.
 //!
 //! Invariants:
 //! - An HTTP request is a gRPC request in another dress: the same validation, queue and step
@@ -17,6 +18,7 @@
 mod completions;
 pub mod error;
 pub mod openai;
+mod tls;
 
 use std::sync::Arc;
 
@@ -62,29 +64,45 @@ pub fn router(coord: Arc<Coordinator>) -> Router {
         .with_state(coord)
 }
 
-/// Binds `addr` and prints `http http://ADDR` on stdout.
-pub async fn bind(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+/// A bound HTTP listener, plain or TLS.
+pub enum Listener {
+    Plain(tokio::net::TcpListener),
+    Tls(tls::TlsListener),
+}
+
+/// Binds `addr` and prints `http http://ADDR` (`https://` with `tls`) on stdout.
+pub async fn bind(addr: &str, tls: Option<&eagle_proto::tls::Tls>) -> std::io::Result<Listener> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         std::io::Error::new(e.kind(), format!("cannot listen on {addr} for HTTP: {e}"))
     })?;
-    println!("http http://{}", listener.local_addr()?);
-    Ok(listener)
+    let local = listener.local_addr()?;
+    let (scheme, l) = match tls {
+        Some(t) => ("https", Listener::Tls(tls::TlsListener::new(listener, t)?)),
+        None => ("http", Listener::Plain(listener)),
+    };
+    println!("http {scheme}://{local}");
+    Ok(l)
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    listener: Listener,
     coord: Arc<Coordinator>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
-    // Streamed chunks are small: Nagle's algorithm would hold them for delayed ACKs.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, router(coord))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let app = router(coord);
+    match listener {
+        Listener::Plain(l) => {
+            // Streamed chunks are small: Nagle's algorithm would hold them for delayed ACKs.
+            let l = l.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            axum::serve(l, app).with_graceful_shutdown(shutdown).await
+        }
+        // (Nagle is off on TLS connections from their accept.)
+        Listener::Tls(l) => axum::serve(l, app).with_graceful_shutdown(shutdown).await,
+    }
 }
 
 fn created() -> u64 {
