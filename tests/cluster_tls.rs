@@ -3,8 +3,9 @@
 //! - Services started by hand with certificates from one CA (`eagle cluster certs`) serve the
 //!   engine's tokens; an internal service refuses a client that presents no certificate, or one
 //!   another CA signed; a coordinator holding another CA's certificate cannot use the worker.
-//! - `eagle cluster up --tls` serves `eagle client --tls-ca PATH` (its `ca PATH` line) and the
-//!   HTTP API over HTTPS; a plain-text client gets nothing.
+//! - `eagle cluster up --tls --tp 3` (its three ranks joined by mutual TLS too) serves `eagle
+//!   client --tls-ca PATH` (its `ca PATH` line) the unsharded engine's tokens, and the HTTP API
+//!   over HTTPS; a plain-text client gets nothing.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -171,6 +172,7 @@ fn cluster_up_tls_serves_clients_that_trust_its_ca() {
     let mut up = KillOnDrop(
         Command::new(bin("eagle"))
             .args(["cluster", "up", "--port", "0", "--http-port", "0", "--tls"])
+            .args(["--tp", "3"])
             .arg("--model")
             .arg(smollm2())
             .arg("--head")
@@ -207,7 +209,14 @@ fn cluster_up_tls_serves_clients_that_trust_its_ca() {
     );
     let v: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&ok.stdout).lines().last().unwrap()).unwrap();
-    assert!(v["usage"]["generated_tokens"].as_u64().unwrap() > 0);
+    let want = reference_tokens(&chat_request("Say hello.", 8));
+    let got: Vec<u32> = v["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(got, want, "the TLS-joined group gives the engine's tokens");
     let plain = client(&[]);
     assert!(!plain.status.success(), "a plain-text client was answered");
 

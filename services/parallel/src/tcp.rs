@@ -7,14 +7,18 @@
 //! - Commands: rank 0 sends the same bytes to every rank; the others receive them in order.
 //!
 //! Every frame is `[tag: u8][len: u64 LE][payload]`; a frame with the wrong tag or length is a
-//! protocol error. A peer that closes its socket, or is silent past the timeout during a
+//! protocol error. With TLS (`lead_with` / `join_with`), every connection is mutual TLS
+//! (rustls; `link.rs`) before the first byte of the group's protocol: rank 0 accepts only ranks
+//! whose certificate its CA signed, and a rank only a rank 0 whose certificate it did. A peer that closes its socket, or is silent past the timeout during a
 //! collective, breaks the group: every later call fails at once with an error naming the rank,
 //! so callers turn it into `UNAVAILABLE` instead of hanging.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use crate::link::Link;
 
 use eagle_engine::parallel::collective::group_error;
 use eagle_engine::parallel::Collective;
@@ -27,8 +31,8 @@ const TAG_GATHER: u8 = b'G';
 
 enum Links {
     /// Rank 0: the stream to rank `i + 1` at index `i`.
-    Leader(Vec<TcpStream>),
-    Follower(TcpStream),
+    Leader(Vec<Link>),
+    Follower(Link),
 }
 
 pub struct TcpGroup {
@@ -61,14 +65,25 @@ impl TcpGroup {
         wait: Duration,
         timeout: Duration,
     ) -> Result<TcpGroup> {
+        Self::lead_with(listener, world, wait, timeout, None)
+    }
+
+    /// [`TcpGroup::lead`], over TLS with `tls` (which must require client certificates).
+    pub fn lead_with(
+        listener: &TcpListener,
+        world: usize,
+        wait: Duration,
+        timeout: Duration,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Result<TcpGroup> {
         let deadline = Instant::now() + wait;
         listener
             .set_nonblocking(true)
             .map_err(|e| io_err("group listener", e))?;
-        let mut slots: Vec<Option<TcpStream>> = (1..world).map(|_| None).collect();
+        let mut slots: Vec<Option<Link>> = (1..world).map(|_| None).collect();
         while slots.iter().any(Option::is_none) {
             match listener.accept() {
-                Ok((s, peer)) => match hello(s, world, timeout) {
+                Ok((s, peer)) => match hello(s, world, timeout, tls.clone()) {
                     // A stray or stale connection is dropped; formation goes on.
                     Err(why) => tracing::warn!("ignoring a connection from {peer}: {why}"),
                     Ok((rank, _)) if slots[rank - 1].is_some() => {
@@ -94,10 +109,10 @@ impl TcpGroup {
                 Err(e) => return Err(io_err("accepting ranks", e)),
             }
         }
-        let streams: Vec<TcpStream> = slots.into_iter().map(Option::unwrap).collect();
+        let streams: Vec<Link> = slots.into_iter().map(Option::unwrap).collect();
         let handles = streams
             .iter()
-            .map(|s| s.try_clone().map_err(|e| io_err("group socket", e)))
+            .map(|s| s.tcp().try_clone().map_err(|e| io_err("group socket", e)))
             .collect::<Result<_>>()?;
         Ok(TcpGroup {
             rank: 0,
@@ -131,8 +146,21 @@ impl TcpGroup {
         wait: Duration,
         timeout: Duration,
     ) -> Result<TcpGroup> {
+        Self::join_with(addr, rank, world, wait, timeout, None)
+    }
+
+    /// [`TcpGroup::join`], over TLS with `tls` (which must present a client certificate);
+    /// rank 0's certificate must name the host of `addr`.
+    pub fn join_with(
+        addr: impl ToSocketAddrs + std::fmt::Display,
+        rank: usize,
+        world: usize,
+        wait: Duration,
+        timeout: Duration,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<TcpGroup> {
         let deadline = Instant::now() + wait;
-        let mut s = loop {
+        let s = loop {
             match TcpStream::connect(&addr) {
                 Ok(s) => break s,
                 Err(e) if Instant::now() < deadline => {
@@ -142,15 +170,24 @@ impl TcpGroup {
                 Err(e) => return Err(io_err(format!("joining rank 0 at {addr}"), e)),
             }
         };
+        s.set_nodelay(true).map_err(|e| io_err("group socket", e))?;
+        s.set_write_timeout(Some(timeout))
+            .map_err(|e| io_err("group socket", e))?;
+        s.set_read_timeout(Some(timeout))
+            .map_err(|e| io_err("group socket", e))?;
+        let handle = s.try_clone().map_err(|e| io_err("group socket", e))?;
+        let mut s = match tls {
+            Some(cfg) => Link::client(s, cfg, &addr.to_string())
+                .map_err(|e| io_err(format!("TLS with rank 0 at {addr}"), e))?,
+            None => Link::Plain(s),
+        };
         let mut hello = Vec::with_capacity(16);
         hello.extend_from_slice(HELLO);
         hello.extend_from_slice(&(rank as u32).to_le_bytes());
         hello.extend_from_slice(&(world as u32).to_le_bytes());
-        s.write_all(&hello).map_err(|e| io_err("hello", e))?;
-        s.set_nodelay(true).map_err(|e| io_err("group socket", e))?;
-        s.set_write_timeout(Some(timeout))
-            .map_err(|e| io_err("group socket", e))?;
-        let handle = s.try_clone().map_err(|e| io_err("group socket", e))?;
+        s.write_all(&hello)
+            .and_then(|()| s.flush())
+            .map_err(|e| io_err("hello", e))?;
         Ok(TcpGroup {
             rank,
             world,
@@ -229,10 +266,12 @@ impl TcpGroup {
         let Links::Follower(s) = &mut *links else {
             return Err(group_error("rank 0 does not receive commands"));
         };
-        s.set_read_timeout(within)
+        s.tcp()
+            .set_read_timeout(within)
             .map_err(|e| io_err("group socket", e))?;
         let frame = read_frame(s, TAG_COMMAND, None);
-        s.set_read_timeout(Some(self.timeout))
+        s.tcp()
+            .set_read_timeout(Some(self.timeout))
             .map_err(|e| io_err("group socket", e))?;
         match frame {
             Ok(b) => Ok(Some(b)),
@@ -282,10 +321,21 @@ impl TcpGroup {
     }
 }
 
-/// Reads a rank's hello on a fresh connection: its rank, and the stream set up for the group.
-fn hello(mut s: TcpStream, world: usize, timeout: Duration) -> std::io::Result<(usize, TcpStream)> {
+/// Reads a rank's hello on a fresh connection (after the TLS handshake, with `tls`): its
+/// rank, and the stream set up for the group.
+fn hello(
+    s: TcpStream,
+    world: usize,
+    timeout: Duration,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> std::io::Result<(usize, Link)> {
     s.set_nonblocking(false)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let mut s = match tls {
+        Some(cfg) => Link::server(s, cfg)?,
+        None => Link::Plain(s),
+    };
     let mut hello = [0u8; 16];
     s.read_exact(&mut hello)?;
     let rank = u32::from_le_bytes(hello[8..12].try_into().unwrap()) as usize;
@@ -298,10 +348,11 @@ fn hello(mut s: TcpStream, world: usize, timeout: Duration) -> std::io::Result<(
             ),
         ));
     }
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(timeout))?;
+    let tcp = s.tcp();
+    tcp.set_nodelay(true)?;
+    tcp.set_read_timeout(Some(timeout))?;
     // A peer that stops reading (stopped, or its host gone) must not block a send for ever.
-    s.set_write_timeout(Some(timeout))?;
+    tcp.set_write_timeout(Some(timeout))?;
     Ok((rank, s))
 }
 
@@ -349,15 +400,16 @@ impl Collective for TcpGroup {
     }
 }
 
-fn write_frame(s: &mut TcpStream, tag: u8, payload: &[u8]) -> std::io::Result<()> {
+fn write_frame(s: &mut Link, tag: u8, payload: &[u8]) -> std::io::Result<()> {
     let mut head = [0u8; 9];
     head[0] = tag;
     head[1..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
     s.write_all(&head)?;
-    s.write_all(payload)
+    s.write_all(payload)?;
+    s.flush()
 }
 
-fn read_frame(s: &mut TcpStream, tag: u8, len: Option<usize>) -> std::io::Result<Vec<u8>> {
+fn read_frame(s: &mut Link, tag: u8, len: Option<usize>) -> std::io::Result<Vec<u8>> {
     let mut head = [0u8; 9];
     s.read_exact(&mut head)?;
     let n = u64::from_le_bytes(head[1..].try_into().unwrap()) as usize;
@@ -392,7 +444,6 @@ fn from_bytes(b: &[u8]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     fn group(world: usize) -> Vec<Arc<TcpGroup>> {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -404,6 +455,63 @@ mod tests {
         let mut g = vec![Arc::new(TcpGroup::lead(&l, world, t, t).unwrap())];
         g.extend(joins.into_iter().map(|j| Arc::new(j.join().unwrap())));
         g
+    }
+
+    /// A fresh CA and a certificate it signs for 127.0.0.1.
+    fn certs(name: &str) -> eagle_proto::tls::Tls {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, format!("test CA {name}"));
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        eagle_proto::tls::Tls {
+            ca: ca.pem().into_bytes(),
+            cert: cert.pem().into_bytes(),
+            key: key.serialize_pem().into_bytes(),
+        }
+    }
+
+    #[test]
+    fn collectives_run_over_mutual_tls_and_strangers_are_refused() {
+        let (a, b) = (certs("a"), certs("b"));
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = Duration::from_secs(5);
+        let client = |c: &eagle_proto::tls::Tls| Some(Arc::new(c.rustls_client().unwrap()));
+        // A rank certified by another CA comes first: refused, and formation goes on.
+        let stranger = {
+            let c = client(&b);
+            std::thread::spawn(move || TcpGroup::join_with(addr, 1, 2, t, t, c))
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        let rank1 = {
+            let c = client(&a);
+            std::thread::spawn(move || TcpGroup::join_with(addr, 1, 2, t, t, c).unwrap())
+        };
+        let server = Some(Arc::new(a.rustls_server(false).unwrap()));
+        let g0 = Arc::new(TcpGroup::lead_with(&l, 2, t, t, server).unwrap());
+        let g1 = Arc::new(rank1.join().unwrap());
+        assert!(stranger.join().unwrap().is_err(), "a stranger joined");
+        let h = {
+            let g1 = g1.clone();
+            std::thread::spawn(move || {
+                let mut x = vec![1.0f32, 2.0];
+                g1.all_reduce_sum(&mut x).unwrap();
+                x
+            })
+        };
+        let mut x = vec![10.0f32, 20.0];
+        g0.all_reduce_sum(&mut x).unwrap();
+        assert_eq!(x, vec![11.0, 22.0]);
+        assert_eq!(h.join().unwrap(), vec![11.0, 22.0]);
+        g0.broadcast(b"step").unwrap();
+        assert_eq!(g1.receive().unwrap().as_deref(), Some(&b"step"[..]));
     }
 
     #[test]

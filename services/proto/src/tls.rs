@@ -14,6 +14,11 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 
 /// TLS flags, shared by every binary.
@@ -81,6 +86,70 @@ impl Tls {
         ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&self.ca))
             .identity(self.identity())
+    }
+}
+
+fn invalid(what: &str, e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("TLS {what}: {e}"))
+}
+
+/// rustls configurations from the same files, for the transports that are not gRPC: the HTTPS
+/// API and the tensor-parallel group's TCP links.
+impl Tls {
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    fn roots(&self) -> std::io::Result<rustls::RootCertStore> {
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(&self.ca) {
+            roots
+                .add(ca.map_err(|e| invalid("CA", e))?)
+                .map_err(|e| invalid("CA", e))?;
+        }
+        Ok(roots)
+    }
+
+    fn chain(&self) -> std::io::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+        let certs = CertificateDer::pem_slice_iter(&self.cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid("certificate", e))?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key).map_err(|e| invalid("key", e))?;
+        Ok((certs, key))
+    }
+
+    /// A rustls server: this process's certificate; clients must present one the CA signed,
+    /// unless `clients_optional` (then one they do present must still verify).
+    pub fn rustls_server(&self, clients_optional: bool) -> std::io::Result<rustls::ServerConfig> {
+        let provider = Self::provider();
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider.clone());
+        let verifier = if clients_optional {
+            verifier.allow_unauthenticated()
+        } else {
+            verifier
+        };
+        let verifier = verifier
+            .build()
+            .map_err(|e| invalid("client verifier", e))?;
+        let (certs, key) = self.chain()?;
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| invalid("versions", e))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs, key)
+            .map_err(|e| invalid("certificate", e))
+    }
+
+    /// A rustls client: trusts the CA, presents this process's certificate.
+    pub fn rustls_client(&self) -> std::io::Result<rustls::ClientConfig> {
+        let (certs, key) = self.chain()?;
+        rustls::ClientConfig::builder_with_provider(Self::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| invalid("versions", e))?
+            .with_root_certificates(self.roots()?)
+            .with_client_auth_cert(certs, key)
+            .map_err(|e| invalid("certificate", e))
     }
 }
 

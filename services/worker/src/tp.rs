@@ -108,6 +108,16 @@ pub fn leader(a: &Args, cfg: &ModelConfig, device: &Device) -> Result<(Shard, Ar
             if let Some(e) = &a.trace.otlp_endpoint {
                 cmd.args(["--otlp-endpoint", e]);
             }
+            if let (Some(ca), Some(cert), Some(key)) =
+                (&a.tls.tls_ca, &a.tls.tls_cert, &a.tls.tls_key)
+            {
+                cmd.arg("--tls-ca")
+                    .arg(ca)
+                    .arg("--tls-cert")
+                    .arg(cert)
+                    .arg("--tls-key")
+                    .arg(key);
+            }
             if let Some(e) = &a.etcd.etcd {
                 cmd.args(["--etcd", e, "--cluster", &a.etcd.cluster])
                     .args(["--etcd-ttl-s", &a.etcd.etcd_ttl_s.to_string()]);
@@ -157,7 +167,16 @@ pub fn leader(a: &Args, cfg: &ModelConfig, device: &Device) -> Result<(Shard, Ar
         });
     }
     let timeout = Duration::from_secs_f64(a.tp.tp_timeout_s);
-    let tcp = Arc::new(TcpGroup::lead(&listener, n, JOIN_WAIT, timeout)?);
+    // With TLS, the ranks' links are mutual TLS too: rank 0 admits only certified ranks.
+    let tls = a.tls.load()?;
+    let server = tls
+        .as_ref()
+        .map(|t| t.rustls_server(false))
+        .transpose()?
+        .map(Arc::new);
+    let tcp = Arc::new(TcpGroup::lead_with(
+        &listener, n, JOIN_WAIT, timeout, server,
+    )?);
     let mut watchers = Vec::new();
     for (r, mut child) in children {
         let tcp = tcp.clone();
@@ -206,7 +225,20 @@ pub fn follower(a: &Args, dtype: DType, device: Device) -> Result<()> {
         ),
     };
     let timeout = Duration::from_secs_f64(a.tp.tp_timeout_s);
-    let tcp = Arc::new(TcpGroup::join(join.as_str(), r, n, JOIN_WAIT, timeout)?);
+    let client = a
+        .tls
+        .load()?
+        .map(|t| t.rustls_client())
+        .transpose()?
+        .map(Arc::new);
+    let tcp = Arc::new(TcpGroup::join_with(
+        join.as_str(),
+        r,
+        n,
+        JOIN_WAIT,
+        timeout,
+        client,
+    )?);
     let comm = collective(tcp.clone(), &device)?;
     let opened = open_model(&a.model).with_context(|| format!("opening {}", a.model.display()))?;
     let target = TargetModel::load_shard(

@@ -9,45 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eagle_proto::tls::Tls;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
-
-fn invalid(what: &str, e: impl std::fmt::Display) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("TLS {what}: {e}"))
-}
-
-fn server_config(tls: &Tls) -> std::io::Result<rustls::ServerConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let certs = CertificateDer::pem_slice_iter(&tls.cert)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid("certificate", e))?;
-    let key = PrivateKeyDer::from_pem_slice(&tls.key).map_err(|e| invalid("key", e))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(&tls.ca) {
-        roots
-            .add(ca.map_err(|e| invalid("CA", e))?)
-            .map_err(|e| invalid("CA", e))?;
-    }
-    let clients = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| invalid("client verifier", e))?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| invalid("versions", e))?
-        .with_client_cert_verifier(clients)
-        .with_single_cert(certs, key)
-        .map_err(|e| invalid("certificate", e))?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(cfg)
-}
 
 /// Accepted connections, their TLS handshake done.
 pub struct TlsListener {
@@ -58,7 +25,9 @@ pub struct TlsListener {
 impl TlsListener {
     /// Accepts on `tcp` in the background and shakes hands with each client.
     pub fn new(tcp: TcpListener, tls: &Tls) -> std::io::Result<Self> {
-        let acceptor = TlsAcceptor::from(Arc::new(server_config(tls)?));
+        let mut cfg = tls.rustls_server(true)?;
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = TlsAcceptor::from(Arc::new(cfg));
         let local = tcp.local_addr()?;
         let (tx, done) = mpsc::channel(64);
         tokio::spawn(async move {
