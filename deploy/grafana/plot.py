@@ -160,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_ylabel(ylabel)
         ax.set_xlabel(f"time ({dt.datetime.now().astimezone().strftime('%Z')})")
         ax.grid(True, alpha=0.3)
-        ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M", tz=tz))
+        locator = mdates.AutoDateLocator(tz=tz)
+        ax.xaxis.set_major_locator(locator)
+        ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=tz))
         ax.set_xlim(dt.datetime.fromtimestamp(start, tz), dt.datetime.fromtimestamp(end, tz))
         if shown == "percent":
             ax.yaxis.set_major_formatter(PercentFormatter(1.0))
