@@ -3,7 +3,8 @@
 //! - Services started by hand with certificates from one CA (`eagle cluster certs`) serve the
 //!   engine's tokens; an internal service refuses a client that presents no certificate, or one
 //!   another CA signed; a coordinator holding another CA's certificate cannot use the worker.
-//! - `eagle cluster up --tls --tp 3` (its three ranks joined by mutual TLS too) serves `eagle
+//! - `eagle cluster up --tls --tp 3 --etcd local` (its three ranks joined by mutual TLS too,
+//!   and every member talking to a local etcd that requires client certificates) serves `eagle
 //!   client --tls-ca PATH` (its `ca PATH` line) the unsharded engine's tokens, and the HTTP API
 //!   over HTTPS; a plain-text client gets nothing.
 
@@ -172,7 +173,7 @@ fn cluster_up_tls_serves_clients_that_trust_its_ca() {
     let mut up = KillOnDrop(
         Command::new(bin("eagle"))
             .args(["cluster", "up", "--port", "0", "--http-port", "0", "--tls"])
-            .args(["--tp", "3"])
+            .args(["--tp", "3", "--etcd", "local"])
             .arg("--model")
             .arg(smollm2())
             .arg("--head")
@@ -237,6 +238,15 @@ fn cluster_up_tls_serves_clients_that_trust_its_ca() {
     );
 
     let pids = child_pids(up.id());
+    let etcd = pids
+        .iter()
+        .map(|&p| cmdline(p))
+        .find(|c| c.contains("--data-dir"))
+        .expect("the local etcd");
+    assert!(
+        etcd.contains("--client-cert-auth") && etcd.contains("https://127.0.0.1"),
+        "etcd serves over mutual TLS: {etcd}"
+    );
     stop_cluster_up(&mut up, &pids);
     assert!(
         !Path::new(&ca).exists(),

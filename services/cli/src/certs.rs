@@ -22,16 +22,21 @@ pub struct CertFiles {
 }
 
 impl CertFiles {
-    /// The flags that give a service these files.
+    /// The flags that give a service these files: `--tls-ca`, `--tls-cert`, `--tls-key`.
     pub fn args(&self) -> Vec<String> {
-        [
-            ("--tls-ca", &self.ca),
-            ("--tls-cert", &self.cert),
-            ("--tls-key", &self.key),
-        ]
-        .into_iter()
-        .flat_map(|(f, p)| [f.to_string(), p.display().to_string()])
-        .collect()
+        self.flags("--tls")
+    }
+
+    /// The same for its connection to etcd: `--etcd-ca`, `--etcd-cert`, `--etcd-key`.
+    pub fn etcd_args(&self) -> Vec<String> {
+        self.flags("--etcd")
+    }
+
+    fn flags(&self, prefix: &str) -> Vec<String> {
+        [("ca", &self.ca), ("cert", &self.cert), ("key", &self.key)]
+            .into_iter()
+            .flat_map(|(f, p)| [format!("{prefix}-{f}"), p.display().to_string()])
+            .collect()
     }
 }
 

@@ -387,20 +387,27 @@ impl Cluster {
         };
         cluster.tls = tls;
         cluster._tls_dir = tls_dir;
-        let etcd_url = match a.etcd.resolve().await? {
+        // A local etcd serves over mutual TLS with the cluster's certificates under --tls.
+        let mut etcd_tls = Vec::new();
+        let etcd_url = match a.etcd.resolve(cluster.tls.as_ref()).await? {
             Some((url, local)) => {
                 if let Some(l) = local {
                     cluster.procs.push(Proc::new("etcd".into(), l.child, None));
                     cluster._etcd_dir = Some(l.dir);
+                    if let Some(t) = &cluster.tls {
+                        etcd_tls = t.etcd_args();
+                    }
                 }
                 Some(url)
             }
             None => None,
         };
         let member = |group: Option<String>| {
-            etcd_url
+            let mut v = etcd_url
                 .as_deref()
-                .map_or_else(Vec::new, |u| a.etcd.member_args(u, group))
+                .map_or_else(Vec::new, |u| a.etcd.member_args(u, group));
+            v.extend_from_slice(&etcd_tls);
+            v
         };
         let workers = a.etcd.worker_count(a.workers);
         // Workers and the draft service load in parallel.

@@ -27,6 +27,15 @@ pub struct StatusArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// TLS to etcd (https:// endpoints): the CA (PEM) that signed etcd's certificate.
+    #[arg(long, env = "EAGLE_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// A client certificate (PEM) for etcd's client-certificate authentication.
+    #[arg(long, env = "EAGLE_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, env = "EAGLE_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
 }
 
 /// `eagle cluster up`'s etcd flags.
@@ -55,11 +64,15 @@ impl UpEtcdArgs {
     }
 
     /// The etcd endpoints to use, starting a local etcd when asked.
-    pub async fn resolve(&self) -> Result<Option<(String, Option<LocalEtcd>)>> {
+    /// With `tls`, a local etcd serves clients over mutual TLS with those certificates.
+    pub async fn resolve(
+        &self,
+        tls: Option<&crate::certs::CertFiles>,
+    ) -> Result<Option<(String, Option<LocalEtcd>)>> {
         match self.etcd.as_deref() {
             None => Ok(None),
             Some("local") => {
-                let l = start_local().await?;
+                let l = start_local(tls).await?;
                 eprintln!("started a local etcd at {}", l.url);
                 Ok(Some((l.url.clone(), Some(l))))
             }
@@ -104,13 +117,25 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-/// Starts `etcd` on free loopback ports and waits until it serves clients.
-pub async fn start_local() -> Result<LocalEtcd> {
+/// Starts `etcd` on free loopback ports and waits until it serves clients; with `tls`, over
+/// mutual TLS (clients must present a certificate the CA signed).
+pub async fn start_local(tls: Option<&crate::certs::CertFiles>) -> Result<LocalEtcd> {
     let (client, peer) = (free_port()?, free_port()?);
     let dir = std::env::temp_dir().join(format!("eagle-etcd-{}-{client}", std::process::id()));
-    let url = format!("http://127.0.0.1:{client}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://127.0.0.1:{client}");
     let peer_url = format!("http://127.0.0.1:{peer}");
-    let mut child = Command::new("etcd")
+    let mut cmd = Command::new("etcd");
+    if let Some(t) = tls {
+        cmd.arg("--cert-file")
+            .arg(&t.cert)
+            .arg("--key-file")
+            .arg(&t.key)
+            .arg("--trusted-ca-file")
+            .arg(&t.ca)
+            .arg("--client-cert-auth");
+    }
+    let mut child = cmd
         .args(["--name", "eagle", "--data-dir"])
         .arg(&dir)
         .args([
@@ -155,7 +180,12 @@ pub async fn start_local() -> Result<LocalEtcd> {
 
 /// Prints what etcd knows about the cluster.
 pub async fn status(a: &StatusArgs) -> Result<()> {
-    let cfg = EtcdConfig::new(&a.etcd, &a.cluster);
+    let mut cfg = EtcdConfig::new(&a.etcd, &a.cluster);
+    cfg.tls = a.etcd_ca.clone().map(|ca| eagle_membership::EtcdTls {
+        ca,
+        cert: a.etcd_cert.clone(),
+        key: a.etcd_key.clone(),
+    });
     let client = connect(&cfg).await?;
     let health = EtcdHealth::default();
     let view = MembershipView::start(client.clone(), &cfg, health.clone()).await;

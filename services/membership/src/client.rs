@@ -52,6 +52,33 @@ pub struct EtcdConfig {
     pub timeout: Duration,
     /// Lease time-to-live of a member's registration, in seconds.
     pub ttl_s: i64,
+    /// TLS to etcd (`https://` endpoints): the CA that signed etcd's certificate, and this
+    /// process's certificate and key where etcd requires client certificates.
+    pub tls: Option<EtcdTls>,
+}
+
+/// PEM files for TLS to etcd.
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    pub ca: std::path::PathBuf,
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl EtcdTls {
+    fn options(&self) -> Result<etcd_client::TlsOptions> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| {
+                MembershipError::Invalid(format!("reading {} for etcd TLS: {e}", p.display()))
+            })
+        };
+        let mut o = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read(&self.ca)?));
+        if let (Some(c), Some(k)) = (&self.cert, &self.key) {
+            o = o.identity(etcd_client::Identity::from_pem(read(c)?, read(k)?));
+        }
+        Ok(o)
+    }
 }
 
 impl EtcdConfig {
@@ -66,6 +93,7 @@ impl EtcdConfig {
             cluster: cluster.to_string(),
             timeout: Duration::from_secs(2),
             ttl_s: 5,
+            tls: None,
         }
     }
 
@@ -83,7 +111,10 @@ pub async fn connect(cfg: &EtcdConfig) -> Result<Client> {
     // No HTTP/2 keep-alive pings: etcd answers pings on a connection without streams (or more
     // often than every 5 s) by closing it. A stopped etcd is noticed by the deadlines of the
     // lease keep-alives and of the watch's progress requests instead.
-    let opts = ConnectOptions::new().with_connect_timeout(cfg.timeout);
+    let mut opts = ConnectOptions::new().with_connect_timeout(cfg.timeout);
+    if let Some(t) = &cfg.tls {
+        opts = opts.with_tls(t.options()?);
+    }
     let endpoints = cfg.endpoints.join(",");
     deadline("connect", cfg.timeout, async {
         Client::connect(&cfg.endpoints, Some(opts))

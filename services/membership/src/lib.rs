@@ -22,7 +22,7 @@ pub mod rendezvous;
 pub mod service;
 pub mod view;
 
-pub use client::{connect, EtcdConfig, EtcdHealth, MembershipError};
+pub use client::{connect, EtcdConfig, EtcdHealth, EtcdTls, MembershipError};
 /// The etcd client type the functions here take (from the `etcd-client` crate).
 pub use etcd_client::Client as EtcdClient;
 pub use keys::Keys;

@@ -38,6 +38,15 @@ pub struct EtcdFlags {
     /// The address others reach this service at (default: the bound address).
     #[arg(long, env = "EAGLE_ADVERTISE")]
     pub advertise: Option<String>,
+    /// TLS to etcd (give https:// endpoints): the CA (PEM) that signed etcd's certificate.
+    #[arg(long, env = "EAGLE_ETCD_CA")]
+    pub etcd_ca: Option<std::path::PathBuf>,
+    /// This process's certificate (PEM) for etcd's client-certificate authentication.
+    #[arg(long, env = "EAGLE_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<std::path::PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, env = "EAGLE_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<std::path::PathBuf>,
 }
 
 impl EtcdFlags {
@@ -46,6 +55,11 @@ impl EtcdFlags {
         self.etcd.as_deref().map(|e| {
             let mut c = EtcdConfig::new(e, &self.cluster);
             c.ttl_s = self.etcd_ttl_s.max(1);
+            c.tls = self.etcd_ca.clone().map(|ca| crate::client::EtcdTls {
+                ca,
+                cert: self.etcd_cert.clone(),
+                key: self.etcd_key.clone(),
+            });
             c
         })
     }

@@ -124,6 +124,15 @@ pub fn leader(a: &Args, cfg: &ModelConfig, device: &Device) -> Result<(Shard, Ar
                 if let Some(g) = &a.etcd.group {
                     cmd.args(["--group", g]);
                 }
+                for (flag, path) in [
+                    ("--etcd-ca", &a.etcd.etcd_ca),
+                    ("--etcd-cert", &a.etcd.etcd_cert),
+                    ("--etcd-key", &a.etcd.etcd_key),
+                ] {
+                    if let Some(p) = path {
+                        cmd.arg(flag).arg(p);
+                    }
+                }
             }
             // A rank's metrics address, if any, is its own: never rank 0's.
             cmd.env_remove("EAGLE_METRICS_ADDR");
