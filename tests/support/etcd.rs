@@ -13,6 +13,8 @@ pub struct Etcd {
     peer_url: String,
     dir: PathBuf,
     child: Option<Child>,
+    /// A command the server runs under (e.g. `ip netns exec NS`), if any.
+    launcher: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -41,13 +43,38 @@ impl Etcd {
             peer_url: format!("http://127.0.0.1:{p}"),
             dir,
             child: None,
+            launcher: Vec::new(),
+        };
+        e.spawn();
+        e
+    }
+
+    /// Starts etcd on `ip` (ports 2379 and 2380) under `launcher` (e.g. `ip netns exec NS`,
+    /// to run it as a host of its own in a network namespace).
+    pub fn start_at(ip: &str, launcher: &[String]) -> Etcd {
+        let dir = std::env::temp_dir().join(format!("eagle-test-etcd-{}-{ip}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut e = Etcd {
+            url: format!("http://{ip}:2379"),
+            peer_url: format!("http://{ip}:2380"),
+            dir,
+            child: None,
+            launcher: launcher.to_vec(),
         };
         e.spawn();
         e
     }
 
     fn spawn(&mut self) {
-        let mut child = Command::new(etcd_bin())
+        let mut cmd = match self.launcher.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(etcd_bin());
+                c
+            }
+            None => Command::new(etcd_bin()),
+        };
+        let mut child = cmd
             .args(["--name", "t", "--data-dir"])
             .arg(&self.dir)
             .args(["--listen-client-urls", &self.url])
