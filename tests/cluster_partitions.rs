@@ -5,7 +5,8 @@
 //! says why and skips.
 //!
 //! Hosts: etcd, worker groups g0 and g1, the draft service, the coordinator. In turn:
-//! - g0 cut from etcd only: its lease lapses, the coordinator stops routing new sessions there,
+//! - g0 cut from etcd only: a stream in flight there finishes; its lease lapses, the coordinator
+//!   stops routing new sessions there,
 //!   every request is answered by g1; healed, g0 registers again.
 //! - g1 cut from the coordinator only: requests move to g0 and none hangs past its deadline.
 //! - the draft service cut from the coordinator: plain decoding, then speculation resumes once
@@ -255,8 +256,22 @@ async fn partitions_cost_availability_never_correctness() {
         "the whole cluster serves, speculating"
     );
 
-    // g0 cut from etcd only: its lease lapses and every request goes to g1.
+    // g0 cut from etcd only: streams in flight finish (g0 still reaches the coordinator), its
+    // lease lapses and every new request goes to g1.
+    let long = chat_request("Tell me a story about a lighthouse keeper.", 96);
+    let want = tokio::task::block_in_place(|| reference_tokens(&long));
+    let in_flight = {
+        let mut c = client.clone();
+        tokio::spawn(async move { c.generate(long).await })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
     net.cut(G0, ETCD);
+    let a = tokio::time::timeout(deadline, in_flight)
+        .await
+        .expect("the stream in flight hung")
+        .unwrap()
+        .expect("the stream in flight failed");
+    assert_eq!(a.into_inner().token_ids, want, "the stream in flight");
     tokio::task::block_in_place(|| wait_for_groups(&etcd.url, &["g1"], deadline));
     let (ok, _) = requests(&mut client, 4, deadline, false).await;
     assert_eq!(ok, 4, "g1 answers everything while g0 is out of etcd");
