@@ -6,8 +6,8 @@
 //!
 //! Hosts: etcd, worker groups g0 and g1, the draft service, the coordinator. In turn:
 //! - g0 cut from etcd only: a stream in flight there finishes; its lease lapses, the coordinator
-//!   stops routing new sessions there,
-//!   every request is answered by g1; healed, g0 registers again.
+//!   stops routing new sessions there, every request is answered by g1; healed, g0 registers
+//!   again.
 //! - g1 cut from the coordinator only: requests move to g0 and none hangs past its deadline.
 //! - the draft service cut from the coordinator: plain decoding, then speculation resumes once
 //!   healed.
