@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use eagle_tests::*;
@@ -14,24 +14,7 @@ use eagle_tests::*;
 #[test]
 fn cluster_up_serves_the_client_and_stops_on_sigterm() {
     let mut up = KillOnDrop(
-        Command::new(bin("eagle"))
-            .args([
-                "cluster",
-                "up",
-                "--port",
-                "0",
-                "--http-port",
-                "0",
-                "--tp",
-                "3",
-            ])
-            .arg("--model")
-            .arg(smollm2())
-            .arg("--head")
-            .arg(random_head())
-            .env("EAGLE_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+        cluster_up_command(&["--http-port", "0", "--tp", "3"])
             .spawn()
             .unwrap(),
     );

@@ -528,26 +528,18 @@ fn cluster_up_with_a_local_etcd_and_status() {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     let mut up = KillOnDrop(
-        Command::new(bin("eagle"))
-            .args([
-                "cluster",
-                "up",
-                "--etcd",
-                "local",
-                "--groups",
-                "2",
-                "--cluster",
-                "up1",
-            ])
-            .args(["--port", "0", "--no-http", "--model"])
-            .arg(smollm2())
-            .arg("--head")
-            .arg(random_head())
-            .env("EAGLE_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+        cluster_up_command(&[
+            "--etcd",
+            "local",
+            "--groups",
+            "2",
+            "--cluster",
+            "up1",
+            "--no-http",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap(),
     );
     let (tx, rx) = std::sync::mpsc::channel();
     let stderr = up.stderr.take().unwrap();

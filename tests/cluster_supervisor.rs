@@ -6,7 +6,7 @@
 //! does an exhausted restart budget.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,14 +18,7 @@ use tonic::Code;
 /// `eagle cluster up ARGS` with its stderr kept (and echoed); returns it and the gRPC address.
 fn cluster_up(args: &[&str]) -> (KillOnDrop, String, Arc<Mutex<Vec<String>>>) {
     let mut up = KillOnDrop(
-        Command::new(bin("eagle"))
-            .args(["cluster", "up", "--port", "0", "--no-http", "--model"])
-            .arg(smollm2())
-            .arg("--head")
-            .arg(random_head())
-            .args(args)
-            .env("EAGLE_LOG", "warn")
-            .stdout(Stdio::piped())
+        cluster_up_command(&[&["--no-http"], args].concat())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap(),

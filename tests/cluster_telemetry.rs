@@ -7,7 +7,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use eagle_proto::v1::generation_client::GenerationClient;
@@ -19,18 +18,11 @@ use eagle_tests::*;
 /// URL.
 fn cluster_up(endpoint: &str) -> (KillOnDrop, String, String) {
     let mut up = KillOnDrop(
-        Command::new(bin("eagle"))
-            .args(["cluster", "up", "--port", "0", "--no-http", "--model"])
-            .arg(smollm2())
-            .arg("--head")
-            .arg(random_head())
-            .env("EAGLE_LOG", "warn")
+        cluster_up_command(&["--no-http"])
             .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
             // Export often, and give up on a dead collector quickly.
             .env("OTEL_BSP_SCHEDULE_DELAY", "200")
             .env("OTEL_EXPORTER_OTLP_TIMEOUT", "1000")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
             .spawn()
             .unwrap(),
     );

@@ -171,16 +171,7 @@ fn line_with(lines: &mut impl Iterator<Item = String>, prefix: &str) -> String {
 #[test]
 fn cluster_up_tls_serves_clients_that_trust_its_ca() {
     let mut up = KillOnDrop(
-        Command::new(bin("eagle"))
-            .args(["cluster", "up", "--port", "0", "--http-port", "0", "--tls"])
-            .args(["--tp", "3", "--etcd", "local"])
-            .arg("--model")
-            .arg(smollm2())
-            .arg("--head")
-            .arg(random_head())
-            .env("EAGLE_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+        cluster_up_command(&["--http-port", "0", "--tls", "--tp", "3", "--etcd", "local"])
             .spawn()
             .unwrap(),
     );

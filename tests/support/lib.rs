@@ -136,6 +136,22 @@ pub fn stop_cluster_up(up: &mut KillOnDrop, pids: &[u32]) {
     }
 }
 
+/// `eagle cluster up --port 0 --model SMOLLM2 --head RANDOM_HEAD ARGS`, logs at `warn`, stdout
+/// piped (for its `ready` / `http` / `metrics` / `ca` lines) and stderr inherited: what the
+/// tests that start a whole local cluster run (change stderr where the log is read).
+pub fn cluster_up_command(args: &[&str]) -> Command {
+    let mut c = Command::new(bin("eagle"));
+    c.args(["cluster", "up", "--port", "0", "--model"])
+        .arg(smollm2())
+        .arg("--head")
+        .arg(random_head())
+        .args(args)
+        .env("EAGLE_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    c
+}
+
 /// A process's command line, its arguments joined by spaces ("" once it is gone).
 pub fn cmdline(pid: u32) -> String {
     std::fs::read(format!("/proc/{pid}/cmdline"))
