@@ -2,23 +2,23 @@
 free ports, with the HTTP API on. Yields the gRPC address and the HTTP base URL read from the
 lines the command prints (`ready ADDR`, `http URL`), and stops the cluster (SIGTERM, then
 SIGKILL after 20 s) however the test ends. Its stderr goes to a log file, printed on failure.
+(Process handling: tests/pylib/procs.py.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pathlib
-import queue
-import signal
 import subprocess
+import sys
 import tempfile
-import threading
-import time
 import urllib.request
 from dataclasses import dataclass
 from typing import Iterator
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "pylib"))  # procs
+import procs  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 BIN = REPO / "target" / "release"
@@ -55,46 +55,14 @@ def cluster_up(*extra: str, timeout_s: float = 600) -> Iterator[Cluster]:
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True
         )
-    # A thread reads stdout line by line: both lines can arrive in one read, which a select on
-    # the pipe would not see as two.
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def read() -> None:
-        for line in proc.stdout:
-            lines.put(line.strip())
-        lines.put(None)
-
-    threading.Thread(target=read, daemon=True).start()
-    ok = False
-    try:
+    # Stopped (SIGTERM, SIGKILL after 20 s) however the block ends; the log deleted if it ends
+    # normally, else printed.
+    with procs.stop_on_exit(proc, log, "eagle cluster up", grace_s=20):
         grpc = http = None
-        deadline = time.monotonic() + timeout_s
-        while grpc is None or http is None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RuntimeError(f"the cluster was not ready in {timeout_s} s:\n{log.read_text()[-4000:]}")
-            try:
-                line = lines.get(timeout=min(left, 1.0))
-            except queue.Empty:
-                continue
-            if line is None:
-                proc.wait()
-                raise RuntimeError(f"eagle cluster up exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        stdout = procs.StdoutLines(proc, log, "eagle cluster up")
+        for line in stdout.until(lambda: grpc is not None and http is not None, timeout_s):
             if line.startswith("ready "):
                 grpc = line.split(" ", 1)[1]
             elif line.startswith("http "):
                 http = line.split(" ", 1)[1].rstrip("/")
         yield Cluster(grpc=grpc, http=http, proc=proc, log=log)
-        ok = True
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        if ok:
-            log.unlink(missing_ok=True)
-        else:
-            print(f"--- eagle cluster up's log ({log}):\n{log.read_text()[-6000:]}")

@@ -3,7 +3,8 @@ ports, with the HTTP API on and Prometheus file-SD files written to a directory.
 gRPC address, the HTTP base URL and every process's metrics URL, read from the lines the
 command prints (`ready ADDR`, `http URL`, then one `metrics NAME URL` per process), and stops the
 cluster (SIGTERM, then SIGKILL after 20 s) however the test ends. Its stderr goes to a log file,
-printed on failure. (The same pattern as tests/http/cluster.py.)
+printed on failure. (The same pattern as tests/http/cluster.py; process handling:
+tests/pylib/procs.py.)
 """
 
 from __future__ import annotations
@@ -12,16 +13,16 @@ import contextlib
 import json
 import os
 import pathlib
-import queue
-import signal
 import subprocess
+import sys
 import tempfile
-import threading
-import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
 from contract import REPO
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "pylib"))  # procs
+import procs  # noqa: E402
 
 BIN = REPO / "target" / "release"
 SD_FILES = ("eagle-coordinator.json", "eagle-draft.json", "eagle-worker.json")
@@ -43,7 +44,7 @@ class Cluster:
 
     def alive(self) -> None:
         if self.proc.poll() is not None:
-            raise AssertionError(f"eagle cluster up exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
+            raise AssertionError(f"eagle cluster up exited with {self.proc.returncode}:\n{procs.log_tail(self.log)}")
 
 
 def binaries_ready() -> bool:
@@ -65,21 +66,12 @@ def cluster_up(sd_dir: pathlib.Path, *extra: str, timeout_s: float = 600) -> Ite
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
                                 text=True, start_new_session=True, env=env)
-    # A thread reads stdout line by line (several lines can arrive in one read).
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def read() -> None:
-        for line in proc.stdout:
-            lines.put(line.strip())
-        lines.put(None)
-
-    threading.Thread(target=read, daemon=True).start()
-    ok = False
-    try:
+    # Stopped (SIGTERM, SIGKILL after 20 s) however the block ends; the log deleted if it ends
+    # normally, else printed.
+    with procs.stop_on_exit(proc, log, "eagle cluster up", grace_s=20):
         grpc = http = None
         metrics: dict[str, str] = {}
-        printed: list[str] = []
-        deadline = time.monotonic() + timeout_s
+        stdout = procs.StdoutLines(proc, log, "eagle cluster up")
 
         def sd_count() -> int | None:
             """Targets in the SD files, once all three are there. They are written after the
@@ -92,20 +84,8 @@ def cluster_up(sd_dir: pathlib.Path, *extra: str, timeout_s: float = 600) -> Ite
             n = sd_count()
             return grpc is not None and http is not None and n is not None and len(metrics) >= n
 
-        while not done():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RuntimeError(f"the cluster was not ready with its metrics lines and SD files in {timeout_s} s "
-                                   f"(stdout so far: {printed}):\n{log.read_text()[-4000:]}")
-            try:
-                line = lines.get(timeout=min(left, 0.5))
-            except queue.Empty:
-                continue
-            if line is None:
-                proc.wait()
-                raise RuntimeError(f"eagle cluster up exited with {proc.returncode} (stdout: {printed}):\n"
-                                   f"{log.read_text()[-4000:]}")
-            printed.append(line)
+        # Polled every 0.5 s: the SD files appear without a line.
+        for line in stdout.until(done, timeout_s, poll_s=0.5, waiting_for="its metrics lines and SD files"):
             if line.startswith("ready "):
                 grpc = line.split(" ", 1)[1]
             elif line.startswith("http "):
@@ -115,19 +95,6 @@ def cluster_up(sd_dir: pathlib.Path, *extra: str, timeout_s: float = 600) -> Ite
                 if len(parts) != 3 or not parts[2].startswith("http://"):
                     raise AssertionError(f"a metrics line is not `metrics NAME URL`: {line!r}")
                 if parts[1] in metrics:
-                    raise AssertionError(f"two metrics lines for {parts[1]}: {printed}")
+                    raise AssertionError(f"two metrics lines for {parts[1]}: {stdout.lines}")
                 metrics[parts[1]] = parts[2]
-        yield Cluster(grpc=grpc, http=http, metrics=metrics, sd_dir=sd_dir, proc=proc, log=log, lines=printed)
-        ok = True
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        if ok:
-            log.unlink(missing_ok=True)
-        else:
-            print(f"--- eagle cluster up's log ({log}):\n{log.read_text(errors='replace')[-6000:]}")
+        yield Cluster(grpc=grpc, http=http, metrics=metrics, sd_dir=sd_dir, proc=proc, log=log, lines=stdout.lines)

@@ -1,18 +1,17 @@
 """A Prometheus server for the metrics tests (Debian's `prometheus`, started on a free loopback
 port with deploy/prometheus/prometheus.yml and alerts.yml copied into a temporary directory),
-its HTTP API through urllib, and promtool.
+its HTTP API through urllib, and promtool. (Process handling: tests/pylib/procs.py.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pathlib
 import shutil
-import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -22,6 +21,9 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from contract import REPO
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "pylib"))  # procs
+import procs  # noqa: E402
 
 PROM_DIR = REPO / "deploy" / "prometheus"
 
@@ -146,31 +148,23 @@ def prometheus_up(sd_dir: pathlib.Path) -> Iterator[Prometheus]:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
     p = Prometheus(url=f"http://127.0.0.1:{port}", dir=work, proc=proc, log=log)
-    ok = False
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"prometheus exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(p.url + "/-/ready", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"prometheus not ready in 60 s:\n{log.read_text()[-4000:]}")
-            time.sleep(0.3)
-        yield p
-        ok = True
+        # Stopped (SIGTERM, SIGKILL after 20 s) however the block ends; its log printed if the
+        # block fails; then the directory (log included) deleted.
+        with procs.stop_on_exit(proc, log, "prometheus", grace_s=20):
+            deadline = time.monotonic() + 60
+            while True:
+                if proc.poll() is not None:
+                    raise AssertionError(f"prometheus exited with {proc.returncode}:\n{procs.log_tail(log)}")
+                try:
+                    with urllib.request.urlopen(p.url + "/-/ready", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"prometheus not ready in 60 s:\n{procs.log_tail(log)}")
+                time.sleep(0.3)
+            yield p
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        if not ok:
-            print(f"--- prometheus's log ({log}):\n{log.read_text(errors='replace')[-6000:]}")
         shutil.rmtree(work, ignore_errors=True)

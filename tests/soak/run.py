@@ -34,6 +34,9 @@ import tempfile
 import threading
 import time
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "pylib"))  # procs
+import procs  # noqa: E402
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 BIN = REPO / "target" / "release"
 
@@ -177,12 +180,7 @@ def main() -> int:
         print(json.dumps(report, indent=1))
         return 0 if all(checks.values()) else 1
     finally:
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGTERM)
-            try:
-                up.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(up.pid, signal.SIGKILL)
+        procs.stop_group(up, grace_s=30)  # SIGTERM, SIGKILL after 30 s
         print(f"cluster log: {log.name}", file=sys.stderr)
 
 
