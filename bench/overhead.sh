@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# What metrics and tracing cost on an EAGLE step: `eagle load` against `eagle cluster up` with
-# both off (--no-metrics, no OTLP) and with both on (every process serving /metrics, spans
-# exported by OTLP/gRPC to a local receiver that keeps a count: the otlp_sink example), in
-# alternating rounds in one run. Prints each round's figures and the on/off ratios of
-# throughput and of the mean time per output token.
+# What a feature costs on an EAGLE step: `eagle load` against `eagle cluster up` with it off and
+# on, in alternating rounds in one run (a fresh cluster each). Prints each round's figures and
+# the on/off ratios of throughput and of the mean time per output token.
 #
-#   bench/telemetry-overhead.sh [ROUNDS] [REQUESTS]
+#   bench/overhead.sh telemetry|tls [ROUNDS] [REQUESTS]
+#
+# telemetry: off = --no-metrics and no OTLP; on = every process serving /metrics and exporting
+#            its spans by OTLP/gRPC to a local receiver that keeps a count (the otlp_sink
+#            example).
+# tls:       off = --no-metrics; on = --no-metrics --tls (mutual TLS between the processes, the
+#            client over TLS trusting the cluster's CA).
 #
 # Needs the release binaries and the example (cargo build --release --workspace --examples).
 # Run it alone on the machine: it measures time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rounds=${1:-2}
-requests=${2:-24}
+mode=${1:?telemetry or tls}
+rounds=${2:-2}
+requests=${3:-24}
 bin=target/release
 sink=target/release/examples/otlp_sink
 [ -x "$sink" ] || { echo "build first: cargo build --release -p eagle-tests --examples" >&2; exit 1; }
@@ -29,9 +34,14 @@ round() {
   "$bin/eagle" cluster up --port 0 --no-http "$@" > "$out" 2> "$tmp/up.err" &
   local up=$!
   for _ in $(seq 1 600); do grep -q '^ready ' "$out" && break; sleep 0.5; done
-  local addr
+  local addr ca=()
   addr=$(sed -n 's/^ready //p' "$out")
-  "$bin/eagle" load --addr "$addr" --concurrency 1 --requests "$requests" --max-new-tokens 96 2>/dev/null | tail -1
+  if [[ " $* " == *" --tls "* ]]; then
+    for _ in $(seq 1 100); do grep -q '^ca ' "$out" && break; sleep 0.1; done
+    ca=(--tls-ca "$(sed -n 's/^ca //p' "$out")")
+  fi
+  "$bin/eagle" load --addr "$addr" "${ca[@]}" --concurrency 1 --requests "$requests" \
+    --max-new-tokens 96 2>/dev/null | tail -1
   kill -TERM "$up"; wait "$up" || true
 }
 
@@ -39,7 +49,11 @@ for r in $(seq 1 "$rounds"); do
   echo "round $r: off" >&2
   round --no-metrics > "$tmp/off.$r.json"
   echo "round $r: on" >&2
-  OTEL_BSP_SCHEDULE_DELAY=1000 round --otlp-endpoint "$endpoint" > "$tmp/on.$r.json"
+  case "$mode" in
+    telemetry) OTEL_BSP_SCHEDULE_DELAY=1000 round --otlp-endpoint "$endpoint" > "$tmp/on.$r.json" ;;
+    tls) round --no-metrics --tls > "$tmp/on.$r.json" ;;
+    *) echo "mode: telemetry or tls" >&2; exit 2 ;;
+  esac
 done
 
 python3 - "$tmp" "$rounds" <<'PY'
