@@ -1,9 +1,10 @@
 //! `eagle cluster up` keeps serving when a child dies: the supervisor starts it again at the
 //! same address (with backoff, within a restart budget). With etcd and two worker groups the
-//! other group serves meanwhile and the restarted worker registers again; without etcd the
-//! coordinator finds the restarted worker where it was, and a restarted draft service brings
-//! speculation back. No request ever gets a wrong token; SIGTERM still stops everything, and so
-//! does an exhausted restart budget.
+//! other group serves meanwhile and the restarted worker registers again; a tensor-parallel
+//! rank that dies breaks its group, whose rank 0 then exits (`--tp-exit-on-break`) and is
+//! started again whole. Without etcd the coordinator finds the restarted worker where it was,
+//! and a restarted draft service brings speculation back. No request ever gets a wrong token;
+//! SIGTERM still stops everything, and so does an exhausted restart budget.
 
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
@@ -137,6 +138,69 @@ async fn a_killed_worker_restarts_while_the_other_group_serves() {
     assert!(after >= 5, "only {after} requests succeeded after the kill");
     println!(
         "MEASURE worker restart: {} requests, {} failed, {after} served after the kill",
+        runs.len(),
+        failed.len()
+    );
+    let children = child_pids(up.id());
+    stop_cluster_up(&mut up, &children);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_tp_rank_restarts_its_group_while_the_other_group_serves() {
+    let args = [
+        "--etcd",
+        "local",
+        "--groups",
+        "2",
+        "--tp",
+        "3",
+        "--cluster",
+        "suptp",
+    ];
+    let (mut up, addr, log) = cluster_up(&args);
+    let stop = Arc::new(AtomicBool::new(false));
+    let runs: Runs = Arc::default();
+    let load = request_loop(&addr, stop.clone(), runs.clone());
+    let t0 = Instant::now();
+    while runs
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, r)| r.is_ok())
+        .count()
+        < 3
+    {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no requests served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Rank 1 of group g0, a child of g0's rank 0.
+    let g0 = child_with(up.id(), &["eagle-worker", "--group g0"]);
+    let rank1 = child_with(g0, &["--tp-rank 1"]);
+    kill9(rank1);
+    let killed = Instant::now();
+    wait_log(&log, "worker 0 exited", Duration::from_secs(10));
+    wait_log(&log, "worker 0 is back", Duration::from_secs(180));
+    let back = child_with(up.id(), &["eagle-worker", "--group g0"]);
+    assert_ne!(back, g0, "rank 0 was started again");
+    assert_eq!(child_pids(back).len(), 2, "with its two other ranks");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    let runs = runs.lock().unwrap().clone();
+    let failed: Vec<_> = runs.iter().filter_map(|(_, r)| r.err()).collect();
+    assert!(
+        failed.iter().all(|c| *c == Code::Unavailable),
+        "only requests on the broken group may fail, with UNAVAILABLE: {failed:?}"
+    );
+    assert!(failed.len() <= 2, "{} requests failed", failed.len());
+    let after = runs
+        .iter()
+        .filter(|(t, r)| *t > killed && r.is_ok())
+        .count();
+    assert!(after >= 5, "only {after} requests succeeded after the kill");
+    println!(
+        "MEASURE TP rank death: {} requests, {} failed, {after} served after the kill",
         runs.len(),
         failed.len()
     );

@@ -414,6 +414,10 @@ impl Cluster {
         let worker_bin = sibling("eagle-worker")?;
         let mut worker_extra = dev.clone();
         worker_extra.extend(["--tp".to_string(), a.tp.to_string()]);
+        if a.tp > 1 {
+            // A group whose rank died exits, and the supervisor starts it again whole.
+            worker_extra.push("--tp-exit-on-break".to_string());
+        }
         let starts: Vec<_> = (0..workers)
             .map(|i| {
                 let mut args = common(&worker_extra);

@@ -91,6 +91,11 @@ struct TpArgs {
     /// bound --tp-listen address).
     #[arg(long, env = "EAGLE_TP_ADVERTISE")]
     tp_advertise: Option<String>,
+    /// Rank 0: once the group breaks (a rank died), leave etcd and exit with status 3, so that
+    /// a supervisor (eagle cluster up, Kubernetes) starts the whole group again. Without it the
+    /// broken group stays up, answering UNAVAILABLE and NOT_SERVING.
+    #[arg(long, env = "EAGLE_TP_EXIT_ON_BREAK")]
+    tp_exit_on_break: bool,
 }
 
 #[tokio::main]
@@ -194,7 +199,9 @@ async fn run(a: Args) -> Result<()> {
     let member = std::sync::Arc::new(tokio::sync::Mutex::new(member));
     if let Some(g) = group.clone() {
         let member = member.clone();
-        // A broken group stays up to answer UNAVAILABLE, and says so in its health.
+        // A broken group stays up to answer UNAVAILABLE, and says so in its health; or, with
+        // --tp-exit-on-break, exits for its supervisor to start it again.
+        let exit_on_break = a.tp.tp_exit_on_break;
         tokio::spawn(async move {
             loop {
                 if let Some(why) = g.broken() {
@@ -207,6 +214,10 @@ async fn run(a: Args) -> Result<()> {
                         .await;
                     if let Some(m) = member.lock().await.take() {
                         m.leave().await;
+                    }
+                    if exit_on_break {
+                        eprintln!("error: tensor-parallel group broken ({why}); exiting");
+                        std::process::exit(3);
                     }
                     break;
                 }
