@@ -61,19 +61,15 @@ impl<E: SpanExporter> SpanExporter for Counted<E> {
 }
 
 /// The OTLP/gRPC exporter for `endpoint` (e.g. `http://collector:4317`). Must be built inside
-/// a tokio runtime: its channel connects lazily on that runtime. The per-export deadline is
-/// `OTEL_EXPORTER_OTLP_TIMEOUT` (milliseconds; default 10 s).
+/// a tokio runtime: its channel connects lazily on that runtime. The per-export deadline is the
+/// exporter's own: `OTEL_EXPORTER_OTLP_TRACES_TIMEOUT` or `OTEL_EXPORTER_OTLP_TIMEOUT`
+/// (milliseconds; default 10 s).
 pub(crate) fn exporter(
     endpoint: &str,
 ) -> Result<Counted<opentelemetry_otlp::SpanExporter>, String> {
-    let timeout = std::env::var("OTEL_EXPORTER_OTLP_TIMEOUT")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .map_or(Duration::from_secs(10), Duration::from_millis);
     opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .with_endpoint(endpoint)
-        .with_timeout(timeout)
         .build()
         .map(Counted)
         .map_err(|e| e.to_string())
