@@ -30,23 +30,18 @@ fn cluster_up_serves_the_client_and_stops_on_sigterm() {
         .unwrap_or_else(|| panic!("expected `http URL`, got {http:?}"))
         .to_string();
 
-    let out = Command::new(bin("eagle"))
-        .args([
-            "client",
-            "--addr",
-            &addr,
-            "--chat",
-            "--json",
-            "--max-new-tokens",
-            "12",
-        ])
-        .args(["--prompt", "What is the capital of France?"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeed(
+        Command::new(bin("eagle"))
+            .args([
+                "client",
+                "--addr",
+                &addr,
+                "--chat",
+                "--json",
+                "--max-new-tokens",
+                "12",
+            ])
+            .args(["--prompt", "What is the capital of France?"]),
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     let ids: Vec<u32> = serde_json::from_value(v["token_ids"].clone()).unwrap();

@@ -142,23 +142,15 @@ async fn groups_leases_kv_placement_and_failover() {
     for s in [&g0, &g1, &draft] {
         assert!(pids.contains(&(s.pid() as u32)), "{} is registered", s.name);
     }
-    let out = std::process::Command::new(bin("eagle"))
-        .args([
-            "cluster",
-            "status",
-            "--etcd",
-            &etcd.url,
-            "--cluster",
-            cl,
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeed(std::process::Command::new(bin("eagle")).args([
+        "cluster",
+        "status",
+        "--etcd",
+        &etcd.url,
+        "--cluster",
+        cl,
+        "--json",
+    ]));
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let listed: Vec<u64> = st["members"]
         .as_array()
@@ -561,44 +553,31 @@ fn cluster_up_with_a_local_etcd_and_status() {
         .recv_timeout(Duration::from_secs(5))
         .expect("the local etcd's address");
 
-    let out = Command::new(bin("eagle"))
-        .args([
-            "client",
-            "--addr",
-            &addr,
-            "--chat",
-            "--json",
-            "--max-new-tokens",
-            "8",
-        ])
-        .args(["--session-id", "s1", "--prompt", "Hello!"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        Command::new(bin("eagle"))
+            .args([
+                "client",
+                "--addr",
+                &addr,
+                "--chat",
+                "--json",
+                "--max-new-tokens",
+                "8",
+            ])
+            .args(["--session-id", "s1", "--prompt", "Hello!"]),
     );
 
     let t0 = Instant::now();
     let st = loop {
-        let out = Command::new(bin("eagle"))
-            .args([
-                "cluster",
-                "status",
-                "--etcd",
-                &url,
-                "--cluster",
-                "up1",
-                "--json",
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = succeed(Command::new(bin("eagle")).args([
+            "cluster",
+            "status",
+            "--etcd",
+            &url,
+            "--cluster",
+            "up1",
+            "--json",
+        ]));
         let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         if !st["placements"].as_array().unwrap().is_empty() || t0.elapsed() > Duration::from_secs(5)
         {

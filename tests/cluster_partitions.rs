@@ -140,15 +140,8 @@ impl Drop for Net {
 
 /// The groups etcd lists as complete, as `eagle cluster status` sees them from outside.
 fn groups(etcd: &str) -> Vec<String> {
-    let out = Command::new(bin("eagle"))
-        .args(["cluster", "status", "--etcd", etcd, "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out =
+        succeed(Command::new(bin("eagle")).args(["cluster", "status", "--etcd", etcd, "--json"]));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let mut g: Vec<String> = v["groups"]
         .as_array()

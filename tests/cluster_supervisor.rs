@@ -73,45 +73,85 @@ fn wait_log(log: &Mutex<Vec<String>>, needle: &str, within: Duration) {
 
 type Runs = Arc<Mutex<Vec<(Instant, Result<(), Code>)>>>;
 
-/// Requests in a loop until told to stop, each one's end and outcome recorded in `runs`.
-fn request_loop(addr: &str, stop: Arc<AtomicBool>, runs: Runs) -> tokio::task::JoinHandle<()> {
-    let url = format!("http://{addr}");
-    tokio::spawn(async move {
-        let req = chat_request("Hello!", 8);
-        let want = reference_tokens(&req);
-        let mut c = GenerationClient::connect(url).await.unwrap();
-        while !stop.load(Ordering::Relaxed) {
-            let r = match c.generate(req.clone()).await {
-                Ok(r) => {
-                    assert_eq!(r.into_inner().token_ids, want, "a wrong token");
-                    Ok(())
-                }
-                Err(e) => Err(e.code()),
-            };
-            runs.lock().unwrap().push((Instant::now(), r));
-            tokio::time::sleep(Duration::from_millis(20)).await;
+/// Requests in a loop until stopped, each one's end and outcome recorded.
+struct RequestLoop {
+    stop: Arc<AtomicBool>,
+    runs: Runs,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RequestLoop {
+    fn start(addr: &str) -> Self {
+        let url = format!("http://{addr}");
+        let stop = Arc::new(AtomicBool::new(false));
+        let runs: Runs = Arc::default();
+        let (stopped, record) = (stop.clone(), runs.clone());
+        let task = tokio::spawn(async move {
+            let req = chat_request("Hello!", 8);
+            let want = reference_tokens(&req);
+            let mut c = GenerationClient::connect(url).await.unwrap();
+            while !stopped.load(Ordering::Relaxed) {
+                let r = match c.generate(req.clone()).await {
+                    Ok(r) => {
+                        assert_eq!(r.into_inner().token_ids, want, "a wrong token");
+                        Ok(())
+                    }
+                    Err(e) => Err(e.code()),
+                };
+                record.lock().unwrap().push((Instant::now(), r));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        RequestLoop { stop, runs, task }
+    }
+
+    /// Waits (at most 60 s) until 3 requests were served.
+    async fn until_serving(&self) {
+        let t0 = Instant::now();
+        while self
+            .runs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, r)| r.is_ok())
+            .count()
+            < 3
+        {
+            assert!(t0.elapsed() < Duration::from_secs(60), "no requests served");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    })
+    }
+
+    /// Stops the loop and checks a kill at `killed` cost at most 2 requests, each failing with
+    /// UNAVAILABLE (`on`: where they ran), and at least 5 were served after it.
+    async fn stop_and_check(self, killed: Instant, on: &str, measure: &str) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap();
+        let runs = self.runs.lock().unwrap().clone();
+        let failed: Vec<_> = runs.iter().filter_map(|(_, r)| r.err()).collect();
+        assert!(
+            failed.iter().all(|c| *c == Code::Unavailable),
+            "only requests on {on} may fail, with UNAVAILABLE: {failed:?}"
+        );
+        assert!(failed.len() <= 2, "{} requests failed", failed.len());
+        let after = runs
+            .iter()
+            .filter(|(t, r)| *t > killed && r.is_ok())
+            .count();
+        assert!(after >= 5, "only {after} requests succeeded after the kill");
+        println!(
+            "MEASURE {measure}: {} requests, {} failed, {after} served after the kill",
+            runs.len(),
+            failed.len()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_restarts_while_the_other_group_serves() {
     let (mut up, addr, log) = cluster_up(&["--etcd", "local", "--groups", "2", "--cluster", "sup"]);
-    let stop = Arc::new(AtomicBool::new(false));
-    let runs: Runs = Arc::default();
-    let load = request_loop(&addr, stop.clone(), runs.clone());
-    let t0 = Instant::now();
-    while runs
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(_, r)| r.is_ok())
-        .count()
-        < 3
-    {
-        assert!(t0.elapsed() < Duration::from_secs(60), "no requests served");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let load = RequestLoop::start(&addr);
+    load.until_serving().await;
 
     let g0 = child_with(up.id(), &["eagle-worker", "--group g0"]);
     kill9(g0);
@@ -121,26 +161,8 @@ async fn a_killed_worker_restarts_while_the_other_group_serves() {
     let back = child_with(up.id(), &["eagle-worker", "--group g0"]);
     assert_ne!(back, g0, "a new process");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    load.await.unwrap();
-    let runs = runs.lock().unwrap().clone();
-
-    let failed: Vec<_> = runs.iter().filter_map(|(_, r)| r.err()).collect();
-    assert!(
-        failed.iter().all(|c| *c == Code::Unavailable),
-        "only requests on the dying worker may fail, with UNAVAILABLE: {failed:?}"
-    );
-    assert!(failed.len() <= 2, "{} requests failed", failed.len());
-    let after = runs
-        .iter()
-        .filter(|(t, r)| *t > killed && r.is_ok())
-        .count();
-    assert!(after >= 5, "only {after} requests succeeded after the kill");
-    println!(
-        "MEASURE worker restart: {} requests, {} failed, {after} served after the kill",
-        runs.len(),
-        failed.len()
-    );
+    load.stop_and_check(killed, "the dying worker", "worker restart")
+        .await;
     let children = child_pids(up.id());
     stop_cluster_up(&mut up, &children);
 }
@@ -158,21 +180,8 @@ async fn a_dead_tp_rank_restarts_its_group_while_the_other_group_serves() {
         "suptp",
     ];
     let (mut up, addr, log) = cluster_up(&args);
-    let stop = Arc::new(AtomicBool::new(false));
-    let runs: Runs = Arc::default();
-    let load = request_loop(&addr, stop.clone(), runs.clone());
-    let t0 = Instant::now();
-    while runs
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(_, r)| r.is_ok())
-        .count()
-        < 3
-    {
-        assert!(t0.elapsed() < Duration::from_secs(60), "no requests served");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let load = RequestLoop::start(&addr);
+    load.until_serving().await;
 
     // Rank 1 of group g0, a child of g0's rank 0.
     let g0 = child_with(up.id(), &["eagle-worker", "--group g0"]);
@@ -185,25 +194,8 @@ async fn a_dead_tp_rank_restarts_its_group_while_the_other_group_serves() {
     assert_ne!(back, g0, "rank 0 was started again");
     assert_eq!(child_pids(back).len(), 2, "with its two other ranks");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    load.await.unwrap();
-    let runs = runs.lock().unwrap().clone();
-    let failed: Vec<_> = runs.iter().filter_map(|(_, r)| r.err()).collect();
-    assert!(
-        failed.iter().all(|c| *c == Code::Unavailable),
-        "only requests on the broken group may fail, with UNAVAILABLE: {failed:?}"
-    );
-    assert!(failed.len() <= 2, "{} requests failed", failed.len());
-    let after = runs
-        .iter()
-        .filter(|(t, r)| *t > killed && r.is_ok())
-        .count();
-    assert!(after >= 5, "only {after} requests succeeded after the kill");
-    println!(
-        "MEASURE TP rank death: {} requests, {} failed, {after} served after the kill",
-        runs.len(),
-        failed.len()
-    );
+    load.stop_and_check(killed, "the broken group", "TP rank death")
+        .await;
     let children = child_pids(up.id());
     stop_cluster_up(&mut up, &children);
 }

@@ -23,15 +23,10 @@ use eagle_tests::*;
 fn certs(name: &str) -> (PathBuf, Vec<String>, Tls) {
     let dir = std::env::temp_dir().join(format!("eagle-tls-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let out = Command::new(bin("eagle"))
-        .args(["cluster", "certs", "--dir"])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        Command::new(bin("eagle"))
+            .args(["cluster", "certs", "--dir"])
+            .arg(&dir),
     );
     let f = |n: &str| dir.join(n);
     let args = vec![

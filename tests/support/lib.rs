@@ -136,6 +136,17 @@ pub fn stop_cluster_up(up: &mut KillOnDrop, pids: &[u32]) {
     }
 }
 
+/// Runs `cmd` to its end and asserts it succeeded (its stderr in the message); its output.
+pub fn succeed(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// `eagle cluster up --port 0 --model SMOLLM2 --head RANDOM_HEAD ARGS`, logs at `warn`, stdout
 /// piped (for its `ready` / `http` / `metrics` / `ca` lines) and stderr inherited: what the
 /// tests that start a whole local cluster run (change stderr where the log is read).
