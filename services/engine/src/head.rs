@@ -25,7 +25,7 @@ use crate::config::{HfConfig, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::kernels::attention::Visibility;
 use crate::kv_cache::KvCache;
-use crate::layers::{use_cpu_kernels, DecoderLayer, Linear, Rope};
+use crate::layers::{use_cpu_kernels, DecoderLayer, KvPart, Linear, Rope};
 use crate::loader::safetensors::SafetensorsSource;
 use crate::loader::{Quant, WeightSource, Weights};
 use crate::parallel::Shard;
@@ -428,9 +428,12 @@ impl EagleHead {
         let out = if self.cpu() {
             let x = x.flatten_all()?.to_vec1::<f32>()?;
             let x = self.fc.forward_cpu(&x, m)?;
-            let y = self
-                .layer
-                .forward_cpu(x, m, &rope, &mut cache.layers[0], start, vis)?;
+            let part = KvPart {
+                kv: &mut cache.layers[0],
+                start,
+                vis,
+            };
+            let y = self.layer.forward_cpu(x, m, &rope, &mut [part])?;
             Tensor::from_vec(y, (m, h), &self.device)?
         } else {
             let x = self.fc.forward(&x)?;

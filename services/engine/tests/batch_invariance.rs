@@ -198,3 +198,167 @@ fn generic_path_agrees_with_cpu_kernels() {
         assert!(d < 1e-3, "generic path differs by {d}");
     }
 }
+
+/// One session's steps, as a script the alone and batched runs both follow.
+enum Step {
+    Extend(Vec<u32>),
+    Verify(DraftTree),
+}
+
+/// What a step gave: feature bits, logits bits (if any), accepted tokens (for a tree).
+type Outcome = (Vec<u32>, Vec<u32>, Vec<u32>);
+
+fn outcome(done: eagle_engine::session::Done) -> Outcome {
+    use eagle_engine::session::Done;
+    let bits = |t: &candle_core::Tensor| -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    };
+    match done {
+        Done::Extended { features, logits } => (
+            bits(&features),
+            logits
+                .unwrap_or_default()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect(),
+            Vec::new(),
+        ),
+        Done::Verified(v) => (bits(&v.features), Vec::new(), v.verdict.tokens),
+    }
+}
+
+fn run_step(
+    model: &TargetModel,
+    jobs: Vec<(&mut TargetSession, &Step)>,
+    rule: &eagle_engine::verify::Recursive,
+) -> Vec<Outcome> {
+    use eagle_engine::session::{run_batch, Work};
+    let greedy = SamplingParams::greedy();
+    let mut rngs: Vec<Rng> = jobs.iter().map(|_| Rng::new(0)).collect();
+    let work: Vec<_> = jobs
+        .into_iter()
+        .zip(rngs.iter_mut())
+        .map(|((s, step), rng)| {
+            let w = match step {
+                Step::Extend(t) => Work::Extend {
+                    tokens: t,
+                    logits: true,
+                },
+                Step::Verify(tree) => Work::Verify {
+                    tree,
+                    sampling: &greedy,
+                    rng,
+                    rule,
+                },
+            };
+            (s, w)
+        })
+        .collect();
+    run_batch(model, work)
+        .unwrap()
+        .into_iter()
+        .map(|r| outcome(r.unwrap()))
+        .collect()
+}
+
+/// Continuous batching's invariant: sessions that share target passes (prompts, prompt chunks,
+/// decodes and trees of different sessions in one pass, each at its own length) get exactly
+/// the bits each gets alone, on the quantized serving path and in f32.
+#[test]
+fn sessions_in_one_pass_equal_sessions_alone_bitwise() {
+    use eagle_engine::Quant;
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let rule = eagle_engine::verify::Recursive;
+    let opened = open_model(&common::smollm2_path()).unwrap();
+    let models = [
+        common::load_target_quant(&opened, opened.config.clone(), Quant::Native),
+        load(DType::F32),
+    ];
+    let prompts: Vec<Vec<u32>> = (0..5)
+        .map(|i| {
+            (0..7 + 9 * i)
+                .map(|j| 200 + ((j * 37 + i * 101) % 3000) as u32)
+                .collect()
+        })
+        .collect();
+    for model in &models {
+        // Alone: each session's script (a prompt in two chunks, two decodes, a tree holding
+        // its greedy continuation, a decode), and what every step gives.
+        let mut scripts: Vec<Vec<Step>> = Vec::new();
+        let mut alone: Vec<Vec<Outcome>> = Vec::new();
+        for p in &prompts {
+            let mut s = TargetSession::new(model, 128).unwrap();
+            let half = p.len() / 2;
+            let mut script = vec![
+                Step::Extend(p[..half].to_vec()),
+                Step::Extend(p[half..].to_vec()),
+            ];
+            let mut outs = Vec::new();
+            let next = |s: &mut TargetSession, step: &Step, outs: &mut Vec<Outcome>| {
+                let o = run_step(model, vec![(s, step)], &rule).remove(0);
+                let logits: Vec<f32> = o.1.iter().map(|&b| f32::from_bits(b)).collect();
+                outs.push(o);
+                argmax(&logits)
+            };
+            next(&mut s, &script[0], &mut outs);
+            let mut t = next(&mut s, &script[1], &mut outs);
+            // The greedy continuation, from a scratch copy, to build a tree that holds it.
+            let mut cont = vec![t];
+            let mut probe = TargetSession::new(model, 128).unwrap();
+            probe.prefill(model, p).unwrap();
+            for _ in 0..6 {
+                let (_, l) = probe.decode(model, *cont.last().unwrap()).unwrap();
+                cont.push(argmax(&l));
+            }
+            for _ in 0..2 {
+                script.push(Step::Extend(vec![t]));
+                t = next(&mut s, script.last().unwrap(), &mut outs);
+            }
+            let (tree, _) = tree_with_path(&cont[2..], 9);
+            script.push(Step::Verify(tree));
+            run_step(model, vec![(&mut s, script.last().unwrap())], &rule)
+                .into_iter()
+                .for_each(|o| outs.push(o));
+            let bonus = *outs.last().unwrap().2.last().unwrap();
+            script.push(Step::Extend(vec![bonus]));
+            next(&mut s, script.last().unwrap(), &mut outs);
+            scripts.push(script);
+            alone.push(outs);
+        }
+        // Batched: session i starts at pass i, so passes mix prompt chunks, decodes and
+        // trees of different sessions at different lengths.
+        let mut sessions: Vec<TargetSession> = prompts
+            .iter()
+            .map(|_| TargetSession::new(model, 128).unwrap())
+            .collect();
+        let steps = scripts[0].len();
+        let mut batched: Vec<Vec<Outcome>> = prompts.iter().map(|_| Vec::new()).collect();
+        let mut widest = 0;
+        for pass in 0..steps + prompts.len() {
+            let mut jobs = Vec::new();
+            let mut who = Vec::new();
+            for (i, s) in sessions.iter_mut().enumerate() {
+                if let Some(k) = pass.checked_sub(i).filter(|&k| k < steps) {
+                    jobs.push((s, &scripts[i][k]));
+                    who.push(i);
+                }
+            }
+            widest = widest.max(jobs.len());
+            for (i, o) in who.into_iter().zip(run_step(model, jobs, &rule)) {
+                batched[i].push(o);
+            }
+        }
+        assert_eq!(widest, prompts.len(), "some pass must hold every session");
+        for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
+            for (k, (x, y)) in a.iter().zip(b).enumerate() {
+                assert!(x == y, "session {i}, step {k}: batched differs from alone");
+            }
+        }
+    }
+}

@@ -19,7 +19,7 @@ use eagle_engine::models::TargetModel;
 use eagle_engine::spec::CostProfile;
 use eagle_proto::common::{Empty, SessionRef};
 use eagle_proto::sessions::SessionTable;
-use eagle_proto::status::{invalid, unknown_session};
+use eagle_proto::status::invalid;
 use eagle_proto::wire::{sampling_from_wire, tree_from_wire};
 use eagle_proto::worker::group_op::Op;
 use eagle_proto::worker::worker_server::Worker;
@@ -28,9 +28,12 @@ use eagle_proto::worker::{
 };
 use tonic::{Request, Response, Status};
 
+pub mod batcher;
 pub mod group;
 pub mod metrics;
 mod sequence;
+pub use batcher::Limits;
+use batcher::{Batcher, Task};
 pub use group::Group;
 use sequence::Sequence;
 
@@ -42,6 +45,7 @@ pub struct WorkerService {
     wire_dtype: DType,
     cost: CostProfile,
     sessions: Arc<SessionTable<Sequence>>,
+    batcher: Batcher,
 }
 
 pub struct WorkerOptions {
@@ -50,6 +54,8 @@ pub struct WorkerOptions {
     pub wire_dtype: DType,
     pub cache_limit_bytes: u64,
     pub idle_timeout: Duration,
+    /// How big one target pass may get.
+    pub batch: Limits,
 }
 
 impl WorkerService {
@@ -67,8 +73,11 @@ impl WorkerService {
     ) -> Self {
         let sessions = SessionTable::new(opts.cache_limit_bytes, opts.idle_timeout);
         sessions.spawn_reaper();
+        let target = Arc::new(target);
+        let batcher = Batcher::start(target.clone(), sessions.clone(), group.clone(), opts.batch);
         WorkerService {
-            target: Arc::new(target),
+            target,
+            batcher,
             group,
             model_name: opts.model_name,
             wire_dtype: opts.wire_dtype,
@@ -77,44 +86,10 @@ impl WorkerService {
         }
     }
 
-    /// Runs `call` on session `id` (on a blocking thread, holding the session) here and, in a
-    /// tensor-parallel group, on every other rank, which `op` tells what to run. `prepare` runs
-    /// first, on this rank alone, and may refuse the call before anything is sent. In a group
-    /// the call is sent only if the session is still in the table once the group's lock is held
-    /// (a release may have won the race for it).
-    async fn call<T: Send + 'static>(
-        &self,
-        id: &str,
-        op: GroupOp,
-        prepare: impl FnOnce(&mut Sequence) -> Result<(), Status> + Send + 'static,
-        call: impl FnOnce(&TargetModel, &mut Sequence) -> Result<T, Status> + Send + 'static,
-    ) -> Result<T, Status> {
-        let name = match &op.op {
-            Some(Op::Prefill(_)) => "prefill",
-            Some(Op::Verify(_)) => "verify",
-            _ => "decode",
-        };
-        let t0 = std::time::Instant::now();
-        let (group, table, sid) = (self.group.clone(), self.sessions.clone(), id.to_string());
-        let r = self
-            .sessions
-            .run(id, &self.target, move |target, s| {
-                prepare(s)?;
-                let Some(g) = group else {
-                    return call(target, s);
-                };
-                let still_there = || {
-                    if table.contains(&sid) {
-                        Ok(())
-                    } else {
-                        Err(unknown_session(&sid))
-                    }
-                };
-                g.mirror(still_there, &op, || call(target, s))
-            })
-            .await;
-        metrics::STEPS.observe(name, t0);
-        r
+    /// Runs `task` on session `id` in the scheduler's next passes (see [`batcher`]); in a
+    /// tensor-parallel group, `op` is what the other ranks run for it.
+    async fn call(&self, id: &str, op: GroupOp, task: Task) -> Result<Step, Status> {
+        self.batcher.submit(id, task, op).await
     }
 
     /// Registers the worker's metrics, reading this service's session table and group.
@@ -184,22 +159,16 @@ impl Worker for WorkerService {
             // The other ranks take the same decision: reuse exactly when this rank does.
             let mut op = r.clone();
             op.reuse_cache = reuse;
-            let tokens = r.tokens;
-            let (table, sid) = (self.sessions.clone(), id.clone());
-            let grow = move |s: &mut Sequence| {
-                if capacity > s.sess.cache.capacity() {
-                    table.resize(&sid, s.bytes_at(capacity))?;
-                }
-                Ok(())
-            };
             let op = GroupOp {
                 op: Some(Op::Prefill(op)),
             };
-            let result = self
-                .call(&id, op, grow, move |target, s| {
-                    s.prefill(target, &tokens, reuse, capacity, sampling)
-                })
-                .await;
+            let task = Task::Prefill {
+                tokens: r.tokens,
+                reuse,
+                capacity,
+                sampling,
+            };
+            let result = self.call(&id, op, task).await;
             if let Some(keep) = result.as_ref().ok().map(|st| st.cached_tokens) {
                 tracing::Span::current().record("cached", keep);
             }
@@ -229,14 +198,7 @@ impl Worker for WorkerService {
                     tree: Some(wire),
                 })),
             };
-            let step = self
-                .call(
-                    &id,
-                    op,
-                    |_| Ok(()),
-                    move |target, s| s.verify(target, &tree),
-                )
-                .await?;
+            let step = self.call(&id, op, Task::Verify(tree)).await?;
             tracing::Span::current().record("accepted", step.tokens.len());
             Ok(Response::new(step))
         })
@@ -253,14 +215,7 @@ impl Worker for WorkerService {
             let op = GroupOp {
                 op: Some(Op::Decode(r)),
             };
-            let step = self
-                .call(
-                    &id,
-                    op,
-                    |_| Ok(()),
-                    move |target, s| s.decode(target, token),
-                )
-                .await?;
+            let step = self.call(&id, op, Task::Decode(token)).await?;
             Ok(Response::new(step))
         })
         .await

@@ -52,6 +52,14 @@ struct Args {
     /// Sessions idle this long (seconds) are reclaimed.
     #[arg(long, env = "EAGLE_IDLE_TIMEOUT_S", default_value_t = 120.0)]
     idle_timeout_s: f64,
+    /// Rows (tokens) in one target pass: the steps of all sessions that are waiting share a
+    /// pass up to this many rows (continuous batching); a single larger step runs alone.
+    #[arg(long, env = "EAGLE_MAX_BATCH_TOKENS", default_value_t = 256)]
+    max_batch_tokens: usize,
+    /// Prompt tokens of one session in one pass: a longer prompt is prefilled over several
+    /// passes, between the other sessions' steps.
+    #[arg(long, env = "EAGLE_PREFILL_CHUNK", default_value_t = 64)]
+    prefill_chunk: usize,
     #[command(flatten)]
     tp: TpArgs,
     #[command(flatten)]
@@ -177,6 +185,10 @@ async fn run(a: Args) -> Result<()> {
             wire_dtype,
             cache_limit_bytes: a.cache_mb << 20,
             idle_timeout: Duration::from_secs_f64(a.idle_timeout_s),
+            batch: eagle_worker::Limits {
+                max_rows: a.max_batch_tokens,
+                prefill_chunk: a.prefill_chunk,
+            },
         },
         group.clone(),
     );

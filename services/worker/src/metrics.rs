@@ -8,9 +8,32 @@ use std::time::Instant;
 use candle_core::Tensor;
 use eagle_engine::parallel::Collective;
 use eagle_metrics::{op_histograms, OpHistograms, OpLabel, StepMetrics};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 
 pub(crate) static STEPS: LazyLock<StepMetrics> =
     LazyLock::new(|| StepMetrics::new(&["prefill", "verify", "decode"]));
+
+static PASS_ROWS: LazyLock<Histogram> = LazyLock::new(|| {
+    eagle_metrics::histogram(
+        "eagle_batch_rows",
+        "Rows (tokens) in one target pass, all sessions together",
+        exponential_buckets(1.0, 2.0, 10),
+    )
+});
+
+static PASS_SESSIONS: LazyLock<Histogram> = LazyLock::new(|| {
+    eagle_metrics::histogram(
+        "eagle_batch_sessions",
+        "Sessions whose steps shared one target pass",
+        exponential_buckets(1.0, 2.0, 8),
+    )
+});
+
+/// Records one target pass of the scheduler.
+pub(crate) fn observe_pass(sessions: usize, rows: usize) {
+    PASS_SESSIONS.observe(sessions as f64);
+    PASS_ROWS.observe(rows as f64);
+}
 
 static COLLECTIVES: LazyLock<OpHistograms> = LazyLock::new(|| {
     op_histograms(
@@ -31,6 +54,8 @@ pub fn register(
 ) {
     LazyLock::force(&STEPS);
     LazyLock::force(&COLLECTIVES);
+    LazyLock::force(&PASS_ROWS);
+    LazyLock::force(&PASS_SESSIONS);
     eagle_metrics::session_gauges(sessions, Some((Box::new(cache_bytes), cache_limit)));
     eagle_metrics::gauge_fn(
         "eagle_tp_world_size",

@@ -14,8 +14,9 @@
 use candle_core::{DType, Tensor};
 use eagle_engine::models::TargetModel;
 use eagle_engine::sampling::{choose, Rng, SamplingParams};
-use eagle_engine::session::TargetSession;
+use eagle_engine::session::{run_batch, Done, TargetSession, Work};
 use eagle_engine::tree::DraftTree;
+use eagle_engine::verify::Recursive;
 use eagle_proto::common::Features;
 use eagle_proto::status::from_engine;
 use eagle_proto::wire::features_to_wire;
@@ -89,17 +90,18 @@ impl Sequence {
         self.sess.cache.truncate(n);
     }
 
-    /// Runs a prompt (with `reuse`, only what follows the longest cached prefix of it, keeping
-    /// at least one token to run) with room for `capacity` tokens, and chooses the next token.
-    /// The step's features cover every token the cache then holds.
-    pub(crate) fn prefill(
+    /// Sets up a prompt's run: with `reuse`, keeps the longest cached prefix of it (leaving at
+    /// least one token to run), makes room for `capacity` tokens, and restarts sampling.
+    /// Returns how many cached tokens were kept: the prompt's tokens from there on then run as
+    /// [`Part::Prompt`] chunks, in order.
+    pub(crate) fn begin_prefill(
         &mut self,
         target: &TargetModel,
         tokens: &[u32],
         reuse: bool,
         capacity: usize,
         sampling: SamplingParams,
-    ) -> Result<Step, Status> {
+    ) -> Result<usize, Status> {
         let keep = if reuse {
             common_prefix(&self.cached, tokens).min(tokens.len() - 1)
         } else {
@@ -114,22 +116,183 @@ impl Sequence {
         }
         self.sampling = sampling;
         self.rng = Rng::new(self.sampling.seed);
-        let (feats, logits) = self
-            .sess
-            .prefill(target, &tokens[keep..])
-            .map_err(|e| from_engine(&e))?;
-        self.last = choose(&logits, &self.sampling, &mut self.rng);
-        let all = self.commit(&tokens[keep..], &feats)?.map(|f| Features {
-            rows: self.cached.len() as u32,
-            hidden: target.cfg.hidden_size as u32,
-            dtype: f.dtype,
-            data: self.features.clone(),
-        });
-        Ok(Step {
-            tokens: vec![self.last],
-            features: all,
-            cached_tokens: keep as u32,
-        })
+        Ok(keep)
+    }
+
+    /// Checks that `part` may run on this session, before it joins a pass.
+    pub(crate) fn check(&self, part: &Part<'_>) -> Result<(), Status> {
+        match part {
+            Part::Prompt { .. } => Ok(()),
+            Part::Decode(token) => {
+                if *token != self.last {
+                    return Err(Status::failed_precondition(format!(
+                        "decode: token {token} is not the session's last token {}",
+                        self.last
+                    )));
+                }
+                if self.sess.cache.len() >= self.sess.cache.capacity() {
+                    return Err(Status::out_of_range("decode: the session's cache is full"));
+                }
+                Ok(())
+            }
+            Part::Verify(tree) => {
+                if tree.tokens[0] != self.last {
+                    return Err(Status::failed_precondition(format!(
+                        "verify: the tree's root {} is not the session's last token {}",
+                        tree.tokens[0], self.last
+                    )));
+                }
+                let room = self.sess.cache.capacity() - self.sess.cache.len();
+                if tree.len() > room {
+                    return Err(Status::out_of_range(format!(
+                        "verify: {} nodes but the session has room for {room}",
+                        tree.len()
+                    )));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Runs every session's part in one target pass (`eagle_engine::session::run_batch`); a
+    /// part that fails its [`Sequence::check`] gets that error and stays out of the pass. Per
+    /// part: the step to answer with, or `None` after a prompt chunk that is not the last. The
+    /// outer error is the pass's own, shared by all.
+    pub(crate) fn run_batch(
+        target: &TargetModel,
+        mut items: Vec<(&mut Sequence, Part<'_>)>,
+    ) -> Result<Vec<Result<Option<Step>, Status>>, Status> {
+        let mut out: Vec<Option<Result<Option<Step>, Status>>> = items
+            .iter()
+            .map(|(s, p)| s.check(p).err().map(Err))
+            .collect();
+        let mut ran = Vec::with_capacity(items.len());
+        let mut jobs = Vec::with_capacity(items.len());
+        for (i, (seq, part)) in items.iter_mut().enumerate() {
+            if out[i].is_some() {
+                continue;
+            }
+            let Sequence {
+                sess,
+                sampling,
+                rng,
+                ..
+            } = &mut **seq;
+            let work = match part {
+                Part::Prompt { tokens, last, .. } => Work::Extend {
+                    tokens,
+                    logits: *last,
+                },
+                Part::Decode(token) => Work::Extend {
+                    tokens: std::slice::from_ref(token),
+                    logits: true,
+                },
+                Part::Verify(tree) => Work::Verify {
+                    tree,
+                    sampling,
+                    rng,
+                    rule: &Recursive,
+                },
+            };
+            jobs.push((sess, work));
+            ran.push(i);
+        }
+        let done = run_batch(target, jobs).map_err(|e| from_engine(&e))?;
+        for (i, d) in ran.into_iter().zip(done) {
+            let (seq, part) = &mut items[i];
+            out[i] = Some(
+                d.map_err(|e| from_engine(&e))
+                    .and_then(|d| seq.finish(target, part, d)),
+            );
+        }
+        Ok(out
+            .into_iter()
+            .map(|r| r.expect("every part has a result"))
+            .collect())
+    }
+
+    /// Records a part's result: the tokens run and their features, the next chosen token.
+    fn finish(
+        &mut self,
+        target: &TargetModel,
+        part: &Part<'_>,
+        done: Done,
+    ) -> Result<Option<Step>, Status> {
+        match (part, done) {
+            (Part::Prompt { tokens, last, keep }, Done::Extended { features, logits }) => {
+                let f = self.commit(tokens, &features)?;
+                let (true, Some(logits)) = (*last, logits) else {
+                    return Ok(None);
+                };
+                self.last = choose(&logits, &self.sampling, &mut self.rng);
+                // The step's features cover every token the cache now holds.
+                let all = f.map(|f| Features {
+                    rows: self.cached.len() as u32,
+                    hidden: target.cfg.hidden_size as u32,
+                    dtype: f.dtype,
+                    data: self.features.clone(),
+                });
+                Ok(Some(Step {
+                    tokens: vec![self.last],
+                    features: all,
+                    cached_tokens: *keep as u32,
+                }))
+            }
+            (Part::Decode(token), Done::Extended { features, logits }) => {
+                let logits = logits.expect("a decode asks for logits");
+                self.last = choose(&logits, &self.sampling, &mut self.rng);
+                let features = self.commit(&[*token], &features)?;
+                Ok(Some(Step {
+                    tokens: vec![self.last],
+                    features,
+                    cached_tokens: 0,
+                }))
+            }
+            (Part::Verify(_), Done::Verified(v)) => {
+                let root = self.last;
+                let (bonus, path) = v
+                    .verdict
+                    .tokens
+                    .split_last()
+                    .expect("a verdict has a bonus token");
+                let mut run = vec![root];
+                run.extend_from_slice(path);
+                let features = self.commit(&run, &v.features)?;
+                self.last = *bonus;
+                Ok(Some(Step {
+                    tokens: v.verdict.tokens,
+                    features,
+                    cached_tokens: 0,
+                }))
+            }
+            _ => unreachable!("a pass answers each part in kind"),
+        }
+    }
+
+    /// Runs one part alone.
+    fn run_alone(&mut self, target: &TargetModel, part: Part<'_>) -> Result<Step, Status> {
+        Sequence::run_batch(target, vec![(self, part)])?
+            .remove(0)
+            .map(|s| s.expect("a last part answers with a step"))
+    }
+
+    /// Runs a whole prompt in one pass (see [`Sequence::begin_prefill`]) and chooses the next
+    /// token.
+    pub(crate) fn prefill(
+        &mut self,
+        target: &TargetModel,
+        tokens: &[u32],
+        reuse: bool,
+        capacity: usize,
+        sampling: SamplingParams,
+    ) -> Result<Step, Status> {
+        let keep = self.begin_prefill(target, tokens, reuse, capacity, sampling)?;
+        let part = Part::Prompt {
+            tokens: &tokens[keep..],
+            last: true,
+            keep,
+        };
+        self.run_alone(target, part)
     }
 
     /// Verifies a tree rooted at the last chosen token.
@@ -138,61 +301,26 @@ impl Sequence {
         target: &TargetModel,
         tree: &DraftTree,
     ) -> Result<Step, Status> {
-        if tree.tokens[0] != self.last {
-            return Err(Status::failed_precondition(format!(
-                "verify: the tree's root {} is not the session's last token {}",
-                tree.tokens[0], self.last
-            )));
-        }
-        let room = self.sess.cache.capacity() - self.sess.cache.len();
-        if tree.len() > room {
-            return Err(Status::out_of_range(format!(
-                "verify: {} nodes but the session has room for {room}",
-                tree.len()
-            )));
-        }
-        let v = self
-            .sess
-            .verify(target, tree, &self.sampling, &mut self.rng)
-            .map_err(|e| from_engine(&e))?;
-        let root = self.last;
-        let (bonus, path) = v
-            .verdict
-            .tokens
-            .split_last()
-            .expect("a verdict has a bonus token");
-        let mut run = vec![root];
-        run.extend_from_slice(path);
-        let features = self.commit(&run, &v.features)?;
-        self.last = *bonus;
-        Ok(Step {
-            tokens: v.verdict.tokens,
-            features,
-            cached_tokens: 0,
-        })
+        self.run_alone(target, Part::Verify(tree))
     }
 
     /// Runs the last chosen token alone and chooses the next.
     pub(crate) fn decode(&mut self, target: &TargetModel, token: u32) -> Result<Step, Status> {
-        if token != self.last {
-            return Err(Status::failed_precondition(format!(
-                "decode: token {token} is not the session's last token {}",
-                self.last
-            )));
-        }
-        if self.sess.cache.len() >= self.sess.cache.capacity() {
-            return Err(Status::out_of_range("decode: the session's cache is full"));
-        }
-        let (feats, logits) = self
-            .sess
-            .decode(target, token)
-            .map_err(|e| from_engine(&e))?;
-        self.last = choose(&logits, &self.sampling, &mut self.rng);
-        let features = self.commit(&[token], &feats)?;
-        Ok(Step {
-            tokens: vec![self.last],
-            features,
-            cached_tokens: 0,
-        })
+        self.run_alone(target, Part::Decode(token))
     }
+}
+
+/// What one sequence runs in a pass.
+pub(crate) enum Part<'a> {
+    /// The next chunk of a prompt (the cache holds its first `keep` tokens from an earlier
+    /// turn and the chunks before this one); the `last` chunk chooses the next token.
+    Prompt {
+        tokens: &'a [u32],
+        last: bool,
+        keep: usize,
+    },
+    /// The last chosen token, alone.
+    Decode(u32),
+    /// A draft tree rooted at the last chosen token.
+    Verify(&'a DraftTree),
 }

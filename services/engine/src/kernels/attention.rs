@@ -7,7 +7,7 @@
 //! that decoder; masked slots are skipped, not multiplied by zero. This is the tree attention
 //! of SpecInfer (Miao et al., 2023) and EAGLE (Li et al., 2024) without a dense mask.
 
-use super::dot::dot;
+use super::dot::{dot, dot_block};
 
 /// Which cache slots each new query may see.
 #[derive(Clone, Debug, Default)]
@@ -78,6 +78,78 @@ pub struct AttnShape {
     pub head_dim: usize,
 }
 
+/// One query head over its visible slots: scores, softmax, weighted sum of values.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn one_head_body(
+    q: &[f32],
+    kv_stride: usize,
+    g_off: usize,
+    hd: usize,
+    k_cache: &[f32],
+    v_cache: &[f32],
+    prefix: usize,
+    extra: &[u32],
+    scale: f32,
+    out: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    scores.clear();
+    let key = |s: usize| &k_cache[s * kv_stride + g_off..s * kv_stride + g_off + hd];
+    // The prefix's keys four at a time: the same bits as one `dot` each, fewer calls.
+    let mut s = 0;
+    while s + 4 <= prefix {
+        let mut o = [[0f32; 4]; 1];
+        dot_block([q], [key(s), key(s + 1), key(s + 2), key(s + 3)], &mut o);
+        scores.extend(o[0].iter().map(|v| v * scale));
+        s += 4;
+    }
+    let slots = (0..prefix).chain(extra.iter().map(|&s| s as usize));
+    scores.extend(slots.clone().skip(s).map(|s| dot(q, key(s)) * scale));
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let mut sum = 0f32;
+    for sc in scores.iter_mut() {
+        *sc = (*sc - max).exp();
+        sum += *sc;
+    }
+    out.fill(0.0);
+    for (p, s) in scores.iter().zip(slots) {
+        let v = &v_cache[s * kv_stride + g_off..s * kv_stride + g_off + hd];
+        // Plain multiply-then-add (not `mul_add`, which is a library call without FMA
+        // hardware): the order is fixed either way, which is all batch invariance needs, and
+        // elementwise, so 8-lane AVX2 and scalar code give the same bits.
+        for (o, vi) in out.iter_mut().zip(v) {
+            *o += p * vi;
+        }
+    }
+    let inv = 1.0 / sum;
+    for o in out.iter_mut() {
+        *o *= inv;
+    }
+}
+
+/// [`one_head_body`] compiled for AVX2 (its loops vectorize 8 lanes wide).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn one_head_avx2(
+    q: &[f32],
+    kv_stride: usize,
+    g_off: usize,
+    hd: usize,
+    k_cache: &[f32],
+    v_cache: &[f32],
+    prefix: usize,
+    extra: &[u32],
+    scale: f32,
+    out: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    one_head_body(
+        q, kv_stride, g_off, hd, k_cache, v_cache, prefix, extra, scale, out, scores,
+    )
+}
+
 #[allow(clippy::too_many_arguments)]
 fn one_head(
     q: &[f32],
@@ -92,33 +164,18 @@ fn one_head(
     out: &mut [f32],
     scores: &mut Vec<f32>,
 ) {
-    scores.clear();
-    let slots = (0..prefix).chain(extra.iter().map(|&s| s as usize));
-    let mut max = f32::NEG_INFINITY;
-    for s in slots.clone() {
-        let k = &k_cache[s * kv_stride + g_off..s * kv_stride + g_off + hd];
-        let sc = dot(q, k) * scale;
-        max = max.max(sc);
-        scores.push(sc);
+    #[cfg(target_arch = "x86_64")]
+    if super::dot::avx2() {
+        // SAFETY: the dot kernels detected AVX2, FMA and F16C at run time.
+        return unsafe {
+            one_head_avx2(
+                q, kv_stride, g_off, hd, k_cache, v_cache, prefix, extra, scale, out, scores,
+            )
+        };
     }
-    let mut sum = 0f32;
-    for sc in scores.iter_mut() {
-        *sc = (*sc - max).exp();
-        sum += *sc;
-    }
-    out.fill(0.0);
-    for (p, s) in scores.iter().zip(slots) {
-        let v = &v_cache[s * kv_stride + g_off..s * kv_stride + g_off + hd];
-        // Plain multiply-then-add (not `mul_add`, which is a library call without FMA
-        // hardware): the order is fixed either way, which is all batch invariance needs.
-        for (o, vi) in out.iter_mut().zip(v) {
-            *o += p * vi;
-        }
-    }
-    let inv = 1.0 / sum;
-    for o in out.iter_mut() {
-        *o *= inv;
-    }
+    one_head_body(
+        q, kv_stride, g_off, hd, k_cache, v_cache, prefix, extra, scale, out, scores,
+    )
 }
 
 /// `q` is [m, n_heads, head_dim]; the caches are [slots, n_kv_heads, head_dim] and already hold
@@ -130,8 +187,37 @@ pub fn attention(
     v_cache: &[f32],
     vis: &Visibility,
 ) -> Vec<f32> {
+    attention_batch(
+        q,
+        shape,
+        &[Seq {
+            k_cache,
+            v_cache,
+            vis,
+        }],
+    )
+}
+
+/// One sequence of a batched attention call: its caches and its rows' visibility.
+pub struct Seq<'a> {
+    pub k_cache: &'a [f32],
+    pub v_cache: &'a [f32],
+    pub vis: &'a Visibility,
+}
+
+/// Attention for the rows of several sequences at once: `q` holds the rows of `seqs[0]`, then
+/// those of `seqs[1]`, and so on, and each row attends only within its own sequence's cache.
+/// Every (row, head) pair is one independent task of a single parallel job, so a batch of
+/// short decode rows costs one fork-join, not one per sequence.
+pub fn attention_batch(q: &[f32], shape: &AttnShape, seqs: &[Seq<'_>]) -> Vec<f32> {
     let (nh, nkv, hd) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
-    let m = vis.len();
+    // Per row: its sequence and its index there.
+    let rows: Vec<(usize, usize)> = seqs
+        .iter()
+        .enumerate()
+        .flat_map(|(s, seq)| (0..seq.vis.len()).map(move |i| (s, i)))
+        .collect();
+    let m = rows.len();
     assert_eq!(
         q.len(),
         m * nh * hd,
@@ -142,23 +228,28 @@ pub fn attention(
     let scale = 1.0 / (hd as f32).sqrt();
     let mut out = vec![0f32; m * nh * hd];
     let run = |(idx, o): (usize, &mut [f32]), scores: &mut Vec<f32>| {
-        let (i, h) = (idx / nh, idx % nh);
+        let (r, h) = (idx / nh, idx % nh);
+        let (s, i) = rows[r];
+        let seq = &seqs[s];
         let g = h / group;
         one_head(
             &q[idx * hd..(idx + 1) * hd],
             kv_stride,
             g * hd,
             hd,
-            k_cache,
-            v_cache,
-            vis.prefix,
-            &vis.extra[i],
+            seq.k_cache,
+            seq.v_cache,
+            seq.vis.prefix,
+            &seq.vis.extra[i],
             scale,
             o,
             scores,
         );
     };
-    let work: usize = m * nh * (vis.prefix + vis.extra.last().map_or(0, |e| e.len()));
+    let work: usize = seqs
+        .iter()
+        .map(|s| s.vis.len() * nh * (s.vis.prefix + s.vis.extra.last().map_or(0, |e| e.len())))
+        .sum();
     if work * hd < 1 << 16 {
         let mut scores = Vec::new();
         out.chunks_exact_mut(hd)
@@ -180,6 +271,56 @@ pub fn attention(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_and_portable_heads_agree_bitwise() {
+        if !crate::kernels::dot::avx2() {
+            eprintln!("skipping: this CPU has no AVX2");
+            return;
+        }
+        let (hd, stride, slots) = (64, 3 * 64, 37);
+        let f = |i: usize| ((i as f32) * 0.377).sin() * 2.0;
+        let k: Vec<f32> = (0..slots * stride).map(f).collect();
+        let v: Vec<f32> = (0..slots * stride).map(|i| f(i + 5)).collect();
+        let q: Vec<f32> = (0..hd).map(|i| f(i + 11)).collect();
+        let extra = [30u32, 33, 36];
+        let (mut a, mut b) = (vec![0f32; hd], vec![0f32; hd]);
+        let mut scores = Vec::new();
+        for prefix in [0, 3, 4, 29] {
+            one_head_body(
+                &q,
+                stride,
+                64,
+                hd,
+                &k,
+                &v,
+                prefix,
+                &extra,
+                0.125,
+                &mut a,
+                &mut scores,
+            );
+            // SAFETY: AVX2 was detected above.
+            unsafe {
+                one_head_avx2(
+                    &q,
+                    stride,
+                    64,
+                    hd,
+                    &k,
+                    &v,
+                    prefix,
+                    &extra,
+                    0.125,
+                    &mut b,
+                    &mut scores,
+                )
+            };
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a), bits(&b), "prefix {prefix}");
+        }
+    }
 
     #[test]
     fn tree_visibility_lists_ancestors_root_first() {

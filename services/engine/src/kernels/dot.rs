@@ -159,6 +159,12 @@ fn isa() -> Isa {
     })
 }
 
+/// Whether the AVX2 path runs (other kernels compile their own AVX2 variants of code whose
+/// arithmetic, elementwise and in a fixed order, is the same on every path).
+pub(crate) fn avx2() -> bool {
+    isa() == Isa::Avx2
+}
+
 /// R x C dot products: `out[r][c] = xs[r] . ws[c]`. All slices have the same length.
 #[inline]
 pub fn dot_block<W: WeightElem, const R: usize, const C: usize>(

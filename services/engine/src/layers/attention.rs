@@ -8,10 +8,19 @@ use super::linear::Split;
 use super::{Linear, RopeAt};
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::kernels::attention::{attention, AttnShape, Visibility};
+use crate::kernels::attention::{attention_batch, AttnShape, Seq, Visibility};
 use crate::kv_cache::LayerKv;
 use crate::loader::Weights;
 use crate::parallel::Shard;
+
+/// One sequence's share of a batched pass in one layer: its cache, the slot its new rows are
+/// written from, and what each of them sees. Its rows are `vis.len()` consecutive rows of the
+/// pass.
+pub struct KvPart<'a> {
+    pub kv: &'a mut LayerKv,
+    pub start: usize,
+    pub vis: &'a Visibility,
+}
 
 #[derive(Clone, Debug)]
 pub struct Attention {
@@ -61,15 +70,17 @@ impl Attention {
         )
     }
 
-    /// CPU path. `x` is [m, in_dim]; the new keys/values go to slots `start..start + m`.
+    /// CPU path over the rows of one or more sequences: `x` is [m, in_dim], the rows of
+    /// `parts[0]` first, then those of `parts[1]`, and so on. The projections run once over all
+    /// rows (each weight block loaded once for the whole batch); each part's new keys/values go
+    /// to its own cache at `start..`, and its rows attend only within that cache, as its
+    /// visibility says.
     pub fn forward_cpu(
         &self,
         x: &[f32],
         m: usize,
         rope: &RopeAt,
-        kv: &mut LayerKv,
-        start: usize,
-        vis: &Visibility,
+        parts: &mut [KvPart<'_>],
     ) -> Result<Vec<f32>> {
         let (qd, kvd) = self.dims();
         let qkv = self.qkv.forward_cpu(x, m)?;
@@ -84,17 +95,36 @@ impl Attention {
         }
         rope.apply_cpu(&mut q, self.n_heads);
         rope.apply_cpu(&mut k, self.n_kv_heads);
-        let LayerKv::Cpu { k: kc, v: vc } = kv else {
-            unreachable!("CPU kernels with a device cache")
-        };
-        kc[start * kvd..(start + m) * kvd].copy_from_slice(&k);
-        vc[start * kvd..(start + m) * kvd].copy_from_slice(&v);
         let shape = AttnShape {
             n_heads: self.n_heads,
             n_kv_heads: self.n_kv_heads,
             head_dim: self.head_dim,
         };
-        let ctx = attention(&q, &shape, kc, vc, vis);
+        let mut row = 0;
+        for part in parts.iter_mut() {
+            let (start, n) = (part.start, part.vis.len());
+            let LayerKv::Cpu { k: kc, v: vc } = &mut *part.kv else {
+                unreachable!("CPU kernels with a device cache")
+            };
+            kc[start * kvd..(start + n) * kvd].copy_from_slice(&k[row * kvd..(row + n) * kvd]);
+            vc[start * kvd..(start + n) * kvd].copy_from_slice(&v[row * kvd..(row + n) * kvd]);
+            row += n;
+        }
+        let seqs: Vec<Seq<'_>> = parts
+            .iter()
+            .map(|part| {
+                let LayerKv::Cpu { k, v } = &*part.kv else {
+                    unreachable!("CPU kernels with a device cache")
+                };
+                Seq {
+                    k_cache: k,
+                    v_cache: v,
+                    vis: part.vis,
+                }
+            })
+            .collect();
+        let ctx = attention_batch(&q, &shape, &seqs);
+        debug_assert_eq!(row, m, "the parts' rows must cover the pass");
         self.o.forward_cpu(&ctx, m)
     }
 

@@ -4,7 +4,7 @@
 
 use candle_core::Tensor;
 
-use super::{Attention, Mlp, RmsNorm, RopeAt, SparseMoe};
+use super::{Attention, KvPart, Mlp, RmsNorm, RopeAt, SparseMoe};
 use crate::config::{Arch, ModelConfig};
 use crate::error::Result;
 use crate::kernels::attention::Visibility;
@@ -87,20 +87,18 @@ impl DecoderLayer {
         })
     }
 
+    /// CPU path over the rows of one or more sequences (see [`Attention::forward_cpu`]): every
+    /// step but attention runs row by row over the whole batch.
     pub fn forward_cpu(
         &self,
         mut x: Vec<f32>,
         m: usize,
         rope: &RopeAt,
-        kv: &mut LayerKv,
-        start: usize,
-        vis: &Visibility,
+        parts: &mut [KvPart<'_>],
     ) -> Result<Vec<f32>> {
         let a = match &self.input_norm {
-            Some(n) => self
-                .attn
-                .forward_cpu(&n.forward_cpu(&x)?, m, rope, kv, start, vis)?,
-            None => self.attn.forward_cpu(&x, m, rope, kv, start, vis)?,
+            Some(n) => self.attn.forward_cpu(&n.forward_cpu(&x)?, m, rope, parts)?,
+            None => self.attn.forward_cpu(&x, m, rope, parts)?,
         };
         for (xi, ai) in x.iter_mut().zip(&a) {
             *xi += ai;

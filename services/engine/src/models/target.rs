@@ -19,9 +19,18 @@ use crate::error::{EngineError, Result};
 use crate::kernels::dot::WeightElem;
 use crate::kernels::{attention::Visibility, with_cpu_slice};
 use crate::kv_cache::KvCache;
-use crate::layers::{use_cpu_kernels, DecoderLayer, Linear, Matrix, RmsNorm, Rope};
+use crate::layers::{use_cpu_kernels, DecoderLayer, KvPart, Linear, Matrix, RmsNorm, Rope};
 use crate::loader::{Quant, WeightSource, Weights};
 use crate::parallel::Shard;
+
+/// One sequence's new rows in a pass: `tokens` at `positions`, attending as `vis` says, with
+/// their keys/values written to `cache` from its end.
+pub struct Rows<'a> {
+    pub cache: &'a mut KvCache,
+    pub tokens: &'a [u32],
+    pub positions: &'a [usize],
+    pub vis: &'a Visibility,
+}
 
 pub struct TargetModel {
     pub cfg: ModelConfig,
@@ -208,18 +217,31 @@ impl TargetModel {
         positions: &[usize],
         vis: &Visibility,
     ) -> Result<Tensor> {
-        let m = tokens.len();
-        if m == 0 || positions.len() != m || vis.len() != m || vis.prefix != cache.len() {
+        let mut one = [Rows {
+            cache,
+            tokens,
+            positions,
+            vis,
+        }];
+        Ok(self.forward_batch(&mut one)?.remove(0))
+    }
+
+    /// Checks that `rows` can run: lengths agree, the visibility starts at the cache's end,
+    /// and the cache and the model's context have room.
+    pub fn check_rows(&self, rows: &Rows<'_>) -> Result<()> {
+        let m = rows.tokens.len();
+        let (cache, vis) = (&rows.cache, rows.vis);
+        if m == 0 || rows.positions.len() != m || vis.len() != m || vis.prefix != cache.len() {
             return Err(EngineError::InvalidRequest(format!(
                 "forward: {m} tokens, {} positions, {} visibility rows, prefix {} vs cache {}",
-                positions.len(),
+                rows.positions.len(),
                 vis.len(),
                 vis.prefix,
                 cache.len()
             )));
         }
         cache.reserve(m)?;
-        if let Some(&p) = positions.iter().max() {
+        if let Some(&p) = rows.positions.iter().max() {
             if p >= self.cfg.max_position_embeddings {
                 return Err(EngineError::ContextOverflow {
                     needed: p + 1,
@@ -227,26 +249,79 @@ impl TargetModel {
                 });
             }
         }
-        let start = cache.len();
-        let rope = self.rope.at(positions);
-        let x = self.embed_tokens(tokens)?;
+        Ok(())
+    }
+
+    /// One pass over the new rows of several sequences (iteration-level batching): on the CPU
+    /// kernels every matmul runs once over the rows of all of them, and attention runs per
+    /// sequence over its own cache. A row's result never depends on the other rows (see
+    /// `crate::kernels`), so each sequence gets the same bits as alone. Returns each
+    /// sequence's features [m_i, hidden] in f32. Any row set that fails [`check_rows`] fails
+    /// the whole pass: check them first to refuse one alone.
+    ///
+    /// [`check_rows`]: TargetModel::check_rows
+    pub fn forward_batch(&self, batch: &mut [Rows<'_>]) -> Result<Vec<Tensor>> {
+        for rows in batch.iter() {
+            self.check_rows(rows)?;
+        }
+        if !self.cpu() {
+            // The device path runs one sequence at a time (batched GPU passes: issue 18).
+            return batch.iter_mut().map(|r| self.forward_device(r)).collect();
+        }
+        let starts: Vec<usize> = batch.iter().map(|r| r.cache.len()).collect();
+        let tokens: Vec<u32> = batch
+            .iter()
+            .flat_map(|r| r.tokens.iter().copied())
+            .collect();
+        let positions: Vec<usize> = batch
+            .iter()
+            .flat_map(|r| r.positions.iter().copied())
+            .collect();
+        let m = tokens.len();
+        let rope = self.rope.at(&positions);
         let h = self.cfg.hidden_size;
-        let out = if self.cpu() {
-            let mut x = x.flatten_all()?.to_vec1::<f32>()?;
-            for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-                x = layer.forward_cpu(x, m, &rope, kv, start, vis)?;
-            }
-            let x = self.norm.forward_cpu(&x)?;
-            Tensor::from_vec(x, (m, h), &self.device)?
-        } else {
-            let mut x = x;
-            for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-                x = layer.forward(&x, &rope, kv, start, vis)?;
-            }
-            self.norm.forward(&x)?
-        };
-        cache.advance(m);
+        let mut x = self
+            .embed_tokens(&tokens)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let mut parts: Vec<KvPart<'_>> = batch
+                .iter_mut()
+                .zip(&starts)
+                .map(|(r, &start)| KvPart {
+                    kv: &mut r.cache.layers[l],
+                    start,
+                    vis: r.vis,
+                })
+                .collect();
+            x = layer.forward_cpu(x, m, &rope, &mut parts)?;
+        }
+        let x = self.norm.forward_cpu(&x)?;
+        let mut out = Vec::with_capacity(batch.len());
+        let mut row = 0;
+        for r in batch.iter_mut() {
+            let n = r.tokens.len();
+            out.push(Tensor::from_slice(
+                &x[row * h..(row + n) * h],
+                (n, h),
+                &self.device,
+            )?);
+            r.cache.advance(n);
+            row += n;
+        }
         Ok(out)
+    }
+
+    /// The device-generic path for one sequence.
+    fn forward_device(&self, r: &mut Rows<'_>) -> Result<Tensor> {
+        let start = r.cache.len();
+        let rope = self.rope.at(r.positions);
+        let mut x = self.embed_tokens(r.tokens)?;
+        for (layer, kv) in self.layers.iter().zip(r.cache.layers.iter_mut()) {
+            x = layer.forward(&x, &rope, kv, start, r.vis)?;
+        }
+        r.cache.advance(r.tokens.len());
+        self.norm.forward(&x)
     }
 
     /// LM head over features [m, hidden] -> logits [m, vocab] f32. A sharded rank computes its

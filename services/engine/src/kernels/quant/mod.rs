@@ -517,9 +517,11 @@ impl QMatrix {
                     }
                 });
             }
-            for (j, col) in out_t.chunks_exact(m).take(p.n).enumerate() {
-                for (i, v) in col.iter().enumerate() {
-                    out[i * self.n + col0 + j] = *v;
+            // Back to row-major, writing each output row contiguously (a column-outer loop
+            // stores to m cache lines per column: most of a batched LM head's time).
+            for (i, row) in out.chunks_exact_mut(self.n).enumerate() {
+                for (o, col) in row[col0..col0 + p.n].iter_mut().zip(out_t.chunks_exact(m)) {
+                    *o = col[i];
                 }
             }
             col0 += p.n;
