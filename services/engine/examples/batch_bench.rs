@@ -31,8 +31,12 @@ fn main() -> anyhow::Result<()> {
         let mut sessions: Vec<TargetSession> = (0..n)
             .map(|_| TargetSession::new(&target, context + 64))
             .collect::<Result<_, _>>()?;
+        let t = Instant::now();
         for s in sessions.iter_mut() {
             s.prefill(&target, &prompt)?;
+        }
+        if n == 1 {
+            println!("prefill of {context} tokens: {:.2} s", t.elapsed().as_secs_f64());
         }
         let steps = 8;
         let t = Instant::now();

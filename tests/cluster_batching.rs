@@ -1,0 +1,291 @@
+//! Continuous batching through the real cluster: many streams share the worker's target passes
+//! and each still gets exactly what it gets alone; a long prompt is prefilled in chunks between
+//! the other streams' steps instead of stalling them; a stream dropped inside a batch frees its
+//! session while the rest go on.
+
+use std::time::{Duration, Instant};
+
+use eagle_proto::v1::GenerateRequest;
+use eagle_tests::http::get;
+use eagle_tests::*;
+use tokio_stream::StreamExt;
+
+type Client = eagle_proto::v1::generation_client::GenerationClient<tonic::transport::Channel>;
+
+/// A streamed answer: its tokens, and when each chunk arrived.
+struct Streamed {
+    tokens: Vec<u32>,
+    arrivals: Vec<Instant>,
+}
+
+async fn stream(mut c: Client, r: GenerateRequest) -> Streamed {
+    let mut st = c.stream_generate(r).await.expect("stream").into_inner();
+    let mut out = Streamed {
+        tokens: Vec::new(),
+        arrivals: Vec::new(),
+    };
+    while let Some(ch) = st.next().await {
+        let ch = ch.expect("chunk");
+        if !ch.token_ids.is_empty() {
+            out.arrivals.push(Instant::now());
+        }
+        out.tokens.extend_from_slice(&ch.token_ids);
+    }
+    out
+}
+
+/// The worker's metrics text.
+fn worker_metrics(cluster: &TestCluster) -> String {
+    let url = cluster
+        .worker
+        .announced("metrics ")
+        .expect("the worker prints its metrics URL");
+    let base = url.trim_end_matches("/metrics");
+    let (status, body) = get(base, "/metrics");
+    assert_eq!(status, 200);
+    body
+}
+
+/// The value of the sample whose line starts with `name` (labels included).
+fn sample(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in the worker's metrics"))
+}
+
+fn batching_cluster(env: &[(&str, &str)]) -> TestCluster {
+    TestCluster::start(ClusterOpts {
+        worker_args: vec!["--metrics-addr".into(), "127.0.0.1:0".into()],
+        coordinator_args: vec!["--max-running".into(), "16".into()],
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    })
+}
+
+/// Raw-text prompts that greedy decoding continues for a long time (counting, listing).
+fn counting_prompt(i: usize) -> String {
+    let start = 10 + 37 * i;
+    let nums: Vec<String> = (start..start + 6).map(|n| n.to_string()).collect();
+    format!("{},", nums.join(", "))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_concurrent_streams_equal_each_stream_alone() {
+    let cluster = batching_cluster(&[]);
+    let c = cluster.client().await;
+    // 8 greedy requests (half chat, half raw prompts, speculation on for some) and 8 seeded
+    // sampled ones.
+    let mut reqs = Vec::new();
+    for i in 0..16 {
+        let p = PROMPTS[i % PROMPTS.len()];
+        let mut r = if i % 2 == 0 {
+            chat_request(p, 32)
+        } else {
+            prompt_request(p, 32)
+        };
+        if i % 4 == 3 {
+            r.speculation.as_mut().unwrap().enabled = Some(false);
+        }
+        if i >= 8 {
+            let s = r.sampling.as_mut().unwrap();
+            s.temperature = Some(0.8);
+            s.top_p = Some(0.95);
+            s.seed = 1000 + i as u64;
+        }
+        reqs.push(r);
+    }
+    // Alone: the engine in-process for greedy, the cluster one request at a time for seeded.
+    let mut want = Vec::new();
+    for r in &reqs {
+        want.push(if r.sampling.as_ref().unwrap().seed == 0 {
+            reference_tokens(r)
+        } else {
+            stream(c.clone(), r.clone()).await.tokens
+        });
+    }
+    let before = worker_metrics(&cluster);
+    let shared_before = sample(&before, "eagle_batch_sessions_count")
+        - sample(&before, "eagle_batch_sessions_bucket{le=\"1.0\"}");
+    let tasks: Vec<_> = reqs
+        .iter()
+        .map(|r| tokio::spawn(stream(c.clone(), r.clone())))
+        .collect();
+    for (i, (t, w)) in tasks.into_iter().zip(&want).enumerate() {
+        let got = t.await.unwrap();
+        assert_eq!(
+            &got.tokens, w,
+            "request {i} differs among 16 concurrent streams from the same request alone"
+        );
+    }
+    let after = worker_metrics(&cluster);
+    let shared = sample(&after, "eagle_batch_sessions_count")
+        - sample(&after, "eagle_batch_sessions_bucket{le=\"1.0\"}")
+        - shared_before;
+    assert!(
+        shared > 0.0,
+        "no target pass held more than one session: the streams were not batched"
+    );
+    cluster.expect_no_sessions(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_prompt_is_prefilled_between_the_short_streams_steps() {
+    // The serving default (quantized blocks): this test compares the cluster with itself, and
+    // a 1,500-token prompt in f32 takes most of a minute here.
+    let cluster = batching_cluster(&[("EAGLE_DTYPE", "auto")]);
+    let c = cluster.client().await;
+    // Common words, one token each: a prompt of about 1,500 tokens.
+    let words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "and", "then"];
+    let text: Vec<&str> = (0..1500).map(|i| words[(i * 7 + i / 10) % words.len()]).collect();
+    let text = text.join(" ");
+    let tok = &reference_engine().tokenizer;
+    let n = tok.encode(&text, tok.add_bos()).unwrap().len();
+    assert!((1400..=1700).contains(&n), "the long prompt has {n} tokens");
+    let long = |max_new| {
+        let mut r = prompt_request(&text, max_new);
+        r.speculation.as_mut().unwrap().enabled = Some(false);
+        r
+    };
+    // The long prompt alone: how long its prefill (time to first token) takes.
+    let t0 = Instant::now();
+    let solo = stream(c.clone(), long(1)).await;
+    let solo_prefill = solo.arrivals[0] - t0;
+    // 8 short streams that keep going, then the long prompt among them.
+    let shorts: Vec<_> = (0..8)
+        .map(|i| {
+            let mut r = prompt_request(&counting_prompt(i), 400);
+            r.speculation.as_mut().unwrap().enabled = Some(i % 2 == 0);
+            tokio::spawn(stream_for(c.clone(), r, Duration::from_secs(60)))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let sent = Instant::now();
+    let mixed = stream(c.clone(), long(1)).await;
+    let first = mixed.arrivals[0];
+    assert_eq!(mixed.tokens, solo.tokens, "the long prompt's first token");
+    let mut worst = Duration::ZERO;
+    let mut during = 0;
+    for (i, s) in shorts.into_iter().enumerate() {
+        let s = s.await.unwrap();
+        let times: Vec<Instant> = s
+            .arrivals
+            .iter()
+            .copied()
+            .filter(|&t| t >= sent && t <= first)
+            .collect();
+        assert!(
+            times.len() >= 2,
+            "short stream {i} produced {} chunks while the long prompt was prefilled",
+            times.len()
+        );
+        during += times.len();
+        // The longest silence of this stream across the prefill, edges included.
+        let mut edges = vec![sent];
+        edges.extend(&times);
+        edges.push(first);
+        for w in edges.windows(2) {
+            worst = worst.max(w[1] - w[0]);
+        }
+    }
+    eprintln!(
+        "long prompt alone: {solo_prefill:?} to its first token; among 8 streams: {:?}; \
+         {during} short-stream chunks meanwhile, longest gap {worst:?}",
+        first - sent
+    );
+    assert!(
+        worst < solo_prefill / 2,
+        "a short stream stalled {worst:?} while a prompt whose prefill takes {solo_prefill:?} \
+         alone ran: it was not prefilled in chunks"
+    );
+    cluster.expect_no_sessions(Duration::from_secs(10)).await;
+}
+
+/// Streams `r` for at most `limit`, then drops the stream (the client goes away).
+async fn stream_for(c: Client, r: GenerateRequest, limit: Duration) -> Streamed {
+    let mut out = Streamed {
+        tokens: Vec::new(),
+        arrivals: Vec::new(),
+    };
+    let _ = tokio::time::timeout(limit, async {
+        let mut c = c;
+        let mut st = c.stream_generate(r).await.expect("stream").into_inner();
+        while let Some(ch) = st.next().await {
+            let ch = ch.expect("chunk");
+            if !ch.token_ids.is_empty() {
+                out.arrivals.push(Instant::now());
+            }
+            out.tokens.extend_from_slice(&ch.token_ids);
+        }
+    })
+    .await;
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_dropped_inside_a_batch_free_their_sessions_and_the_rest_go_on() {
+    let cluster = batching_cluster(&[]);
+    let c = cluster.client().await;
+    let reqs: Vec<GenerateRequest> = (0..8)
+        .map(|i| prompt_request(&counting_prompt(i), 160))
+        .collect();
+    let want: Vec<Vec<u32>> = reqs.iter().map(reference_tokens).collect();
+    // Four streams are dropped after their first tokens, four run to the end.
+    let spawn = |i: usize| {
+        let (c, r) = (c.clone(), reqs[i].clone());
+        tokio::spawn(async move {
+            if i % 2 == 0 {
+                let mut c = c;
+                let mut st = c.stream_generate(r).await.expect("stream").into_inner();
+                let first = st.next().await.expect("a first chunk").expect("chunk");
+                drop(st);
+                first.token_ids
+            } else {
+                stream(c, r).await.tokens
+            }
+        })
+    };
+    let tasks: Vec<_> = (0..8).map(spawn).collect();
+    let (mut dropped, mut running) = (Vec::new(), Vec::new());
+    for (i, t) in tasks.into_iter().enumerate() {
+        if i % 2 == 0 {
+            dropped.push(t.await.unwrap());
+        } else {
+            running.push(t);
+        }
+    }
+    // The dropped streams' sessions leave the worker while the others still run.
+    let t0 = Instant::now();
+    loop {
+        let (worker, _) = cluster.sessions().await;
+        if worker <= 4 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "{worker} sessions on the worker 3 s after four of eight streams were dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        running.iter().all(|t| !t.is_finished()),
+        "the other streams ended before the check: it proves nothing"
+    );
+    for (k, got) in dropped.iter().enumerate() {
+        let w = &want[2 * k];
+        assert!(!got.is_empty() && w.starts_with(got), "stream {}'s first chunk", 2 * k);
+    }
+    for (k, t) in running.into_iter().enumerate() {
+        let got = t.await.unwrap();
+        assert_eq!(
+            got,
+            want[2 * k + 1],
+            "stream {}, which ran beside dropped ones",
+            2 * k + 1
+        );
+    }
+    cluster.expect_no_sessions(Duration::from_secs(5)).await;
+}
