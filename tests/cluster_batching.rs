@@ -82,7 +82,7 @@ async fn sixteen_concurrent_streams_equal_each_stream_alone() {
     let mut reqs = Vec::new();
     for i in 0..16 {
         let p = PROMPTS[i % PROMPTS.len()];
-        let mut r = if i % 2 == 0 {
+        let mut r = if i.is_multiple_of(2) {
             chat_request(p, 32)
         } else {
             prompt_request(p, 32)
@@ -139,8 +139,12 @@ async fn a_long_prompt_is_prefilled_between_the_short_streams_steps() {
     let cluster = batching_cluster(&[("EAGLE_DTYPE", "auto")]);
     let c = cluster.client().await;
     // Common words, one token each: a prompt of about 1,500 tokens.
-    let words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "and", "then"];
-    let text: Vec<&str> = (0..1500).map(|i| words[(i * 7 + i / 10) % words.len()]).collect();
+    let words = [
+        "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "and", "then",
+    ];
+    let text: Vec<&str> = (0..1500)
+        .map(|i| words[(i * 7 + i / 10) % words.len()])
+        .collect();
     let text = text.join(" ");
     let tok = &reference_engine().tokenizer;
     let n = tok.encode(&text, tok.add_bos()).unwrap().len();
@@ -237,7 +241,7 @@ async fn streams_dropped_inside_a_batch_free_their_sessions_and_the_rest_go_on()
     let spawn = |i: usize| {
         let (c, r) = (c.clone(), reqs[i].clone());
         tokio::spawn(async move {
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 let mut c = c;
                 let mut st = c.stream_generate(r).await.expect("stream").into_inner();
                 let first = st.next().await.expect("a first chunk").expect("chunk");
@@ -251,7 +255,7 @@ async fn streams_dropped_inside_a_batch_free_their_sessions_and_the_rest_go_on()
     let tasks: Vec<_> = (0..8).map(spawn).collect();
     let (mut dropped, mut running) = (Vec::new(), Vec::new());
     for (i, t) in tasks.into_iter().enumerate() {
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             dropped.push(t.await.unwrap());
         } else {
             running.push(t);
@@ -276,7 +280,11 @@ async fn streams_dropped_inside_a_batch_free_their_sessions_and_the_rest_go_on()
     );
     for (k, got) in dropped.iter().enumerate() {
         let w = &want[2 * k];
-        assert!(!got.is_empty() && w.starts_with(got), "stream {}'s first chunk", 2 * k);
+        assert!(
+            !got.is_empty() && w.starts_with(got),
+            "stream {}'s first chunk",
+            2 * k
+        );
     }
     for (k, t) in running.into_iter().enumerate() {
         let got = t.await.unwrap();

@@ -36,7 +36,10 @@ fn main() -> anyhow::Result<()> {
             s.prefill(&target, &prompt)?;
         }
         if n == 1 {
-            println!("prefill of {context} tokens: {:.2} s", t.elapsed().as_secs_f64());
+            println!(
+                "prefill of {context} tokens: {:.2} s",
+                t.elapsed().as_secs_f64()
+            );
         }
         let steps = 8;
         let t = Instant::now();
