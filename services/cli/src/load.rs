@@ -96,6 +96,8 @@ struct Outcome {
     e2e: Duration,
     tokens: usize,
     steps: u32,
+    /// Steps the coordinator decoded plainly because speculation did not pay at the load.
+    load_plain_steps: u32,
     /// Gaps between successive chunks that carried tokens.
     gaps: Vec<Duration>,
 }
@@ -191,6 +193,7 @@ async fn stream_one(
                 }
                 if let Some(s) = c.stats {
                     o.steps = s.steps;
+                    o.load_plain_steps = s.load_plain_steps;
                 }
             }
             Err(e) => {
@@ -302,6 +305,7 @@ fn summary(a: &LoadArgs, outcomes: &[Outcome], wall_s: f64) -> Value {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let tokens: usize = ok.iter().map(|o| o.tokens).sum();
     let steps: u64 = ok.iter().map(|o| o.steps as u64).sum();
+    let load_plain: u64 = ok.iter().map(|o| o.load_plain_steps as u64).sum();
     // At T = 0 every answer to a prompt must be the first one's.
     let mut first: BTreeMap<usize, &[u32]> = BTreeMap::new();
     let mut mismatched = 0;
@@ -327,6 +331,8 @@ fn summary(a: &LoadArgs, outcomes: &[Outcome], wall_s: f64) -> Value {
         "throughput_tok_s": (tokens as f64 / wall_s * 100.0).round() / 100.0,
         "requests_per_s": (ok.len() as f64 / wall_s * 1000.0).round() / 1000.0,
         "mean_accepted": if steps > 0 { tokens as f64 / steps as f64 } else { 0.0 },
+        "steps": steps,
+        "load_plain_steps": load_plain,
         "mismatched_outputs": if a.temperature == 0.0 { json!(mismatched) } else { Value::Null },
         "ttft_ms": percentiles(ok.iter().filter_map(|o| o.ttft.map(ms)).collect()),
         "tpot_ms": percentiles(tpot),

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use eagle_engine::spec::CostProfile;
 use eagle_engine::tokenizer::Tokenizer;
 use eagle_proto::draft::draft_client::DraftClient;
 use eagle_proto::worker::worker_client::WorkerClient;
@@ -16,6 +17,7 @@ use tonic::{Code, Status};
 
 use eagle_membership::Kind;
 
+use crate::load::SpecLoad;
 use crate::membership::{EtcdRoutes, SUSPECT_FOR};
 use crate::sessions::SessionPlacements;
 
@@ -28,6 +30,8 @@ pub struct Backends {
     pub sessions: SessionPlacements,
     /// The worker's measured verification costs (for automatic tree sizes).
     pub cost: Vec<CostPoint>,
+    /// Whether speculation pays at the current load (see [`crate::load`]).
+    pub spec_load: SpecLoad,
     pub tokenizer: Tokenizer,
     pub model_name: String,
     pub max_context: usize,
@@ -35,6 +39,18 @@ pub struct Backends {
 }
 
 impl Backends {
+    /// The worker's pass costs as the engine's cost model reads them.
+    pub fn cost_profile(&self) -> CostProfile {
+        CostProfile {
+            points: self
+                .cost
+                .iter()
+                .map(|c| (c.tokens as usize, c.seconds))
+                .collect(),
+            draft_level_s: 0.0,
+        }
+    }
+
     /// The draft service to use now, if any.
     pub fn draft_client(&self) -> Option<DraftClient<Channel>> {
         self.draft
@@ -108,6 +124,13 @@ pub struct WorkerLease {
     /// The worker group (a static worker's group is its address).
     pub group: String,
     active: Arc<AtomicUsize>,
+}
+
+impl WorkerLease {
+    /// Sessions this coordinator has on the lease's worker, this one included.
+    pub fn sessions(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
 }
 
 impl Drop for WorkerLease {

@@ -56,6 +56,8 @@ pub struct Summary {
     /// Target passes, the prefill included.
     pub steps: usize,
     pub fallback_steps: usize,
+    /// Steps decoded plainly because speculation did not pay at the load.
+    pub load_plain_steps: usize,
     pub prefill_ms: f64,
     pub queue_ms: f64,
     pub wall_ms: f64,
@@ -308,17 +310,28 @@ impl Run {
             };
         }
         let depth = self.spec().map_or(0, |s| s.depth);
+        let explores = self.spec().is_some() && b.spec_load.explores();
         while going {
             if tx.is_closed() {
                 self.summary.finish = FinishReason::Cancelled;
                 break;
             }
             let room = run_len + depth < b.max_context;
-            let tree = if room {
+            // Automatic trees give way to plain decoding where the load makes them cost more
+            // than they gain (see `load.rs`); a fixed tree size is the caller's choice.
+            let auto = self.spec().is_some_and(|s| s.total_token == -1);
+            let by_load = room
+                && auto
+                && !explores
+                && !matches!(self.draft, DraftState::Off)
+                && !b.spec_load.pays(&b.cost_profile(), self.lease.sessions());
+            let drafting = Instant::now();
+            let tree = if room && !by_load {
                 self.draft_tree(last).await
             } else {
                 None
             };
+            let draft_s = drafting.elapsed().as_secs_f64();
             let nodes = tree.as_ref().map(|t| t.tokens.len());
             let step = match tree {
                 Some(tree) => {
@@ -341,9 +354,13 @@ impl Run {
                     .await?
                 }
                 None => {
-                    let fallback = !matches!(self.draft, DraftState::Off);
+                    let fallback = !matches!(self.draft, DraftState::Off) && !by_load;
                     if fallback {
                         self.summary.fallback_steps += 1;
+                    }
+                    if by_load {
+                        self.summary.load_plain_steps += 1;
+                        metrics().load_plain_steps.inc();
                     }
                     metrics().decoded(fallback);
                     async {
@@ -368,6 +385,9 @@ impl Run {
             let (toks, feats) = split_step(step, None)?;
             if let Some(n) = nodes {
                 metrics().verified(n, toks.len());
+                if auto {
+                    b.spec_load.observe(n, toks.len(), draft_s);
+                }
             }
             // The root (the previous last token) and the accepted path were run.
             run_len += toks.len();

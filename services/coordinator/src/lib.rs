@@ -6,6 +6,7 @@
 //! - `request.rs`: public requests to validated jobs.
 //! - `queue.rs`: admission control (an actor).
 //! - `generation.rs`: the step loop, with fallback to plain decoding when drafting fails.
+//! - `load.rs`: whether speculation pays at the current load (the worker batches sessions).
 //! - `text.rs`: streamed text and stop strings.
 //! - `backends.rs`: clients of the services, with deadlines; the worker pool.
 //! - `membership.rs`: routing by etcd membership (complete healthy groups, by load).
@@ -21,6 +22,7 @@ pub mod auth;
 pub mod backends;
 pub mod generation;
 pub mod http;
+pub mod load;
 pub mod membership;
 pub mod metrics;
 pub mod queue;

@@ -220,6 +220,7 @@ async fn run(a: Args) -> Result<()> {
         etcd,
         sessions,
         cost: info.cost_profile,
+        spec_load: Default::default(),
         tokenizer,
         model_name: a.model_name.clone(),
         max_context: info.max_context as usize,

@@ -48,6 +48,7 @@ pub struct Metrics {
     pub tree_size: Histogram,
     pub tokens_per_pass: Histogram,
     pub plain_steps: Counter,
+    pub load_plain_steps: Counter,
     pub draft_unavailable: Counter,
 }
 
@@ -111,6 +112,10 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     plain_steps: counter(
         "eagle_spec_decode_plain_steps",
         "Plain decode steps of requests that asked for speculation",
+    ),
+    load_plain_steps: counter(
+        "eagle_spec_load_plain_steps",
+        "Plain decode steps chosen because speculation did not pay at the worker's load",
     ),
     draft_unavailable: counter(
         "eagle_draft_unavailable",

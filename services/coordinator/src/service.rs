@@ -200,6 +200,7 @@ pub(crate) fn stats(s: &Summary) -> (Usage, SpeculationStats) {
             steps: s.steps as u32,
             mean_accepted: s.mean_accepted(),
             fallback_steps: s.fallback_steps as u32,
+            load_plain_steps: s.load_plain_steps as u32,
             prefill_ms: s.prefill_ms,
             queue_ms: s.queue_ms,
             wall_ms: s.wall_ms,

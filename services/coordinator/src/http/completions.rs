@@ -85,6 +85,7 @@ fn eagle_stats(s: &Summary, speculation: bool) -> Value {
         "steps": st.steps,
         "mean_accepted": st.mean_accepted,
         "fallback_steps": st.fallback_steps,
+        "load_plain_steps": st.load_plain_steps,
         "prefill_ms": st.prefill_ms,
         "queue_ms": st.queue_ms,
         "wall_ms": st.wall_ms,
