@@ -318,8 +318,11 @@ impl Run {
             }
             let room = run_len + depth < b.max_context;
             // Automatic trees give way to plain decoding where the load makes them cost more
-            // than they gain (see `load.rs`); a fixed tree size is the caller's choice.
-            let auto = self.spec().is_some_and(|s| s.total_token == -1);
+            // than they gain (see `load.rs`); a fixed tree size is the caller's choice. Greedy
+            // requests only: at T > 0 a step's random draws depend on whether it speculated,
+            // and a seeded request must give the same tokens whatever the load.
+            let auto =
+                self.spec().is_some_and(|s| s.total_token == -1) && self.job.sampling.is_greedy();
             let by_load = room
                 && auto
                 && !explores

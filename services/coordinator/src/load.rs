@@ -17,7 +17,8 @@
 //! anyway, so the means keep following the head and the load (whole requests, not single
 //! steps: a draft session that skipped steps must catch up on them, which costs more than
 //! the step). Requests with a fixed tree size (`total_token` > 0) always speculate: they asked
-//! for that tree.
+//! for that tree. So do sampled requests (T > 0): their random draws differ between a
+//! speculative and a plain step, and a seeded request must give the same tokens at any load.
 //!
 //! Source: the expected-rate argument of EAGLE-2's `total_token = -1` (and Sequoia's
 //! hardware-aware trees), applied to the batch instead of one sequence; vLLM and TensorRT-LLM
@@ -47,6 +48,8 @@ struct Means {
 #[derive(Debug, Default)]
 pub struct SpecLoad {
     means: Mutex<Means>,
+    /// Off (`--always-speculate`): every step speculates.
+    off: bool,
 }
 
 /// What the means say, for the logs and tests.
@@ -58,6 +61,14 @@ pub struct Estimate {
 }
 
 impl SpecLoad {
+    /// Deciding by load when `on`; otherwise every step speculates.
+    pub fn new(on: bool) -> Self {
+        SpecLoad {
+            off: !on,
+            ..Default::default()
+        }
+    }
+
     /// Records a speculative step: a tree of `nodes` nodes (root included) gave `tokens`
     /// tokens, after `draft_s` seconds of drafting.
     pub fn observe(&self, nodes: usize, tokens: usize, draft_s: f64) {
@@ -88,7 +99,7 @@ impl SpecLoad {
     pub fn explores(&self) -> bool {
         let mut m = self.means.lock().unwrap_or_else(|p| p.into_inner());
         m.decided += 1;
-        m.observed < WARM_UP || m.decided.is_multiple_of(EXPLORE)
+        self.off || m.observed < WARM_UP || m.decided.is_multiple_of(EXPLORE)
     }
 
     /// Whether the next step of a session on a worker holding `sessions` sessions should
@@ -160,7 +171,7 @@ mod tests {
 
     #[test]
     fn warm_up_and_exploration_speculate() {
-        let s = SpecLoad::default();
+        let s = SpecLoad::new(true);
         // Until warmed up, every request explores and every step speculates.
         for _ in 0..WARM_UP {
             assert!(s.explores() && s.pays(&cpu(), 16));
@@ -170,5 +181,9 @@ mod tests {
         assert!(!s.pays(&cpu(), 16));
         let exploring = (0..EXPLORE * 4).filter(|_| s.explores()).count();
         assert_eq!(exploring as u64, 4);
+        // Switched off, every request speculates throughout.
+        let always = SpecLoad::new(false);
+        always.observe(3, 1, 0.01);
+        assert!((0..EXPLORE).all(|_| always.explores()));
     }
 }

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use eagle_coordinator::auth::ApiKeys;
 use eagle_coordinator::backends::{draft_client, worker_client, Backends, Timeouts, WorkerPool};
+use eagle_coordinator::load::SpecLoad;
 use eagle_coordinator::membership as etcd;
 use eagle_coordinator::queue::Queue;
 use eagle_coordinator::sessions::SessionPlacements;
@@ -76,6 +77,12 @@ struct Args {
     /// After a draft failure, decode plainly this long before trying the draft side again.
     #[arg(long, env = "EAGLE_DRAFT_RETRY_MS", default_value_t = 1_000)]
     draft_retry_ms: u64,
+    /// Speculate at every step of requests with automatic trees, whatever the load. By default
+    /// a step decodes plainly where the worker's measured pass costs say trees of the recent
+    /// size and acceptance give fewer tokens per second than plain steps (under load on a
+    /// CPU, or with a weak head); see eagle_spec_load_plain_steps_total.
+    #[arg(long, env = "EAGLE_ALWAYS_SPECULATE")]
+    always_speculate: bool,
     /// Chat template override: chatml, vicuna, llama2 or llama3 (default: the model's own).
     #[arg(long, env = "EAGLE_CHAT_TEMPLATE")]
     chat_template: Option<String>,
@@ -220,7 +227,7 @@ async fn run(a: Args) -> Result<()> {
         etcd,
         sessions,
         cost: info.cost_profile,
-        spec_load: Default::default(),
+        spec_load: SpecLoad::new(!a.always_speculate),
         tokenizer,
         model_name: a.model_name.clone(),
         max_context: info.max_context as usize,
