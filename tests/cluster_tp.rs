@@ -1,6 +1,7 @@
 //! A tensor-parallel worker group in a real cluster: SmolLM2-135M (9 heads, 3 KV heads) split
 //! over three rank processes gives, through EAGLE with the shipped head, the unsharded engine's
-//! greedy tokens; a degree that does not divide the heads is refused at start; killing a rank
+//! greedy tokens, also for eight concurrent streams sharing the group's batched passes; a degree
+//! that does not divide the heads is refused at start; killing a rank
 //! mid-request fails the request with UNAVAILABLE within seconds, and the worker reports
 //! itself unhealthy.
 
@@ -58,6 +59,49 @@ async fn tp3_eagle_greedy_equals_the_unsharded_engine() {
     );
     let cached = r2.stats.unwrap().cached_prompt_tokens;
     assert!(cached >= r1.usage.unwrap().prompt_tokens, "{cached} cached");
+}
+
+/// Continuous batching across the group: rank 0 sends each batched pass (prompts begun, chunks,
+/// decodes and trees of several sessions) to the other ranks, and all eight concurrent
+/// streams still give the unsharded engine's tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tp3_serves_eight_concurrent_streams_in_shared_passes() {
+    let mut opts = tp3();
+    opts.worker_args
+        .extend(["--metrics-addr".into(), "127.0.0.1:0".into()]);
+    let cluster = TestCluster::start(opts);
+    let c = cluster.client().await;
+    let reqs: Vec<_> = (0..8)
+        .map(|i| {
+            let mut r = chat_request(PROMPTS[i % PROMPTS.len()], 32);
+            if i % 2 == 1 {
+                r.speculation.as_mut().unwrap().enabled = Some(false);
+            }
+            r
+        })
+        .collect();
+    let want: Vec<Vec<u32>> = reqs.iter().map(reference_tokens).collect();
+    let tasks: Vec<_> = reqs
+        .into_iter()
+        .map(|r| {
+            let mut c = c.clone();
+            tokio::spawn(async move { c.generate(r).await.unwrap().into_inner().token_ids })
+        })
+        .collect();
+    for (i, (t, w)) in tasks.into_iter().zip(&want).enumerate() {
+        assert_eq!(&t.await.unwrap(), w, "stream {i} of 8 through TP 3");
+    }
+    let url = cluster.worker.announced("metrics ").expect("metrics URL");
+    let (_, body) = eagle_tests::http::get(url.trim_end_matches("/metrics"), "/metrics");
+    let value = |name: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name}"))
+    };
+    let shared =
+        value("eagle_batch_sessions_count") - value("eagle_batch_sessions_bucket{le=\"1.0\"}");
+    assert!(shared > 0.0, "no pass of the group held two sessions");
+    cluster.expect_no_sessions(Duration::from_secs(5)).await;
 }
 
 #[test]

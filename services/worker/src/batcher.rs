@@ -13,8 +13,9 @@
 //!   long request is never starved and never starves the others.
 //! - A step whose caller went away is dropped before it runs, and a prompt abandoned half-way
 //!   frees its session; a released session's pending steps are refused.
-//! - In a tensor-parallel group a pass is one step with its whole prompt, mirrored to the other
-//!   ranks as the `GroupOp` they run (batched group passes are future work).
+//! - In a tensor-parallel group the pass is built and sent to the other ranks (a `Pass`: the
+//!   prompts it begins, every part) under the group's lock, from sessions still in the table,
+//!   so every rank runs the same pass on the same sessions.
 
 use std::collections::{HashSet, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -24,15 +25,17 @@ use std::time::Instant;
 use eagle_engine::models::TargetModel;
 use eagle_engine::sampling::SamplingParams;
 use eagle_engine::tree::DraftTree;
+use eagle_proto::common::Tree;
 use eagle_proto::sessions::SessionTable;
 use eagle_proto::status::unknown_session;
-use eagle_proto::worker::{GroupOp, Step};
+use eagle_proto::worker::group_op::Op;
+use eagle_proto::worker::{pass_part, GroupOp, Pass, PassPart, PrefillRequest, PromptChunk, Step};
 use tokio::sync::oneshot;
 use tonic::Status;
 
 use crate::metrics;
 use crate::sequence::{Part, Sequence};
-use crate::Group;
+use crate::{group, Group};
 
 /// How big a pass may get.
 #[derive(Clone, Copy, Debug)]
@@ -54,14 +57,14 @@ impl Default for Limits {
 
 /// A step a session asks for.
 pub(crate) enum Task {
+    /// A prompt: the request (with `reuse_cache` as this worker decided it), its sampling.
     Prefill {
-        tokens: Vec<u32>,
-        reuse: bool,
-        capacity: usize,
+        request: PrefillRequest,
         sampling: SamplingParams,
     },
     Decode(u32),
-    Verify(DraftTree),
+    /// A draft tree, and its wire form for the other ranks of a group.
+    Verify(DraftTree, Tree),
 }
 
 impl Task {
@@ -69,7 +72,7 @@ impl Task {
         match self {
             Task::Prefill { .. } => "prefill",
             Task::Decode(_) => "decode",
-            Task::Verify(_) => "verify",
+            Task::Verify(..) => "verify",
         }
     }
 }
@@ -77,8 +80,6 @@ impl Task {
 struct Job {
     id: String,
     task: Task,
-    /// What the other ranks of a tensor-parallel group run for it.
-    op: GroupOp,
     reply: oneshot::Sender<Result<Step, Status>>,
     span: tracing::Span,
     arrived: Instant,
@@ -96,12 +97,12 @@ impl Pending {
     /// The rows this job's next part takes (a prompt not yet begun counts all its tokens).
     fn rows(&self, chunk: usize) -> usize {
         match &self.job.task {
-            Task::Prefill { tokens, .. } => {
+            Task::Prefill { request, .. } => {
                 let (keep, done) = self.prompt.unwrap_or((0, 0));
-                (tokens.len() - keep - done).min(chunk)
+                (request.tokens.len() - keep - done).min(chunk)
             }
             Task::Decode(_) => 1,
-            Task::Verify(tree) => tree.len(),
+            Task::Verify(tree, _) => tree.len(),
         }
     }
 }
@@ -137,13 +138,12 @@ impl Batcher {
     }
 
     /// Runs `task` on session `id` in a coming pass and returns its step.
-    pub(crate) async fn submit(&self, id: &str, task: Task, op: GroupOp) -> Result<Step, Status> {
+    pub(crate) async fn submit(&self, id: &str, task: Task) -> Result<Step, Status> {
         let (reply, answer) = oneshot::channel();
         let name = task.name();
         let job = Job {
             id: id.to_string(),
             task,
-            op,
             reply,
             span: tracing::Span::current(),
             arrived: Instant::now(),
@@ -225,18 +225,12 @@ impl Scheduler {
 
     /// Takes the next pass's jobs from the queue, in order, within the limits.
     fn pick(&self, queue: &mut VecDeque<Pending>) -> Vec<Pending> {
-        let single = self.group.is_some();
-        let chunk = if single {
-            usize::MAX
-        } else {
-            self.limits.prefill_chunk
-        };
         let (mut batch, mut rest) = (Vec::new(), VecDeque::new());
         let mut ids = HashSet::new();
         let mut rows = 0;
         while let Some(p) = queue.pop_front() {
-            let want = p.rows(chunk);
-            let fits = batch.is_empty() || (!single && rows + want <= self.limits.max_rows);
+            let want = p.rows(self.limits.prefill_chunk);
+            let fits = batch.is_empty() || rows + want <= self.limits.max_rows;
             if fits && !ids.contains(&p.job.id) {
                 rows += want;
                 ids.insert(p.job.id.clone());
@@ -288,9 +282,21 @@ impl Scheduler {
         under_way
     }
 
-    /// Begins the batch's new prompts, then runs every job's next part in one pass.
+    /// Runs the batch's pass; in a group, under the group's lock, sent to the other ranks.
     fn run_pass(&self, batch: &mut [Pending]) -> Result<Vec<Result<Progress, Status>>, Status> {
-        let single = self.group.is_some();
+        match &self.group {
+            None => self.run_pass_with(batch, None),
+            Some(g) => g.locked(|send| self.run_pass_with(batch, Some(send))),
+        }
+    }
+
+    /// Begins the batch's new prompts, then runs every job's next part in one pass (after
+    /// sending it with `send`, in a group).
+    fn run_pass_with(
+        &self,
+        batch: &mut [Pending],
+        send: Option<&group::Broadcast<'_>>,
+    ) -> Result<Vec<Result<Progress, Status>>, Status> {
         let target = &*self.target;
         let seqs: Vec<Arc<Mutex<Sequence>>> = batch.iter().map(|p| p.seq.clone()).collect();
         let mut guards: Vec<MutexGuard<'_, Sequence>> = seqs
@@ -298,20 +304,27 @@ impl Scheduler {
             .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()))
             .collect();
         let mut out: Vec<Option<Result<Progress, Status>>> = batch.iter().map(|_| None).collect();
+        let mut begun = vec![false; batch.len()];
         for (i, (p, s)) in batch.iter_mut().zip(guards.iter_mut()).enumerate() {
+            // Released since it was queued (in a group: checked under the group's lock, so
+            // the pass sent holds only sessions every rank has).
+            if !self.sessions.contains(&p.job.id) {
+                out[i] = Some(Err(unknown_session(&p.job.id)));
+                continue;
+            }
             if let (Task::Prefill { .. }, None) = (&p.job.task, p.prompt) {
                 match self.begin(&p.job, s) {
-                    Ok(keep) => p.prompt = Some((keep, 0)),
+                    Ok(keep) => {
+                        p.prompt = Some((keep, 0));
+                        begun[i] = true;
+                    }
                     Err(e) => out[i] = Some(Err(e)),
                 }
             }
         }
-        let chunk = if single {
-            usize::MAX
-        } else {
-            self.limits.prefill_chunk
-        };
+        let chunk = self.limits.prefill_chunk;
         let mut parts = Vec::with_capacity(batch.len());
+        let mut wire = Vec::new();
         let mut ran = Vec::with_capacity(batch.len());
         let mut ranges = Vec::with_capacity(batch.len());
         let mut rows = 0;
@@ -319,56 +332,45 @@ impl Scheduler {
             if out[i].is_some() {
                 continue;
             }
-            let part = match &p.job.task {
-                Task::Prefill { tokens, .. } => {
+            let (part, range) = match &p.job.task {
+                Task::Prefill { request, .. } => {
+                    let tokens = &request.tokens;
                     let (keep, done) = p.prompt.expect("a begun prompt");
                     let from = keep + done;
-                    let to = (from + chunk.min(tokens.len() - from)).min(tokens.len());
-                    ranges.push((keep, to - keep));
-                    Part::Prompt {
+                    let to = from + chunk.min(tokens.len() - from);
+                    let part = Part::Prompt {
                         tokens: &tokens[from..to],
                         last: to == tokens.len(),
                         keep,
-                    }
+                    };
+                    (part, (keep, to - keep))
                 }
-                Task::Decode(t) => {
-                    ranges.push((0, 0));
-                    Part::Decode(*t)
-                }
-                Task::Verify(tree) => {
-                    ranges.push((0, 0));
-                    Part::Verify(tree)
-                }
+                Task::Decode(t) => (Part::Decode(*t), (0, 0)),
+                Task::Verify(tree, _) => (Part::Verify(tree), (0, 0)),
             };
+            if send.is_some() {
+                wire.push(pass_part(&p.job, &part, begun[i]));
+            }
             rows += match &part {
                 Part::Prompt { tokens, .. } => tokens.len(),
                 Part::Decode(_) => 1,
                 Part::Verify(tree) => tree.len(),
             };
             parts.push((&mut **s, part));
+            ranges.push(range);
             ran.push(i);
         }
         tracing::Span::current().record("rows", rows);
-        if !parts.is_empty() {
-            metrics::observe_pass(parts.len(), rows);
+        if parts.is_empty() {
+            return Ok(out.into_iter().map(|r| r.expect("refused")).collect());
         }
-        let results = match (&self.group, parts.is_empty()) {
-            (_, true) => Vec::new(),
-            (None, false) => Sequence::run_batch(target, parts)?,
-            (Some(g), false) => {
-                let p = &batch[ran[0]];
-                let still_there = || {
-                    if self.sessions.contains(&p.job.id) {
-                        Ok(())
-                    } else {
-                        Err(unknown_session(&p.job.id))
-                    }
-                };
-                g.mirror(still_there, &p.job.op, || {
-                    Sequence::run_batch(target, parts)
-                })?
-            }
-        };
+        metrics::observe_pass(parts.len(), rows);
+        if let Some(send) = send {
+            send(&GroupOp {
+                op: Some(Op::Pass(Pass { parts: wire })),
+            })?;
+        }
+        let results = Sequence::run_batch(target, parts)?;
         for ((i, r), (keep, ran_to)) in ran.into_iter().zip(results).zip(ranges) {
             out[i] = Some(r.map(|step| match step {
                 Some(step) => Progress::Done(step),
@@ -383,19 +385,42 @@ impl Scheduler {
 
     /// Sets a new prompt up on its session, within the table's memory budget.
     fn begin(&self, job: &Job, s: &mut Sequence) -> Result<usize, Status> {
-        let Task::Prefill {
-            tokens,
-            reuse,
-            capacity,
-            sampling,
-        } = &job.task
-        else {
+        let Task::Prefill { request, sampling } = &job.task else {
             unreachable!("only prompts begin")
         };
-        if *capacity > s.sess.cache.capacity() {
-            self.sessions.resize(&job.id, s.bytes_at(*capacity))?;
+        let capacity = request.capacity as usize;
+        if capacity > s.sess.cache.capacity() {
+            self.sessions.resize(&job.id, s.bytes_at(capacity))?;
         }
-        s.begin_prefill(&self.target, tokens, *reuse, *capacity, sampling.clone())
+        s.begin_prefill(
+            &self.target,
+            &request.tokens,
+            request.reuse_cache,
+            capacity,
+            sampling.clone(),
+        )
+    }
+}
+
+/// A part of the pass as the other ranks of a group receive it; a prompt's first chunk carries
+/// the prefill it begins.
+fn pass_part(job: &Job, part: &Part<'_>, begun: bool) -> PassPart {
+    let part = match (part, &job.task) {
+        (Part::Prompt { tokens, last, keep }, Task::Prefill { request, .. }) => {
+            pass_part::Part::Prompt(PromptChunk {
+                begin: begun.then(|| request.clone()),
+                tokens: tokens.to_vec(),
+                last: *last,
+                keep: *keep as u32,
+            })
+        }
+        (Part::Decode(t), _) => pass_part::Part::Decode(*t),
+        (Part::Verify(_), Task::Verify(_, wire)) => pass_part::Part::Tree(wire.clone()),
+        _ => unreachable!("a part is of its job's kind"),
+    };
+    PassPart {
+        session_id: job.id.clone(),
+        part: Some(part),
     }
 }
 

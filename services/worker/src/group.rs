@@ -1,12 +1,14 @@
-//! Tensor-parallel worker groups. Rank 0 serves the worker API; before each model call it
-//! sends the call (a `GroupOp`) to the other ranks, and every rank then runs the same engine
-//! call on its shard, meeting the others in the collectives inside the model. Ranks other than
-//! 0 keep their own copy of every session (cache shard, sampling state, last token), updated by
-//! the same calls in the same order, so they stay in step without being told results.
+//! Tensor-parallel worker groups. Rank 0 serves the worker API; before each target pass (the
+//! batched steps of several sessions, see `batcher`) it sends the pass (a `GroupOp`) to the
+//! other ranks, and every rank then runs the same pass on its shard, meeting the others in the
+//! collectives inside the model. Ranks other than 0 keep their own copy of every session (cache
+//! shard, sampling state, last token), updated by the same passes in the same order, so they
+//! stay in step without being told results.
 //!
-//! Invariant: one call at a time crosses the group, in one order ([`Group::mirror`] holds the
-//! group's lock from sending the call to finishing it), so the collectives of two calls never
-//! interleave. A rank that dies breaks the group: calls fail with `UNAVAILABLE` at once.
+//! Invariant: one call at a time crosses the group, in one order ([`Group::mirror`] and
+//! [`Group::locked`] hold the group's lock from sending the call to finishing it), so the
+//! collectives of two calls never interleave. A rank that dies breaks the group: calls fail
+//! with `UNAVAILABLE` at once.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,11 +20,15 @@ use eagle_parallel::TcpGroup;
 use eagle_proto::status::from_engine;
 use eagle_proto::wire::{sampling_from_wire, tree_from_wire};
 use eagle_proto::worker::group_op::Op;
-use eagle_proto::worker::GroupOp;
+use eagle_proto::worker::pass_part::Part;
+use eagle_proto::worker::{GroupOp, Pass, PromptChunk};
 use prost::Message;
-use tonic::{Code, Status};
+use tonic::Status;
 
 use crate::Sequence;
+
+/// Sends one call to the other ranks of a group (inside [`Group::locked`]).
+pub type Broadcast<'a> = dyn Fn(&GroupOp) -> Result<(), Status> + 'a;
 
 /// Rank 0's handle on its group.
 pub struct Group {
@@ -54,6 +60,19 @@ impl Group {
             .broadcast(&op.encode_to_vec())
             .map_err(|e| from_engine(&e))?;
         f()
+    }
+
+    /// Under the group's lock: runs `f`, which may send calls to the other ranks (through the
+    /// function it is given) and run them here. For a call whose content depends on the session
+    /// table (a batched pass): what `f` reads of the table cannot change before it is sent.
+    pub fn locked<T>(&self, f: impl FnOnce(&Broadcast) -> Result<T, Status>) -> Result<T, Status> {
+        let _one_at_a_time = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        let send = |op: &GroupOp| {
+            self.tcp
+                .broadcast(&op.encode_to_vec())
+                .map_err(|e| from_engine(&e))
+        };
+        f(&send)
     }
 
     /// Sends an empty call every `every` while the group is idle, answered by a one-number
@@ -101,40 +120,7 @@ pub fn follow(tcp: &TcpGroup, target: &TargetModel, idle: Duration) -> anyhow::R
         let keep = idle * 2 + Duration::from_secs(60);
         sessions.retain(|_, (_, used)| now.duration_since(*used) < keep);
         let result: Result<(), Status> = match op.op {
-            Some(Op::Prefill(r)) => (|| {
-                let sampling = sampling_from_wire(r.sampling.as_ref())?;
-                let capacity = r.capacity as usize;
-                if !r.reuse_cache {
-                    let s = Sequence::new(target, capacity, sampling.clone(), None)?;
-                    sessions.insert(r.session_id.clone(), (s, now));
-                }
-                let Some((s, used)) = sessions.get_mut(&r.session_id) else {
-                    return Err(lost(&r.session_id));
-                };
-                *used = now;
-                let out = s.prefill(target, &r.tokens, r.reuse_cache, capacity, sampling);
-                if out.is_err() {
-                    // Rank 0 drops a session whose prefill failed.
-                    sessions.remove(&r.session_id);
-                }
-                out.map(|_| ())
-            })(),
-            Some(Op::Verify(r)) => match sessions.get_mut(&r.session_id) {
-                Some((s, used)) => {
-                    *used = now;
-                    let wire = r.tree.unwrap_or_default();
-                    tree_from_wire(&wire, target.cfg.vocab_size)
-                        .and_then(|tree| s.verify(target, &tree).map(|_| ()))
-                }
-                None => Err(lost(&r.session_id)),
-            },
-            Some(Op::Decode(r)) => match sessions.get_mut(&r.session_id) {
-                Some((s, used)) => {
-                    *used = now;
-                    s.decode(target, r.token).map(|_| ())
-                }
-                None => Err(lost(&r.session_id)),
-            },
+            Some(Op::Pass(pass)) => follow_pass(target, &mut sessions, pass, now),
             Some(Op::Release(r)) => {
                 sessions.remove(&r.session_id);
                 Ok(())
@@ -143,21 +129,89 @@ pub fn follow(tcp: &TcpGroup, target: &TargetModel, idle: Duration) -> anyhow::R
             None => tcp.all_reduce_sum(&mut [0.0]).map_err(|e| from_engine(&e)),
         };
         if let Err(e) = result {
-            // Rank 0 refuses a bad call the same way (same checks, same state), before any
-            // collective. Any other failure is this rank's alone: rank 0 would wait for it in a
-            // collective, so leave the group at once and let it fail fast.
-            let same_on_rank_0 = matches!(
-                e.code(),
-                Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange
+            // Anything that fails here and not on rank 0 is this rank's alone: rank 0 would wait
+            // for it in a collective, so leave the group at once and let it fail fast.
+            anyhow::bail!(
+                "rank {}: {}",
+                eagle_engine::parallel::Collective::rank(tcp),
+                e.message()
             );
-            if !same_on_rank_0 {
-                anyhow::bail!(
-                    "rank {}: {}",
-                    eagle_engine::parallel::Collective::rank(tcp),
-                    e.message()
-                );
-            }
-            tracing::debug!("call refused as on rank 0: {}", e.message());
+        }
+    }
+    Ok(())
+}
+
+/// Runs rank 0's batched pass on this rank's sessions: begins its new prompts as rank 0 did,
+/// then runs every part in one pass. A part refused on rank 0 is refused the same way here
+/// (same checks, same state); an error of the pass itself is returned.
+fn follow_pass(
+    target: &TargetModel,
+    sessions: &mut HashMap<String, (Sequence, Instant)>,
+    pass: Pass,
+    now: Instant,
+) -> Result<(), Status> {
+    for p in &pass.parts {
+        let Some(Part::Prompt(PromptChunk {
+            begin: Some(r),
+            keep,
+            ..
+        })) = &p.part
+        else {
+            continue;
+        };
+        let sampling = sampling_from_wire(r.sampling.as_ref())?;
+        let capacity = r.capacity as usize;
+        if !r.reuse_cache {
+            let s = Sequence::new(target, capacity, sampling.clone(), None)?;
+            sessions.insert(p.session_id.clone(), (s, now));
+        }
+        let (s, _) = sessions
+            .get_mut(&p.session_id)
+            .ok_or_else(|| lost(&p.session_id))?;
+        let kept = s.begin_prefill(target, &r.tokens, r.reuse_cache, capacity, sampling)?;
+        if kept as u32 != *keep {
+            return Err(lost(&p.session_id));
+        }
+    }
+    let trees = pass
+        .parts
+        .iter()
+        .map(|p| match &p.part {
+            Some(Part::Tree(t)) => tree_from_wire(t, target.cfg.vocab_size).map(Some),
+            _ => Ok(None),
+        })
+        .collect::<Result<Vec<_>, Status>>()?;
+    let ids: Vec<&str> = pass.parts.iter().map(|p| p.session_id.as_str()).collect();
+    let mut seqs: HashMap<&str, &mut Sequence> = sessions
+        .iter_mut()
+        .filter(|(id, _)| ids.contains(&id.as_str()))
+        .map(|(id, (s, used))| {
+            *used = now;
+            (id.as_str(), s)
+        })
+        .collect();
+    let mut items = Vec::with_capacity(pass.parts.len());
+    for (p, tree) in pass.parts.iter().zip(&trees) {
+        let seq = seqs
+            .remove(p.session_id.as_str())
+            .ok_or_else(|| lost(&p.session_id))?;
+        let part = match (&p.part, tree) {
+            (Some(Part::Prompt(c)), _) => crate::sequence::Part::Prompt {
+                tokens: &c.tokens,
+                last: c.last,
+                keep: c.keep as usize,
+            },
+            (Some(Part::Decode(t)), _) => crate::sequence::Part::Decode(*t),
+            (Some(Part::Tree(_)), Some(tree)) => crate::sequence::Part::Verify(tree),
+            _ => return Err(Status::invalid_argument("a pass part without a step")),
+        };
+        items.push((seq, part));
+    }
+    let results = Sequence::run_batch(target, items)?;
+    // Rank 0 drops a session whose prompt failed; so does this rank.
+    for (p, r) in pass.parts.iter().zip(results) {
+        if r.is_err() && matches!(p.part, Some(Part::Prompt(_))) {
+            sessions.remove(&p.session_id);
         }
     }
     Ok(())

@@ -86,10 +86,9 @@ impl WorkerService {
         }
     }
 
-    /// Runs `task` on session `id` in the scheduler's next passes (see [`batcher`]); in a
-    /// tensor-parallel group, `op` is what the other ranks run for it.
-    async fn call(&self, id: &str, op: GroupOp, task: Task) -> Result<Step, Status> {
-        self.batcher.submit(id, task, op).await
+    /// Runs `task` on session `id` in the scheduler's next passes (see [`batcher`]).
+    async fn call(&self, id: &str, task: Task) -> Result<Step, Status> {
+        self.batcher.submit(id, task).await
     }
 
     /// Registers the worker's metrics, reading this service's session table and group.
@@ -157,18 +156,10 @@ impl Worker for WorkerService {
                 self.sessions.insert(&id, seq, bytes)?;
             }
             // The other ranks take the same decision: reuse exactly when this rank does.
-            let mut op = r.clone();
-            op.reuse_cache = reuse;
-            let op = GroupOp {
-                op: Some(Op::Prefill(op)),
-            };
-            let task = Task::Prefill {
-                tokens: r.tokens,
-                reuse,
-                capacity,
-                sampling,
-            };
-            let result = self.call(&id, op, task).await;
+            let mut request = r;
+            request.reuse_cache = reuse;
+            let task = Task::Prefill { request, sampling };
+            let result = self.call(&id, task).await;
             if let Some(keep) = result.as_ref().ok().map(|st| st.cached_tokens) {
                 tracing::Span::current().record("cached", keep);
             }
@@ -191,14 +182,7 @@ impl Worker for WorkerService {
             let wire = r.tree.ok_or_else(|| invalid("verify: no tree"))?;
             let tree = tree_from_wire(&wire, self.target.cfg.vocab_size)?;
             tracing::Span::current().record("nodes", tree.len());
-            let id = r.session_id;
-            let op = GroupOp {
-                op: Some(Op::Verify(VerifyRequest {
-                    session_id: id.clone(),
-                    tree: Some(wire),
-                })),
-            };
-            let step = self.call(&id, op, Task::Verify(tree)).await?;
+            let step = self.call(&r.session_id, Task::Verify(tree, wire)).await?;
             tracing::Span::current().record("accepted", step.tokens.len());
             Ok(Response::new(step))
         })
@@ -210,12 +194,7 @@ impl Worker for WorkerService {
         eagle_trace::adopt(&span, req.metadata());
         eagle_trace::rpc::handle(span, "eagle.worker.v1.Worker", "Decode", async {
             let r = req.into_inner();
-            let token = r.token;
-            let id = r.session_id.clone();
-            let op = GroupOp {
-                op: Some(Op::Decode(r)),
-            };
-            let step = self.call(&id, op, Task::Decode(token)).await?;
+            let step = self.call(&r.session_id, Task::Decode(r.token)).await?;
             Ok(Response::new(step))
         })
         .await

@@ -268,46 +268,6 @@ impl Sequence {
             _ => unreachable!("a pass answers each part in kind"),
         }
     }
-
-    /// Runs one part alone.
-    fn run_alone(&mut self, target: &TargetModel, part: Part<'_>) -> Result<Step, Status> {
-        Sequence::run_batch(target, vec![(self, part)])?
-            .remove(0)
-            .map(|s| s.expect("a last part answers with a step"))
-    }
-
-    /// Runs a whole prompt in one pass (see [`Sequence::begin_prefill`]) and chooses the next
-    /// token.
-    pub(crate) fn prefill(
-        &mut self,
-        target: &TargetModel,
-        tokens: &[u32],
-        reuse: bool,
-        capacity: usize,
-        sampling: SamplingParams,
-    ) -> Result<Step, Status> {
-        let keep = self.begin_prefill(target, tokens, reuse, capacity, sampling)?;
-        let part = Part::Prompt {
-            tokens: &tokens[keep..],
-            last: true,
-            keep,
-        };
-        self.run_alone(target, part)
-    }
-
-    /// Verifies a tree rooted at the last chosen token.
-    pub(crate) fn verify(
-        &mut self,
-        target: &TargetModel,
-        tree: &DraftTree,
-    ) -> Result<Step, Status> {
-        self.run_alone(target, Part::Verify(tree))
-    }
-
-    /// Runs the last chosen token alone and chooses the next.
-    pub(crate) fn decode(&mut self, target: &TargetModel, token: u32) -> Result<Step, Status> {
-        self.run_alone(target, Part::Decode(token))
-    }
 }
 
 /// What one sequence runs in a pass.
