@@ -78,11 +78,14 @@ pub struct AttnShape {
     pub head_dim: usize,
 }
 
-/// One query head over its visible slots: scores, softmax, weighted sum of values.
+/// The query heads of one KV head (grouped-query attention) over their visible slots: scores,
+/// softmax, weighted sum of values. The heads share each key and value row they read, and
+/// each head's arithmetic is exactly that of attending alone: its scores are `dot`s, its
+/// softmax and weighted sum run in slot order. `qs` and `out` hold `group` heads of `hd`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn one_head_body(
-    q: &[f32],
+fn group_body(
+    qs: &[f32],
     kv_stride: usize,
     g_off: usize,
     hd: usize,
@@ -94,46 +97,86 @@ fn one_head_body(
     out: &mut [f32],
     scores: &mut Vec<f32>,
 ) {
+    let group = qs.len() / hd;
+    let n = prefix + extra.len();
     scores.clear();
+    scores.resize(group * n, 0.0);
     let key = |s: usize| &k_cache[s * kv_stride + g_off..s * kv_stride + g_off + hd];
-    // The prefix's keys four at a time: the same bits as one `dot` each, fewer calls.
-    let mut s = 0;
-    while s + 4 <= prefix {
-        let mut o = [[0f32; 4]; 1];
-        dot_block([q], [key(s), key(s + 1), key(s + 2), key(s + 3)], &mut o);
-        scores.extend(o[0].iter().map(|v| v * scale));
-        s += 4;
+    let slot = |i: usize| {
+        if i < prefix {
+            i
+        } else {
+            extra[i - prefix] as usize
+        }
+    };
+    // Four keys at a time for every head of the group: the same bits as one `dot` each.
+    let mut i = 0;
+    while i + 4 <= n {
+        let ks = [
+            key(slot(i)),
+            key(slot(i + 1)),
+            key(slot(i + 2)),
+            key(slot(i + 3)),
+        ];
+        for h in 0..group {
+            let mut o = [[0f32; 4]; 1];
+            dot_block([&qs[h * hd..(h + 1) * hd]], ks, &mut o);
+            for (j, v) in o[0].iter().enumerate() {
+                scores[h * n + i + j] = v * scale;
+            }
+        }
+        i += 4;
     }
-    let slots = (0..prefix).chain(extra.iter().map(|&s| s as usize));
-    scores.extend(slots.clone().skip(s).map(|s| dot(q, key(s)) * scale));
-    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    let mut sum = 0f32;
-    for sc in scores.iter_mut() {
-        *sc = (*sc - max).exp();
-        sum += *sc;
-    }
-    out.fill(0.0);
-    for (p, s) in scores.iter().zip(slots) {
-        let v = &v_cache[s * kv_stride + g_off..s * kv_stride + g_off + hd];
-        // Plain multiply-then-add (not `mul_add`, which is a library call without FMA
-        // hardware): the order is fixed either way, which is all batch invariance needs, and
-        // elementwise, so 8-lane AVX2 and scalar code give the same bits.
-        for (o, vi) in out.iter_mut().zip(v) {
-            *o += p * vi;
+    for i in i..n {
+        let k = key(slot(i));
+        for h in 0..group {
+            scores[h * n + i] = dot(&qs[h * hd..(h + 1) * hd], k) * scale;
         }
     }
-    let inv = 1.0 / sum;
-    for o in out.iter_mut() {
-        *o *= inv;
+    let mut inv = [0f32; 16];
+    let mut inv_heap = Vec::new();
+    let inv: &mut [f32] = if group <= 16 {
+        &mut inv[..group]
+    } else {
+        inv_heap.resize(group, 0.0);
+        &mut inv_heap
+    };
+    for (h, sc) in scores.chunks_exact_mut(n.max(1)).take(group).enumerate() {
+        let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let mut sum = 0f32;
+        for x in sc.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        inv[h] = 1.0 / sum;
+    }
+    out.fill(0.0);
+    for i in 0..n {
+        let s = slot(i);
+        let v = &v_cache[s * kv_stride + g_off..s * kv_stride + g_off + hd];
+        for (h, o) in out.chunks_exact_mut(hd).enumerate() {
+            let p = scores[h * n + i];
+            // Plain multiply-then-add (not `mul_add`, which is a library call without FMA
+            // hardware): the order is fixed either way, which is all batch invariance needs,
+            // and elementwise, so 8-lane AVX2 and scalar code give the same bits.
+            for (o, vi) in o.iter_mut().zip(v) {
+                *o += p * vi;
+            }
+        }
+    }
+    for (o, inv) in out.chunks_exact_mut(hd).zip(inv.iter()) {
+        for x in o.iter_mut() {
+            *x *= inv;
+        }
     }
 }
 
-/// [`one_head_body`] compiled for AVX2 (its loops vectorize 8 lanes wide).
+/// [`group_body`] compiled for AVX2 (its loops vectorize 8 lanes wide).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn one_head_avx2(
-    q: &[f32],
+unsafe fn group_avx2(
+    qs: &[f32],
     kv_stride: usize,
     g_off: usize,
     hd: usize,
@@ -145,14 +188,14 @@ unsafe fn one_head_avx2(
     out: &mut [f32],
     scores: &mut Vec<f32>,
 ) {
-    one_head_body(
-        q, kv_stride, g_off, hd, k_cache, v_cache, prefix, extra, scale, out, scores,
+    group_body(
+        qs, kv_stride, g_off, hd, k_cache, v_cache, prefix, extra, scale, out, scores,
     )
 }
 
 #[allow(clippy::too_many_arguments)]
-fn one_head(
-    q: &[f32],
+fn one_group(
+    qs: &[f32],
     kv_stride: usize,
     g_off: usize,
     hd: usize,
@@ -168,13 +211,13 @@ fn one_head(
     if super::dot::avx2() {
         // SAFETY: the dot kernels detected AVX2, FMA and F16C at run time.
         return unsafe {
-            one_head_avx2(
-                q, kv_stride, g_off, hd, k_cache, v_cache, prefix, extra, scale, out, scores,
+            group_avx2(
+                qs, kv_stride, g_off, hd, k_cache, v_cache, prefix, extra, scale, out, scores,
             )
         };
     }
-    one_head_body(
-        q, kv_stride, g_off, hd, k_cache, v_cache, prefix, extra, scale, out, scores,
+    group_body(
+        qs, kv_stride, g_off, hd, k_cache, v_cache, prefix, extra, scale, out, scores,
     )
 }
 
@@ -227,13 +270,15 @@ pub fn attention_batch(q: &[f32], shape: &AttnShape, seqs: &[Seq<'_>]) -> Vec<f3
     let kv_stride = nkv * hd;
     let scale = 1.0 / (hd as f32).sqrt();
     let mut out = vec![0f32; m * nh * hd];
+    // One task per (row, KV head): the `group` query heads that share it.
+    let width = group * hd;
     let run = |(idx, o): (usize, &mut [f32]), scores: &mut Vec<f32>| {
-        let (r, h) = (idx / nh, idx % nh);
+        let (r, g) = (idx / nkv, idx % nkv);
         let (s, i) = rows[r];
         let seq = &seqs[s];
-        let g = h / group;
-        one_head(
-            &q[idx * hd..(idx + 1) * hd],
+        let q0 = (r * nh + g * group) * hd;
+        one_group(
+            &q[q0..q0 + width],
             kv_stride,
             g * hd,
             hd,
@@ -252,16 +297,16 @@ pub fn attention_batch(q: &[f32], shape: &AttnShape, seqs: &[Seq<'_>]) -> Vec<f3
         .sum();
     if work * hd < 1 << 16 {
         let mut scores = Vec::new();
-        out.chunks_exact_mut(hd)
+        out.chunks_exact_mut(width)
             .enumerate()
             .for_each(|x| run(x, &mut scores));
     } else {
-        // A few heads per task: each task keeps one score buffer.
-        let per = (m * nh).div_ceil(4 * super::pool::threads()).max(1);
-        super::pool::for_each_chunk(&mut out, per * hd, &|t, o| {
+        // A few groups per task: each task keeps one score buffer.
+        let per = (m * nkv).div_ceil(4 * super::pool::threads()).max(1);
+        super::pool::for_each_chunk(&mut out, per * width, &|t, o| {
             let mut scores = Vec::new();
-            for (j, oh) in o.chunks_exact_mut(hd).enumerate() {
-                run((t * per + j, oh), &mut scores);
+            for (j, og) in o.chunks_exact_mut(width).enumerate() {
+                run((t * per + j, og), &mut scores);
             }
         });
     }
@@ -274,21 +319,21 @@ mod tests {
 
     #[test]
     #[cfg(target_arch = "x86_64")]
-    fn avx2_and_portable_heads_agree_bitwise() {
+    fn avx2_and_portable_groups_agree_bitwise_and_equal_heads_alone() {
         if !crate::kernels::dot::avx2() {
             eprintln!("skipping: this CPU has no AVX2");
             return;
         }
-        let (hd, stride, slots) = (64, 3 * 64, 37);
+        let (hd, stride, slots, group) = (64, 3 * 64, 37, 3);
         let f = |i: usize| ((i as f32) * 0.377).sin() * 2.0;
         let k: Vec<f32> = (0..slots * stride).map(f).collect();
         let v: Vec<f32> = (0..slots * stride).map(|i| f(i + 5)).collect();
-        let q: Vec<f32> = (0..hd).map(|i| f(i + 11)).collect();
+        let q: Vec<f32> = (0..group * hd).map(|i| f(i + 11)).collect();
         let extra = [30u32, 33, 36];
-        let (mut a, mut b) = (vec![0f32; hd], vec![0f32; hd]);
+        let (mut a, mut b) = (vec![0f32; group * hd], vec![0f32; group * hd]);
         let mut scores = Vec::new();
         for prefix in [0, 3, 4, 29] {
-            one_head_body(
+            group_body(
                 &q,
                 stride,
                 64,
@@ -303,7 +348,7 @@ mod tests {
             );
             // SAFETY: AVX2 was detected above.
             unsafe {
-                one_head_avx2(
+                group_avx2(
                     &q,
                     stride,
                     64,
@@ -319,6 +364,24 @@ mod tests {
             };
             let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&a), bits(&b), "prefix {prefix}");
+            // Each head of the group as if alone (a group of one).
+            for h in 0..group {
+                let mut alone = vec![0f32; hd];
+                group_body(
+                    &q[h * hd..(h + 1) * hd],
+                    stride,
+                    64,
+                    hd,
+                    &k,
+                    &v,
+                    prefix,
+                    &extra,
+                    0.125,
+                    &mut alone,
+                    &mut scores,
+                );
+                assert_eq!(bits(&alone), bits(&a[h * hd..(h + 1) * hd]), "head {h}");
+            }
         }
     }
 
