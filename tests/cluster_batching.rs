@@ -1,7 +1,7 @@
 //! Continuous batching through the real cluster: many streams share the worker's target passes
-//! and each still gets exactly what it gets alone; a long prompt is prefilled in chunks between
-//! the other streams' steps instead of stalling them; a stream dropped inside a batch frees its
-//! session while the rest go on.
+//! and the draft service's head passes, and each still gets exactly what it gets alone; a long
+//! prompt is prefilled in chunks between the other streams' steps instead of stalling them; a
+//! stream dropped inside a batch frees its session while the rest go on.
 
 use std::time::{Duration, Instant};
 
@@ -34,16 +34,22 @@ async fn stream(mut c: Client, r: GenerateRequest) -> Streamed {
     out
 }
 
-/// The worker's metrics text.
-fn worker_metrics(cluster: &TestCluster) -> String {
-    let url = cluster
-        .worker
+/// A service's metrics text.
+fn metrics_of(service: &Service) -> String {
+    let url = service
         .announced("metrics ")
-        .expect("the worker prints its metrics URL");
+        .expect("the service prints its metrics URL");
     let base = url.trim_end_matches("/metrics");
     let (status, body) = get(base, "/metrics");
     assert_eq!(status, 200);
     body
+}
+
+/// Passes (worker) or batches (draft service) that held more than one session so far, from
+/// the histogram `name`.
+fn shared(service: &Service, name: &str) -> f64 {
+    let m = metrics_of(service);
+    sample(&m, &format!("{name}_count")) - sample(&m, &format!("{name}_bucket{{le=\"1.0\"}}"))
 }
 
 /// The value of the sample whose line starts with `name` (labels included).
@@ -51,15 +57,17 @@ fn sample(metrics: &str, name: &str) -> f64 {
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(name)?.trim().split(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {name} in the worker's metrics"))
+        .unwrap_or_else(|| panic!("no sample {name} in the metrics"))
 }
 
 fn batching_cluster(env: &[(&str, &str)]) -> TestCluster {
     TestCluster::start(ClusterOpts {
         worker_args: vec!["--metrics-addr".into(), "127.0.0.1:0".into()],
         coordinator_args: vec!["--max-running".into(), "16".into()],
-        env: env
+        // The draft service's metrics too (the worker's flag above wins over this).
+        env: [("EAGLE_METRICS_ADDR", "127.0.0.1:0")]
             .iter()
+            .chain(env)
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         ..Default::default()
@@ -107,9 +115,11 @@ async fn sixteen_concurrent_streams_equal_each_stream_alone() {
             stream(c.clone(), r.clone()).await.tokens
         });
     }
-    let before = worker_metrics(&cluster);
-    let shared_before = sample(&before, "eagle_batch_sessions_count")
-        - sample(&before, "eagle_batch_sessions_bucket{le=\"1.0\"}");
+    let draft = cluster.draft.as_ref().unwrap();
+    let (passes_before, drafts_before) = (
+        shared(&cluster.worker, "eagle_batch_sessions"),
+        shared(draft, "eagle_draft_batch_sessions"),
+    );
     let tasks: Vec<_> = reqs
         .iter()
         .map(|r| tokio::spawn(stream(c.clone(), r.clone())))
@@ -121,13 +131,14 @@ async fn sixteen_concurrent_streams_equal_each_stream_alone() {
             "request {i} differs among 16 concurrent streams from the same request alone"
         );
     }
-    let after = worker_metrics(&cluster);
-    let shared = sample(&after, "eagle_batch_sessions_count")
-        - sample(&after, "eagle_batch_sessions_bucket{le=\"1.0\"}")
-        - shared_before;
     assert!(
-        shared > 0.0,
+        shared(&cluster.worker, "eagle_batch_sessions") > passes_before,
         "no target pass held more than one session: the streams were not batched"
+    );
+    // The seeded streams speculate whatever the load: their trees are drafted together.
+    assert!(
+        shared(draft, "eagle_draft_batch_sessions") > drafts_before,
+        "no draft batch held more than one session: the drafts were not batched"
     );
     cluster.expect_no_sessions(Duration::from_secs(5)).await;
 }

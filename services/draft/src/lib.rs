@@ -9,7 +9,9 @@
 //! Losslessness does not depend on this service: the worker verifies every tree against the
 //! target, so a wrong, slow or missing draft only costs speed.
 
-use std::sync::Arc;
+mod batcher;
+
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use eagle_engine::draft::{DraftSession, Drafter};
@@ -23,7 +25,7 @@ use eagle_proto::status::{from_engine, invalid};
 use eagle_proto::wire::{features_from_wire, sampling_from_wire, spec_from_wire, tree_to_wire};
 use tonic::{Request, Response, Status};
 
-struct Sequence {
+pub(crate) struct Sequence {
     ds: DraftSession,
     sampling: SamplingParams,
     spec: SpecConfig,
@@ -32,14 +34,30 @@ struct Sequence {
 }
 
 /// `eagle_step_duration_seconds{op="open"|"draft"}` (docs/metrics.md).
-static STEPS: std::sync::LazyLock<eagle_metrics::StepMetrics> =
-    std::sync::LazyLock::new(|| eagle_metrics::StepMetrics::new(&["open", "draft"]));
+static STEPS: LazyLock<eagle_metrics::StepMetrics> =
+    LazyLock::new(|| eagle_metrics::StepMetrics::new(&["open", "draft"]));
+
+/// `eagle_draft_batch_sessions` (docs/metrics.md).
+static BATCH_SESSIONS: LazyLock<prometheus_client::metrics::histogram::Histogram> =
+    LazyLock::new(|| {
+        eagle_metrics::histogram(
+            "eagle_draft_batch_sessions",
+            "Sessions whose draft trees were built together, one head pass per tree level",
+            prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 8),
+        )
+    });
+
+/// Records one batch of the draft scheduler.
+pub(crate) fn observe_batch(sessions: usize) {
+    BATCH_SESSIONS.observe(sessions as f64);
+}
 
 pub struct DraftService {
     drafter: Arc<Drafter>,
     model_name: String,
     head_name: String,
     sessions: Arc<SessionTable<Sequence>>,
+    batcher: batcher::Batcher,
     /// Measured seconds per draft level; added to the worker's costs that sessions bring.
     draft_level_s: f64,
 }
@@ -49,6 +67,8 @@ pub struct DraftOptions {
     pub head_name: String,
     pub cache_limit_bytes: u64,
     pub idle_timeout: Duration,
+    /// Sessions whose trees one batch drafts together, at most.
+    pub max_batch_sessions: usize,
 }
 
 /// The draft stream's seed: distinct from the worker's stream of the same request seed, so
@@ -69,11 +89,15 @@ impl DraftService {
                 0.0
             });
         tracing::info!(ms = draft_level_s * 1e3, "draft level cost measured");
+        let drafter = Arc::new(drafter);
+        let batcher =
+            batcher::Batcher::start(drafter.clone(), sessions.clone(), opts.max_batch_sessions);
         DraftService {
-            drafter: Arc::new(drafter),
+            drafter,
             model_name: opts.model_name,
             head_name: opts.head_name,
             sessions,
+            batcher,
             draft_level_s,
         }
     }
@@ -81,7 +105,8 @@ impl DraftService {
     /// Live sessions, read by the membership registration as this service's load.
     /// Registers the draft service's metrics: step times and live sessions.
     pub fn register_metrics(&self) {
-        std::sync::LazyLock::force(&STEPS);
+        LazyLock::force(&STEPS);
+        LazyLock::force(&BATCH_SESSIONS);
         let sessions = self.sessions.clone();
         eagle_metrics::session_gauges(move || sessions.len(), None);
     }
@@ -92,7 +117,7 @@ impl DraftService {
     }
 
     /// Checks pairs from the wire and queues them on the session.
-    fn commit(
+    pub(crate) fn commit(
         drafter: &Drafter,
         s: &mut Sequence,
         tokens: &[u32],
@@ -180,16 +205,8 @@ impl Draft for DraftService {
         let r = eagle_trace::rpc::handle(span, "eagle.draft.v1.Draft", "Draft", async {
             let r = req.into_inner();
             let tree = self
-                .sessions
-                .run(&r.session_id, &self.drafter, move |d, s| {
-                    Self::commit(d, s, &r.commit_tokens, r.commit_features.as_ref())?;
-                    let (spec, sampling, budget, rng) =
-                        (&s.spec, &s.sampling, &s.budget, &mut s.rng);
-                    let (tree, _) = d
-                        .draft(&mut s.ds, r.root, spec, sampling, rng, budget)
-                        .map_err(|e| from_engine(&e))?;
-                    Ok(tree)
-                })
+                .batcher
+                .submit(r.session_id, r.commit_tokens, r.commit_features, r.root)
                 .await?;
             tracing::Span::current().record("nodes", tree.len());
             Ok(Response::new(DraftResponse {

@@ -50,6 +50,10 @@ struct Args {
     /// Sessions idle this long (seconds) are reclaimed.
     #[arg(long, env = "EAGLE_IDLE_TIMEOUT_S", default_value_t = 120.0)]
     idle_timeout_s: f64,
+    /// Sessions whose trees are drafted together in one batch (one head pass per tree level
+    /// over all of them), at most; requests beyond it wait for the next batch.
+    #[arg(long, env = "EAGLE_DRAFT_MAX_BATCH", default_value_t = 64)]
+    max_batch_sessions: usize,
     #[command(flatten)]
     etcd: eagle_membership::EtcdFlags,
     #[command(flatten)]
@@ -98,6 +102,7 @@ async fn run(a: Args) -> Result<()> {
             head_name: a.head.display().to_string(),
             cache_limit_bytes: a.cache_mb << 20,
             idle_timeout: Duration::from_secs_f64(a.idle_timeout_s),
+            max_batch_sessions: a.max_batch_sessions,
         },
     );
     svc.register_metrics();

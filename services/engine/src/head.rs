@@ -419,28 +419,89 @@ impl EagleHead {
         positions: &[usize],
         vis: &Visibility,
     ) -> Result<Tensor> {
-        let m = embeds.dim(0)?;
-        cache.reserve(m)?;
-        let start = cache.len();
-        let rope = self.rope.at(positions);
-        let x = Tensor::cat(&[embeds, features], 1)?;
+        let mut rows = [HeadRows {
+            cache,
+            embeds,
+            features,
+            positions,
+            vis,
+        }];
+        Ok(self.forward_batch(&mut rows)?.remove(0))
+    }
+
+    /// One head pass over the pairs of several sessions (the draft service's batch): on the
+    /// CPU kernels `fc` and every matmul of the layer run once over all rows, attention per
+    /// session over its own cache, so each session gets the bits it gets alone (see
+    /// `crate::kernels`). The device path runs the sessions one after another. All row sets are
+    /// checked before any runs. Returns each session's predicted features [m_i, H].
+    pub fn forward_batch(&self, batch: &mut [HeadRows<'_>]) -> Result<Vec<Tensor>> {
         let h = self.cfg.hidden_size;
-        let out = if self.cpu() {
-            let x = x.flatten_all()?.to_vec1::<f32>()?;
-            let x = self.fc.forward_cpu(&x, m)?;
-            let part = KvPart {
-                kv: &mut cache.layers[0],
-                start,
-                vis,
-            };
-            let y = self.layer.forward_cpu(x, m, &rope, &mut [part])?;
-            Tensor::from_vec(y, (m, h), &self.device)?
-        } else {
-            let x = self.fc.forward(&x)?;
-            self.layer
-                .forward(&x, &rope, &mut cache.layers[0], start, vis)?
-        };
-        cache.advance(m);
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        for r in batch.iter() {
+            let m = r.embeds.dim(0)?;
+            if m == 0 || r.features.dims() != [m, h] || r.positions.len() != m || r.vis.len() != m {
+                return Err(EngineError::InvalidRequest(format!(
+                    "head: {m} embeddings, features {:?}, {} positions, {} visibility rows",
+                    r.features.dims(),
+                    r.positions.len(),
+                    r.vis.len()
+                )));
+            }
+            r.cache.reserve(m)?;
+        }
+        if !self.cpu() {
+            return batch
+                .iter_mut()
+                .map(|r| {
+                    let start = r.cache.len();
+                    let rope = self.rope.at(r.positions);
+                    let x = self.fc.forward(&Tensor::cat(&[r.embeds, r.features], 1)?)?;
+                    let y = self
+                        .layer
+                        .forward(&x, &rope, &mut r.cache.layers[0], start, r.vis)?;
+                    r.cache.advance(r.positions.len());
+                    Ok(y)
+                })
+                .collect();
+        }
+        let positions: Vec<usize> = batch
+            .iter()
+            .flat_map(|r| r.positions.iter().copied())
+            .collect();
+        let m = positions.len();
+        let mut x = Vec::with_capacity(m * 2 * h);
+        for r in batch.iter() {
+            x.extend(
+                Tensor::cat(&[r.embeds, r.features], 1)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            );
+        }
+        let x = self.fc.forward_cpu(&x, m)?;
+        let rope = self.rope.at(&positions);
+        let mut parts: Vec<KvPart<'_>> = batch
+            .iter_mut()
+            .map(|r| KvPart {
+                start: r.cache.len(),
+                kv: &mut r.cache.layers[0],
+                vis: r.vis,
+            })
+            .collect();
+        let y = self.layer.forward_cpu(x, m, &rope, &mut parts)?;
+        let mut out = Vec::with_capacity(batch.len());
+        let mut row = 0;
+        for r in batch.iter_mut() {
+            let n = r.positions.len();
+            out.push(Tensor::from_slice(
+                &y[row * h..(row + n) * h],
+                (n, h),
+                &self.device,
+            )?);
+            r.cache.advance(n);
+            row += n;
+        }
         Ok(out)
     }
 
@@ -460,6 +521,17 @@ impl EagleHead {
         let x = self.fc.forward(&x)?;
         self.layer.forward_masked(&x, &rope, mask)
     }
+}
+
+/// One session's pairs in a head pass: see [`EagleHead::forward`].
+pub struct HeadRows<'a> {
+    pub cache: &'a mut KvCache,
+    /// [m, H]: the target's embedding of each pair's token.
+    pub embeds: &'a Tensor,
+    /// [m, H]: the feature each pair extends.
+    pub features: &'a Tensor,
+    pub positions: &'a [usize],
+    pub vis: &'a Visibility,
 }
 
 /// A tensor to save: a candle tensor, or a bool mask (which candle has no dtype for).

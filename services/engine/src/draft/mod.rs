@@ -22,7 +22,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
-use crate::head::EagleHead;
+use crate::head::{EagleHead, HeadRows};
 use crate::kernels::attention::Visibility;
 use crate::kv_cache::KvCache;
 use crate::layers::{use_cpu_kernels, Linear, Matrix};
@@ -30,8 +30,14 @@ use crate::loader::{Quant, WeightSource, Weights};
 use crate::models::target::{embed_rows, lm_head, load_embed_and_lm_head};
 use crate::models::TargetModel;
 use crate::sampling::{log_softmax, sample_without_replacement, top_k, warp, Rng, SamplingParams};
+
+mod greedy;
+mod sampled;
+
 use crate::spec::{SpecConfig, TreeBudget, TreeShape};
-use crate::tree::{rerank, Candidate, DraftTree};
+use crate::tree::DraftTree;
+use greedy::Greedy;
+use sampled::Sampled;
 
 /// The head plus what it borrows from the target: the token embedding and the LM head.
 pub struct Drafter {
@@ -92,6 +98,54 @@ pub struct DraftStats {
     pub head_passes: usize,
     /// Candidates scored before reranking.
     pub scored: usize,
+}
+
+/// One session's draft in a batch: see [`Drafter::draft`].
+pub struct DraftJob<'a> {
+    pub sess: &'a mut DraftSession,
+    pub root: u32,
+    pub cfg: &'a SpecConfig,
+    pub sampling: &'a SamplingParams,
+    pub rng: &'a mut Rng,
+    pub budget: &'a TreeBudget,
+}
+
+/// A dynamic tree being grown a level at a time.
+enum Build<'a> {
+    Greedy(Greedy<'a>),
+    Sampled(Sampled<'a>),
+}
+
+impl Build<'_> {
+    fn depth(&self) -> usize {
+        match self {
+            Build::Greedy(g) => g.depth(),
+            Build::Sampled(s) => s.depth(),
+        }
+    }
+
+    fn next_level(&mut self) -> Option<&mut [Open]> {
+        match self {
+            Build::Greedy(g) => g.next_level(),
+            Build::Sampled(s) => s.next_level(),
+        }
+    }
+
+    fn finish(self) -> (DraftTree, DraftStats) {
+        match self {
+            Build::Greedy(g) => g.finish(),
+            Build::Sampled(s) => s.finish(),
+        }
+    }
+}
+
+/// Fails every session of a shared pass that failed.
+fn fail_all(out: &mut [Option<Result<(DraftTree, DraftStats)>>], which: &[usize], e: &EngineError) {
+    for &i in which {
+        out[i] = Some(Err(EngineError::Candle(candle_core::Error::Msg(format!(
+            "the shared head pass failed: {e}"
+        )))));
+    }
 }
 
 impl Drafter {
@@ -176,7 +230,7 @@ impl Drafter {
                 .collect();
             let t = std::time::Instant::now();
             let hidden = self.run_nodes(&mut sess, &mut nodes, committed, committed)?;
-            std::hint::black_box(self.top_log_probs(&hidden, k)?);
+            std::hint::black_box(self.lm_rows(std::slice::from_ref(&hidden))?);
             best = best.min(t.elapsed().as_secs_f64());
             sess.cache.truncate(committed);
         }
@@ -192,40 +246,55 @@ impl Drafter {
         })
     }
 
-    /// Draft logits over the target vocabulary, one row per hidden row.
-    fn logits(&self, hidden: &Tensor) -> Result<Vec<Vec<f32>>> {
+    /// LM-head rows (over the draft vocabulary) of several [m_i, H] head outputs: on the CPU
+    /// kernels one pass over all their rows, whose results do not depend on each other.
+    fn lm_rows(&self, hiddens: &[Tensor]) -> Result<Vec<Vec<Vec<f32>>>> {
         let cpu = use_cpu_kernels(&self.head.device);
-        let rows = lm_head(&self.lm_head, hidden, cpu)?.to_vec2::<f32>()?;
-        let Some(d2t) = &self.d2t else {
-            return Ok(rows);
-        };
-        Ok(rows
-            .into_iter()
-            .map(|row| {
-                let mut full = vec![f32::NEG_INFINITY; self.vocab];
-                for (&t, v) in d2t.iter().zip(row) {
-                    full[t as usize] = v;
-                }
-                full
-            })
+        if !cpu || hiddens.len() == 1 {
+            return hiddens
+                .iter()
+                .map(|h| Ok(lm_head(&self.lm_head, h, cpu)?.to_vec2::<f32>()?))
+                .collect();
+        }
+        if hiddens.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut all = lm_head(&self.lm_head, &Tensor::cat(hiddens, 0)?, cpu)?
+            .to_vec2::<f32>()?
+            .into_iter();
+        Ok(hiddens
+            .iter()
+            .map(|h| all.by_ref().take(h.dim(0).unwrap_or(0)).collect())
             .collect())
     }
 
-    /// The `k` most likely next tokens (target ids) and their log-probabilities, per hidden row.
-    /// With a reduced draft vocabulary this works on the reduced rows: the other tokens have
-    /// probability 0, so the values equal those of the full row, for a fraction of the work.
-    fn top_log_probs(&self, hidden: &Tensor, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
-        let cpu = use_cpu_kernels(&self.head.device);
-        let rows = lm_head(&self.lm_head, hidden, cpu)?.to_vec2::<f32>()?;
-        Ok(rows
-            .iter()
-            .map(|row| {
-                top_k(&log_softmax(row), k)
-                    .into_iter()
-                    .map(|(i, lp)| (self.d2t.as_ref().map_or(i, |d| d[i as usize]), lp))
-                    .collect()
-            })
-            .collect())
+    /// A draft row over the target vocabulary: with a reduced draft vocabulary every other
+    /// token gets -inf.
+    fn full_row(&self, row: &[f32]) -> Vec<f32> {
+        let Some(d2t) = &self.d2t else {
+            return row.to_vec();
+        };
+        let mut full = vec![f32::NEG_INFINITY; self.vocab];
+        for (&t, &v) in d2t.iter().zip(row) {
+            full[t as usize] = v;
+        }
+        full
+    }
+
+    /// The `k` most likely next tokens (target ids) and their log-probabilities. With a reduced
+    /// draft vocabulary this works on the reduced row: the other tokens have probability 0, so
+    /// the values equal those of the full row, for a fraction of the work.
+    fn top_of(&self, row: &[f32], k: usize) -> Vec<(u32, f32)> {
+        top_k(&log_softmax(row), k)
+            .into_iter()
+            .map(|(i, lp)| (self.d2t.as_ref().map_or(i, |d| d[i as usize]), lp))
+            .collect()
+    }
+
+    /// Draft logits over the target vocabulary, one row per hidden row.
+    fn logits(&self, hidden: &Tensor) -> Result<Vec<Vec<f32>>> {
+        let rows = self.lm_rows(std::slice::from_ref(hidden))?.remove(0);
+        Ok(rows.iter().map(|r| self.full_row(r)).collect())
     }
 
     /// Runs the queued committed pairs through the head. Returns the head output at the last
@@ -236,32 +305,27 @@ impl Drafter {
                 "draft: no committed tokens to extend (push the prompt first)".into(),
             ));
         }
-        let tokens = std::mem::take(&mut sess.pending_tokens);
-        let feats = Tensor::cat(&std::mem::take(&mut sess.pending_features), 0)?;
-        let start = sess.cache.len();
-        let m = tokens.len();
-        let embeds = embed_rows(&self.embed, &tokens, self.vocab, &self.head.device)?;
-        let positions: Vec<usize> = (start..start + m).collect();
-        let out = self.head.forward(
-            &mut sess.cache,
-            &embeds,
-            &feats,
-            &positions,
-            &Visibility::causal(start, m),
-        )?;
-        Ok(out.i(m - 1)?)
+        let mut out = [None];
+        match (
+            self.absorb_batch(&mut [sess], &[0], &mut out).pop(),
+            out[0].take(),
+        ) {
+            (Some((_, hidden)), _) => Ok(hidden),
+            (None, Some(Err(e))) => Err(e),
+            _ => unreachable!("absorbing a session runs it or fails it"),
+        }
     }
 
-    /// Runs drafted `nodes` (all at head position `position`) after the committed prefix
-    /// `committed`; each sees the prefix, its ancestors and itself. Returns their outputs.
-    fn run_nodes(
+    /// The head inputs of drafted `nodes` (all at head position `position`), written from
+    /// cache slot `start` after the committed prefix `committed`: each sees the prefix, its
+    /// ancestors and itself (its own slot is added to its ancestors here).
+    fn node_inputs(
         &self,
-        sess: &mut DraftSession,
         nodes: &mut [Open],
+        start: usize,
         committed: usize,
         position: usize,
-    ) -> Result<Tensor> {
-        let start = sess.cache.len();
+    ) -> Result<(Tensor, Tensor, Vec<usize>, Visibility)> {
         let tokens: Vec<u32> = nodes.iter().map(|n| n.token).collect();
         let embeds = embed_rows(&self.embed, &tokens, self.vocab, &self.head.device)?;
         let feats: Vec<&Tensor> = nodes.iter().map(|n| &n.parent_hidden).collect();
@@ -279,7 +343,20 @@ impl Drafter {
             extra,
             ..Default::default()
         };
-        let positions = vec![position; nodes.len()];
+        Ok((embeds, feats, vec![position; nodes.len()], vis))
+    }
+
+    /// Runs drafted `nodes` of one session; see [`Self::node_inputs`]. Returns their outputs.
+    fn run_nodes(
+        &self,
+        sess: &mut DraftSession,
+        nodes: &mut [Open],
+        committed: usize,
+        position: usize,
+    ) -> Result<Tensor> {
+        let start = sess.cache.len();
+        let (embeds, feats, positions, vis) =
+            self.node_inputs(nodes, start, committed, position)?;
         self.head
             .forward(&mut sess.cache, &embeds, &feats, &positions, &vis)
     }
@@ -296,202 +373,276 @@ impl Drafter {
         rng: &mut Rng,
         budget: &TreeBudget,
     ) -> Result<(DraftTree, DraftStats)> {
-        if sess.pending_tokens.last() != Some(&root) {
-            return Err(EngineError::InvalidRequest(
-                "draft: the root must be the last committed token".into(),
-            ));
-        }
-        let root_hidden = self.absorb(sess)?;
-        let committed = sess.cache.len();
-        let result = match (&cfg.shape, sampling.is_greedy()) {
-            (TreeShape::Dynamic, true) => {
-                self.dynamic_greedy(sess, root, root_hidden, committed, cfg, budget)
-            }
-            (TreeShape::Dynamic, false) => {
-                // The size is fixed before any child is drawn (see `TreeBudget::sampled_nodes`).
-                let sized = SpecConfig {
-                    total_token: (budget.sampled_nodes() + 1) as i32,
-                    ..cfg.clone()
-                };
-                self.dynamic_sampled(sess, root, root_hidden, committed, &sized, sampling, rng)
-            }
-            (TreeShape::Static(shape), _) => {
-                self.static_tree(sess, root, root_hidden, committed, shape, sampling, rng)
-            }
+        let job = DraftJob {
+            sess,
+            root,
+            cfg,
+            sampling,
+            rng,
+            budget,
         };
-        sess.cache.truncate(committed);
-        result
+        self.draft_batch(vec![job])
+            .pop()
+            .expect("one result per job")
     }
 
-    /// EAGLE-2 at T = 0: expand the best `top_k` nodes per level by cumulative
-    /// log-probability, then rerank everything scored.
-    fn dynamic_greedy(
-        &self,
-        sess: &mut DraftSession,
-        root: u32,
-        root_hidden: Tensor,
-        committed: usize,
-        cfg: &SpecConfig,
-        budget: &TreeBudget,
-    ) -> Result<(DraftTree, DraftStats)> {
-        let k = cfg.top_k.max(1);
-        let mut stats = DraftStats {
-            head_passes: 1,
-            scored: 0,
-        };
-        let mut cands: Vec<Candidate> = self
-            .top_log_probs(&root_hidden.unsqueeze(0)?, k)?
-            .remove(0)
-            .into_iter()
-            .map(|(t, lp)| Candidate {
-                token: t,
-                parent: None,
-                score: lp,
-            })
-            .collect();
-        // Frontier: (candidate index, open node).
-        let mut frontier: Vec<(usize, Open)> = cands
+    /// Builds the trees of several sessions together: their committed pairs in one head pass,
+    /// then one head pass and one LM-head pass per tree level over the nodes of every session
+    /// still growing (static EAGLE-1 trees are built alone after the shared passes). Each
+    /// session gets exactly the tree [`Self::draft`] gives it alone (the CPU kernels' rows do
+    /// not depend on each other); a session that fails (a wrong root, a full cache) fails
+    /// alone.
+    pub fn draft_batch(&self, jobs: Vec<DraftJob<'_>>) -> Vec<Result<(DraftTree, DraftStats)>> {
+        let mut out: Vec<Option<Result<(DraftTree, DraftStats)>>> =
+            jobs.iter().map(|_| None).collect();
+        let mut sessions = Vec::with_capacity(jobs.len());
+        let mut rest = Vec::with_capacity(jobs.len());
+        for (i, job) in jobs.into_iter().enumerate() {
+            let DraftJob {
+                sess,
+                root,
+                cfg,
+                sampling,
+                rng,
+                budget,
+            } = job;
+            if sess.pending_tokens.last() != Some(&root) {
+                out[i] = Some(Err(EngineError::InvalidRequest(
+                    "draft: the root must be the last committed token".into(),
+                )));
+            }
+            sessions.push(sess);
+            rest.push(Some((root, cfg, sampling, rng, budget)));
+        }
+        // The committed pairs of every session: the root's head output ends each.
+        let absorbing: Vec<usize> = (0..sessions.len()).filter(|&i| out[i].is_none()).collect();
+        let roots = self.absorb_batch(&mut sessions, &absorbing, &mut out);
+        let committed: Vec<usize> = sessions.iter().map(|s| s.cache.len()).collect();
+        let live: Vec<usize> = roots.iter().map(|(i, _)| *i).collect();
+        let root_rows = roots
             .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                (
-                    i,
-                    Open {
-                        token: c.token,
-                        parent_hidden: root_hidden.clone(),
-                        ancestors: Vec::new(),
-                    },
-                )
-            })
-            .collect();
-        for depth in 1..cfg.depth {
-            let best = frontier
-                .iter()
-                .map(|(ci, _)| cands[*ci].score)
-                .fold(f32::NEG_INFINITY, f32::max);
-            if !budget.worth_expanding(best) {
-                break;
+            .map(|(_, h)| h.unsqueeze(0))
+            .collect::<candle_core::Result<Vec<Tensor>>>()
+            .map_err(EngineError::from)
+            .and_then(|hiddens| self.lm_rows(&hiddens));
+        let root_rows = match root_rows {
+            Ok(r) => r,
+            Err(e) => {
+                fail_all(&mut out, &live, &e);
+                Vec::new()
             }
-            let mut opens: Vec<Open> = frontier.iter().map(|(_, o)| o.clone()).collect();
-            let hidden = self.run_nodes(sess, &mut opens, committed, committed - 1 + depth)?;
-            stats.head_passes += 1;
-            let tops = self.top_log_probs(&hidden, k)?;
-            let mut children: Vec<(usize, usize)> = Vec::new(); // (candidate index, frontier row)
-            for (row, ((ci, _), top)) in frontier.iter().zip(tops).enumerate() {
-                let base = cands[*ci].score;
-                for (t, lp) in top {
-                    cands.push(Candidate {
-                        token: t,
-                        parent: Some(*ci),
-                        score: base + lp,
-                    });
-                    children.push((cands.len() - 1, row));
+        };
+        let mut builds: Vec<(usize, Build<'_>)> = Vec::new();
+        for ((i, hidden), rows) in roots.into_iter().zip(root_rows) {
+            let (root, cfg, sampling, rng, budget) = rest[i].take().expect("one job each");
+            let row = &rows[0];
+            match (&cfg.shape, sampling.is_greedy()) {
+                (TreeShape::Dynamic, true) => builds.push((
+                    i,
+                    Build::Greedy(Greedy::new(
+                        root,
+                        &hidden,
+                        self.top_of(row, cfg.top_k.max(1)),
+                        cfg,
+                        budget,
+                    )),
+                )),
+                (TreeShape::Dynamic, false) => {
+                    // The size is fixed before any child is drawn (`TreeBudget::sampled_nodes`).
+                    let sized = SpecConfig {
+                        total_token: (budget.sampled_nodes() + 1) as i32,
+                        ..cfg.clone()
+                    };
+                    let logits = self.full_row(row);
+                    builds.push((
+                        i,
+                        Build::Sampled(Sampled::new(root, &hidden, &logits, &sized, sampling, rng)),
+                    ));
+                }
+                (TreeShape::Static(shape), _) => {
+                    let sess = &mut *sessions[i];
+                    out[i] = Some(self.static_tree(
+                        sess,
+                        root,
+                        hidden,
+                        committed[i],
+                        shape,
+                        sampling,
+                        rng,
+                    ));
+                    sess.cache.truncate(committed[i]);
                 }
             }
-            let mut order: Vec<usize> = (0..children.len()).collect();
-            order.sort_by(|&a, &b| {
-                let (ca, cb) = (children[a].0, children[b].0);
-                cands[cb]
-                    .score
-                    .total_cmp(&cands[ca].score)
-                    .then(ca.cmp(&cb))
-            });
-            frontier = order
-                .into_iter()
-                .take(k)
-                .map(|j| {
-                    let (ci, row) = children[j];
-                    let parent = &opens[row];
-                    Ok((
-                        ci,
-                        Open {
-                            token: cands[ci].token,
-                            parent_hidden: hidden.i(row)?,
-                            ancestors: parent.ancestors.clone(),
-                        },
-                    ))
-                })
-                .collect::<Result<Vec<_>>>()?;
         }
-        stats.scored = cands.len();
-        let mut scores: Vec<f32> = cands.iter().map(|c| c.score).collect();
-        scores.sort_by(|a, b| b.total_cmp(a));
-        let n = budget.keep(&scores, stats.head_passes);
-        Ok((rerank(root, &cands, n), stats))
+        // One head pass and one LM-head pass per level, over every tree still growing.
+        loop {
+            let mut level: Vec<(usize, usize, &mut [Open], usize)> = Vec::new();
+            for (b, (i, build)) in builds.iter_mut().enumerate() {
+                if out[*i].is_some() {
+                    continue;
+                }
+                let depth = build.depth();
+                if let Some(nodes) = build.next_level() {
+                    level.push((b, *i, nodes, depth));
+                }
+            }
+            if level.is_empty() {
+                break;
+            }
+            let ran = self.run_level(&mut sessions, &committed, &mut level, &mut out);
+            let took: Vec<(usize, Tensor, Vec<Vec<f32>>)> = ran;
+            for (b, hidden, rows) in took {
+                let (i, build) = &mut builds[b];
+                let r = match build {
+                    Build::Greedy(g) => {
+                        let k = g.top_k();
+                        g.take(&hidden, rows.iter().map(|r| self.top_of(r, k)).collect())
+                    }
+                    Build::Sampled(s) => {
+                        s.take(&hidden, rows.iter().map(|r| self.full_row(r)).collect())
+                    }
+                };
+                if let Err(e) = r {
+                    out[*i] = Some(Err(e));
+                }
+            }
+        }
+        for (i, build) in builds {
+            if out[i].is_none() {
+                out[i] = Some(Ok(build.finish()));
+            }
+        }
+        for i in live {
+            sessions[i].cache.truncate(committed[i]);
+        }
+        out.into_iter()
+            .map(|r| r.expect("every job has a result"))
+            .collect()
     }
 
-    /// T > 0: breadth-first growth. The root gets `top_k` children; at each level the
-    /// `top_k` best-scoring nodes (by their own cumulative log q) are expanded, in score order,
-    /// with `sample_branch` children each while the budget lasts. Child counts depend only on
-    /// nodes at or above the parent's level, never on the children themselves.
-    #[allow(clippy::too_many_arguments)]
-    fn dynamic_sampled(
+    /// Runs the queued committed pairs of sessions `which` through the head in one pass.
+    /// Returns (session, head output at its last pair: the predicted feature of the root's
+    /// position) for those that ran; the others get their error in `out`.
+    fn absorb_batch(
         &self,
-        sess: &mut DraftSession,
-        root: u32,
-        root_hidden: Tensor,
-        committed: usize,
-        cfg: &SpecConfig,
-        sampling: &SamplingParams,
-        rng: &mut Rng,
-    ) -> Result<(DraftTree, DraftStats)> {
-        let budget = cfg.node_budget();
-        let mut stats = DraftStats {
-            head_passes: 1,
-            scored: 0,
-        };
-        let mut tree = DraftTree::root(root);
-        let q = warp(&self.logits(&root_hidden.unsqueeze(0)?)?[0], sampling);
-        let mut scores = vec![0f32];
-        let mut opens: Vec<Option<Open>> = vec![None];
-        let mut level: Vec<usize> = Vec::new();
-        for t in sample_without_replacement(&q, cfg.top_k.max(1).min(budget), rng) {
-            let i = tree.push(0, t);
-            scores.push(q[t as usize].ln());
-            opens.push(Some(Open {
-                token: t,
-                parent_hidden: root_hidden.clone(),
-                ancestors: Vec::new(),
-            }));
-            level.push(i);
-        }
-        tree.draft_probs[0] = Some(q);
-        let branch = cfg.sample_branch.max(1);
-        for depth in 1..cfg.depth {
-            let room = budget.saturating_sub(tree.len() - 1);
-            if room == 0 || level.is_empty() {
-                break;
+        sessions: &mut [&mut DraftSession],
+        which: &[usize],
+        out: &mut [Option<Result<(DraftTree, DraftStats)>>],
+    ) -> Vec<(usize, Tensor)> {
+        let mut inputs = Vec::new();
+        for &i in which {
+            let sess = &mut *sessions[i];
+            let m = sess.pending_tokens.len();
+            let start = sess.cache.len();
+            let prepared = sess.cache.reserve(m).and_then(|()| {
+                let embeds = embed_rows(
+                    &self.embed,
+                    &sess.pending_tokens,
+                    self.vocab,
+                    &self.head.device,
+                )?;
+                let feats = Tensor::cat(&sess.pending_features, 0)?;
+                Ok((embeds, feats))
+            });
+            sess.pending_tokens.clear();
+            sess.pending_features.clear();
+            match prepared {
+                Ok((embeds, feats)) => inputs.push((
+                    i,
+                    embeds,
+                    feats,
+                    (start..start + m).collect::<Vec<usize>>(),
+                    Visibility::causal(start, m),
+                )),
+                Err(e) => out[i] = Some(Err(e)),
             }
-            let mut expand = level.clone();
-            expand.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-            expand.truncate(cfg.top_k.max(1).min(room.div_ceil(branch)));
-            let mut batch: Vec<Open> = expand.iter().map(|&i| opens[i].clone().unwrap()).collect();
-            let hidden = self.run_nodes(sess, &mut batch, committed, committed - 1 + depth)?;
-            stats.head_passes += 1;
-            let logits = self.logits(&hidden)?;
-            let mut next = Vec::new();
-            for (row, &node) in expand.iter().enumerate() {
-                let room = budget.saturating_sub(tree.len() - 1);
-                if room == 0 {
-                    break;
-                }
-                let q = warp(&logits[row], sampling);
-                for t in sample_without_replacement(&q, branch.min(room), rng) {
-                    let c = tree.push(node, t);
-                    scores.push(scores[node] + q[t as usize].ln());
-                    opens.push(Some(Open {
-                        token: t,
-                        parent_hidden: hidden.i(row)?,
-                        ancestors: batch[row].ancestors.clone(),
-                    }));
-                    next.push(c);
-                }
-                tree.draft_probs[node] = Some(q);
-            }
-            level = next;
         }
-        stats.scored = tree.len() - 1;
-        Ok((tree, stats))
+        let mut by_index: Vec<Option<&mut DraftSession>> =
+            sessions.iter_mut().map(|s| Some(&mut **s)).collect();
+        let mut rows: Vec<HeadRows<'_>> = inputs
+            .iter()
+            .map(|(i, embeds, feats, positions, vis)| HeadRows {
+                cache: &mut by_index[*i].take().expect("a session once").cache,
+                embeds,
+                features: feats,
+                positions,
+                vis,
+            })
+            .collect();
+        let ran: Vec<usize> = inputs.iter().map(|x| x.0).collect();
+        match self.head.forward_batch(&mut rows) {
+            Ok(hidden) => ran
+                .into_iter()
+                .zip(hidden)
+                .filter_map(|(i, h)| {
+                    let m = h.dim(0).ok()?;
+                    match h.i(m - 1) {
+                        Ok(last) => Some((i, last)),
+                        Err(e) => {
+                            out[i] = Some(Err(e.into()));
+                            None
+                        }
+                    }
+                })
+                .collect(),
+            Err(e) => {
+                fail_all(out, &ran, &e);
+                Vec::new()
+            }
+        }
+    }
+
+    /// Runs one level of several sessions' trees: their nodes in one head pass, then one
+    /// LM-head pass. Returns (builder, head outputs, LM-head rows) per level that ran; a
+    /// session whose cache cannot hold its level fails alone, in `out`.
+    fn run_level(
+        &self,
+        sessions: &mut [&mut DraftSession],
+        committed: &[usize],
+        level: &mut [(usize, usize, &mut [Open], usize)],
+        out: &mut [Option<Result<(DraftTree, DraftStats)>>],
+    ) -> Vec<(usize, Tensor, Vec<Vec<f32>>)> {
+        let mut inputs = Vec::new();
+        for (b, i, nodes, depth) in level.iter_mut() {
+            let sess = &*sessions[*i];
+            let start = sess.cache.len();
+            let prepared = sess.cache.reserve(nodes.len()).and_then(|()| {
+                self.node_inputs(nodes, start, committed[*i], committed[*i] - 1 + *depth)
+            });
+            match prepared {
+                Ok(x) => inputs.push((*b, *i, x)),
+                Err(e) => out[*i] = Some(Err(e)),
+            }
+        }
+        let mut by_index: Vec<Option<&mut DraftSession>> =
+            sessions.iter_mut().map(|s| Some(&mut **s)).collect();
+        let mut rows: Vec<HeadRows<'_>> = inputs
+            .iter()
+            .map(|(_, i, (embeds, feats, positions, vis))| HeadRows {
+                cache: &mut by_index[*i].take().expect("a session once").cache,
+                embeds,
+                features: feats,
+                positions,
+                vis,
+            })
+            .collect();
+        let who: Vec<usize> = inputs.iter().map(|x| x.1).collect();
+        let result = self.head.forward_batch(&mut rows).and_then(|hidden| {
+            let lm = self.lm_rows(&hidden)?;
+            Ok((hidden, lm))
+        });
+        match result {
+            Ok((hidden, lm)) => inputs
+                .iter()
+                .zip(hidden)
+                .zip(lm)
+                .map(|(((b, _, _), h), rows)| (*b, h, rows))
+                .collect(),
+            Err(e) => {
+                fail_all(out, &who, &e);
+                Vec::new()
+            }
+        }
     }
 
     /// EAGLE-1 static tree: the shape is fixed; a node's r-th child is the draft's r-th best

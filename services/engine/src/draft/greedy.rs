@@ -1,0 +1,162 @@
+//! EAGLE-2's dynamic tree at T = 0 (Li et al., 2024, "EAGLE-2: Faster Inference of Language
+//! Models with Dynamic Draft Trees", section 4), one level at a time.
+//!
+//! Invariants:
+//! - Each level expands the `top_k` candidates of the previous level with the highest
+//!   cumulative draft log-probability (ties by candidate order); each gets its `top_k` best
+//!   children. The final tree is the `keep` best of every candidate scored (`rerank`), so it
+//!   is connected: a child never outscores its parent.
+//! - The builder holds no model: the caller runs each level's nodes through the head (alone or
+//!   beside other sessions' levels) and hands back their outputs, so a tree is the same
+//!   whoever shares the pass.
+
+use candle_core::{IndexOp, Tensor};
+
+use super::{DraftStats, Open};
+use crate::error::Result;
+use crate::spec::{SpecConfig, TreeBudget};
+use crate::tree::{rerank, Candidate, DraftTree};
+
+pub(super) struct Greedy<'a> {
+    root: u32,
+    k: usize,
+    max_depth: usize,
+    budget: &'a TreeBudget,
+    /// The depth of the next level to run (the root's children are depth 1).
+    depth: usize,
+    cands: Vec<Candidate>,
+    /// (candidate index, node) of the level to expand next.
+    frontier: Vec<(usize, Open)>,
+    /// The nodes of the level being run.
+    running: Vec<Open>,
+    stats: DraftStats,
+}
+
+impl<'a> Greedy<'a> {
+    /// Starts from the root's `top_k` (token, log-probability) pairs; `root_hidden` is the head
+    /// output the root's children extend.
+    pub(super) fn new(
+        root: u32,
+        root_hidden: &Tensor,
+        root_top: Vec<(u32, f32)>,
+        cfg: &SpecConfig,
+        budget: &'a TreeBudget,
+    ) -> Self {
+        let cands: Vec<Candidate> = root_top
+            .into_iter()
+            .map(|(t, lp)| Candidate {
+                token: t,
+                parent: None,
+                score: lp,
+            })
+            .collect();
+        let frontier = cands
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                (
+                    i,
+                    Open {
+                        token: c.token,
+                        parent_hidden: root_hidden.clone(),
+                        ancestors: Vec::new(),
+                    },
+                )
+            })
+            .collect();
+        Greedy {
+            root,
+            k: cfg.top_k.max(1),
+            max_depth: cfg.depth,
+            budget,
+            depth: 1,
+            cands,
+            frontier,
+            running: Vec::new(),
+            stats: DraftStats {
+                head_passes: 1,
+                scored: 0,
+            },
+        }
+    }
+
+    pub(super) fn top_k(&self) -> usize {
+        self.k
+    }
+
+    /// The depth of the level [`Self::next_level`] returns.
+    pub(super) fn depth(&self) -> usize {
+        self.depth
+    }
+
+    /// The nodes to run through the head next, or `None` once the tree is complete (the depth
+    /// limit, or the cost model says a deeper level does not pay).
+    pub(super) fn next_level(&mut self) -> Option<&mut [Open]> {
+        if self.depth >= self.max_depth || self.frontier.is_empty() {
+            return None;
+        }
+        let best = self
+            .frontier
+            .iter()
+            .map(|(ci, _)| self.cands[*ci].score)
+            .fold(f32::NEG_INFINITY, f32::max);
+        if !self.budget.worth_expanding(best) {
+            return None;
+        }
+        self.running = self.frontier.iter().map(|(_, o)| o.clone()).collect();
+        Some(&mut self.running)
+    }
+
+    /// The head's outputs for the level just run and each node's `top_k` next tokens.
+    pub(super) fn take(&mut self, hidden: &Tensor, tops: Vec<Vec<(u32, f32)>>) -> Result<()> {
+        self.stats.head_passes += 1;
+        let mut children: Vec<(usize, usize)> = Vec::new(); // (candidate index, level row)
+        for (row, ((ci, _), top)) in self.frontier.iter().zip(tops).enumerate() {
+            let base = self.cands[*ci].score;
+            for (t, lp) in top {
+                self.cands.push(Candidate {
+                    token: t,
+                    parent: Some(*ci),
+                    score: base + lp,
+                });
+                children.push((self.cands.len() - 1, row));
+            }
+        }
+        let cands = &self.cands;
+        let mut order: Vec<usize> = (0..children.len()).collect();
+        order.sort_by(|&a, &b| {
+            let (ca, cb) = (children[a].0, children[b].0);
+            cands[cb]
+                .score
+                .total_cmp(&cands[ca].score)
+                .then(ca.cmp(&cb))
+        });
+        self.frontier = order
+            .into_iter()
+            .take(self.k)
+            .map(|j| {
+                let (ci, row) = children[j];
+                Ok((
+                    ci,
+                    Open {
+                        token: cands[ci].token,
+                        parent_hidden: hidden.i(row)?,
+                        ancestors: self.running[row].ancestors.clone(),
+                    },
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.depth += 1;
+        Ok(())
+    }
+
+    /// The tree: the best candidates by cumulative score, as many as the budget keeps.
+    pub(super) fn finish(self) -> (DraftTree, DraftStats) {
+        let mut stats = self.stats;
+        stats.scored = self.cands.len();
+        let mut scores: Vec<f32> = self.cands.iter().map(|c| c.score).collect();
+        scores.sort_by(|a, b| b.total_cmp(a));
+        let n = self.budget.keep(&scores, stats.head_passes);
+        (rerank(self.root, &self.cands, n), stats)
+    }
+}
