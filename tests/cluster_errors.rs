@@ -335,6 +335,7 @@ async fn internal_services_refuse_inconsistent_calls() {
             commit_tokens: vec![],
             commit_features: None,
             root: last + 1,
+            ..Default::default()
         })
         .await,
         inv,
@@ -343,10 +344,35 @@ async fn internal_services_refuse_inconsistent_calls() {
     );
     expect(
         d.draft(DraftRequest {
+            session_id: "d1".into(),
+            root: last,
+            batch_rows: f32::NAN,
+            ..Default::default()
+        })
+        .await,
+        inv,
+        "batch load",
+        "a batch load that is not a number",
+    );
+    expect(
+        d.draft(DraftRequest {
+            session_id: "d1".into(),
+            root: last,
+            batch_rows: 1e9,
+            ..Default::default()
+        })
+        .await,
+        inv,
+        "batch load",
+        "a batch load out of reason",
+    );
+    expect(
+        d.draft(DraftRequest {
             session_id: "zzz".into(),
             commit_tokens: vec![],
             commit_features: None,
             root: 1,
+            ..Default::default()
         })
         .await,
         Code::NotFound,

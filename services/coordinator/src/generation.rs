@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use eagle_engine::spec::SpecConfig;
+use eagle_engine::spec::{BatchLoad, SpecConfig};
 use eagle_membership::Placement;
 use eagle_proto::common::{Features, SessionRef};
 use eagle_proto::draft::{DraftRequest, OpenRequest};
@@ -330,7 +330,13 @@ impl Run {
                 && !b.spec_load.pays(&b.cost_profile(), self.lease.sessions());
             let drafting = Instant::now();
             let tree = if room && !by_load {
-                self.draft_tree(last).await
+                // An automatic greedy tree is sized for the whole pass it joins.
+                let load = if auto {
+                    b.spec_load.others(&b.cost_profile(), self.lease.sessions())
+                } else {
+                    BatchLoad::default()
+                };
+                self.draft_tree(last, load).await
             } else {
                 None
             };
@@ -528,7 +534,11 @@ impl Run {
     }
 
     /// A tree from the draft side, or None (no speculation, or the draft side failed).
-    async fn draft_tree(&mut self, root: u32) -> Option<eagle_proto::common::Tree> {
+    async fn draft_tree(
+        &mut self,
+        root: u32,
+        load: BatchLoad,
+    ) -> Option<eagle_proto::common::Tree> {
         let b = self.b.clone();
         let mut client = b.draft_client()?;
         if let DraftState::Down { retry_at, attempt } = self.draft {
@@ -567,6 +577,8 @@ impl Run {
                         commit_tokens,
                         commit_features,
                         root,
+                        batch_rows: load.rows as f32,
+                        batch_tokens: load.tokens as f32,
                     },
                     b.timeouts.draft,
                 ))

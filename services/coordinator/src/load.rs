@@ -20,13 +20,19 @@
 //! for that tree. So do sampled requests (T > 0): their random draws differ between a
 //! speculative and a plain step, and a seeded request must give the same tokens at any load.
 //!
+//! A step that speculates with an automatic greedy tree has that tree sized for the pass it
+//! joins: the draft request carries what the other sessions are expected to add
+//! ([`SpecLoad::others`]), and the draft service keeps the nodes that maximise the whole
+//! pass's expected tokens per second (`CostProfile::best_keep`), so trees shrink as the load
+//! grows before speculation stops altogether.
+//!
 //! Source: the expected-rate argument of EAGLE-2's `total_token = -1` (and Sequoia's
 //! hardware-aware trees), applied to the batch instead of one sequence; vLLM and TensorRT-LLM
 //! switch speculation off above a fixed batch size instead of from measured costs.
 
 use std::sync::Mutex;
 
-use eagle_engine::spec::CostProfile;
+use eagle_engine::spec::{BatchLoad, CostProfile};
 
 /// One request in this many speculates at every step whatever the means say.
 pub const EXPLORE: u64 = 16;
@@ -112,6 +118,23 @@ impl SpecLoad {
     }
 }
 
+impl SpecLoad {
+    /// What the other sessions of a worker holding `sessions` sessions are expected to add to
+    /// the pass a tree joins, to size that tree for the whole pass: a speculative step's mean
+    /// rows and tokens each where speculation pays at this load, a plain step's one row and one
+    /// token each where it does not (and while the means are cold).
+    pub fn others(&self, cost: &CostProfile, sessions: usize) -> BatchLoad {
+        let n = sessions.saturating_sub(1) as f64;
+        match self.estimate() {
+            Some(e) if !cost.points.is_empty() && e.pays(cost, sessions) => BatchLoad {
+                rows: n * e.nodes,
+                tokens: n * e.tokens_per_pass,
+            },
+            _ => BatchLoad { rows: n, tokens: n },
+        }
+    }
+}
+
 impl Estimate {
     /// Speculation's rate against plain decoding's with `sessions` sessions per pass.
     pub fn pays(&self, cost: &CostProfile, sessions: usize) -> bool {
@@ -167,6 +190,28 @@ mod tests {
             ..e
         };
         assert!(!poor.pays(&cpu(), 1));
+    }
+
+    #[test]
+    fn the_rest_of_the_pass_is_what_the_others_are_expected_to_run() {
+        let s = SpecLoad::new(true);
+        assert_eq!(s.others(&cpu(), 1), BatchLoad::default(), "alone");
+        // Cold: plain steps assumed, a row and a token each.
+        assert_eq!(s.others(&cpu(), 5).rows, 4.0);
+        for _ in 0..WARM_UP {
+            s.observe(3, 2, 0.001);
+        }
+        // Two tokens for three rows pays for two sessions: the others speculate.
+        let two = s.others(&cpu(), 2);
+        assert!((two.rows - 3.0).abs() < 1e-9 && (two.tokens - 2.0).abs() < 1e-9);
+        // Not for sixteen: the others decode plainly.
+        assert_eq!(
+            s.others(&cpu(), 16),
+            BatchLoad {
+                rows: 15.0,
+                tokens: 15.0
+            }
+        );
     }
 
     #[test]

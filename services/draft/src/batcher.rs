@@ -17,6 +17,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 
 use eagle_engine::draft::{DraftJob, Drafter};
+use eagle_engine::spec::BatchLoad;
 use eagle_engine::tree::DraftTree;
 use eagle_proto::common::Features;
 use eagle_proto::sessions::SessionTable;
@@ -32,6 +33,7 @@ pub(crate) struct Job {
     pub commit_tokens: Vec<u32>,
     pub commit_features: Option<Features>,
     pub root: u32,
+    pub load: BatchLoad,
     reply: oneshot::Sender<Result<DraftTree, Status>>,
     span: tracing::Span,
 }
@@ -68,6 +70,7 @@ impl Batcher {
         commit_tokens: Vec<u32>,
         commit_features: Option<Features>,
         root: u32,
+        load: BatchLoad,
     ) -> Result<DraftTree, Status> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
@@ -75,6 +78,7 @@ impl Batcher {
             commit_tokens,
             commit_features,
             root,
+            load,
             reply,
             span: tracing::Span::current(),
         };
@@ -194,6 +198,7 @@ impl Scheduler {
                 sampling: &s.sampling,
                 rng: &mut s.rng,
                 budget: &s.budget,
+                load: j.load,
             });
             which.push(i);
         }

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use eagle_engine::draft::{DraftSession, Drafter};
 use eagle_engine::sampling::{Rng, SamplingParams};
-use eagle_engine::spec::{CostProfile, SpecConfig, TreeBudget};
+use eagle_engine::spec::{BatchLoad, CostProfile, SpecConfig, TreeBudget};
 use eagle_proto::common::{Empty, Features, SessionRef};
 use eagle_proto::draft::draft_server::Draft;
 use eagle_proto::draft::{CommitRequest, DraftInfo, DraftRequest, DraftResponse, OpenRequest};
@@ -204,9 +204,17 @@ impl Draft for DraftService {
         let t0 = std::time::Instant::now();
         let r = eagle_trace::rpc::handle(span, "eagle.draft.v1.Draft", "Draft", async {
             let r = req.into_inner();
+            let load =
+                BatchLoad::checked(r.batch_rows as f64, r.batch_tokens as f64).map_err(invalid)?;
             let tree = self
                 .batcher
-                .submit(r.session_id, r.commit_tokens, r.commit_features, r.root)
+                .submit(
+                    r.session_id,
+                    r.commit_tokens,
+                    r.commit_features,
+                    r.root,
+                    load,
+                )
                 .await?;
             tracing::Span::current().record("nodes", tree.len());
             Ok(Response::new(DraftResponse {

@@ -107,14 +107,15 @@ impl TreeBudget {
     }
 
     /// Non-root nodes to keep, given candidate scores sorted best first, after `levels` head
-    /// passes of drafting.
-    pub fn keep(&self, sorted_scores: &[f32], levels: usize) -> usize {
+    /// passes of drafting, in a target pass that `load` shares.
+    pub fn keep(&self, sorted_scores: &[f32], levels: usize, load: &BatchLoad) -> usize {
         match self {
             TreeBudget::Fixed(n) => (*n).min(sorted_scores.len()),
             TreeBudget::Auto(p) => p.best_keep(
                 sorted_scores,
                 AUTO_MAX_TOKENS - 1,
                 levels as f64 * p.draft_level_s,
+                load,
             ),
         }
     }
@@ -147,6 +148,34 @@ impl TreeBudget {
                 (best as f64).exp() >= p.marginal_token_cost() + p.draft_level_s / p.cost(1)
             }
         }
+    }
+}
+
+/// What the other sessions sharing a target pass are expected to add to it: their rows and
+/// the tokens those rows yield. Zero for a sequence alone.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct BatchLoad {
+    pub rows: f64,
+    pub tokens: f64,
+}
+
+impl BatchLoad {
+    /// Rows past this are not believed (a wire value out of reason).
+    pub const MAX_ROWS: f64 = 65536.0;
+
+    /// The load as sent by a client, refused when not finite, negative or out of reason
+    /// (rows past [`Self::MAX_ROWS`], more tokens than those rows' trees could yield).
+    pub fn checked(rows: f64, tokens: f64) -> Result<Self, String> {
+        let within = |x: f64, max: f64| x.is_finite() && (0.0..=max).contains(&x);
+        if !within(rows, Self::MAX_ROWS) || !within(tokens, Self::MAX_ROWS * AUTO_MAX_TOKENS as f64)
+        {
+            return Err(format!(
+                "batch load: rows {rows} and tokens {tokens} must be finite and at least 0, \
+                 rows at most {}",
+                Self::MAX_ROWS
+            ));
+        }
+        Ok(BatchLoad { rows, tokens })
     }
 }
 
@@ -192,13 +221,22 @@ impl CostProfile {
 
     /// How many non-root nodes to keep, given candidate scores sorted best first and the
     /// `drafted_s` seconds the draft already took: the count that maximises expected tokens
-    /// per second of the whole step.
-    pub fn best_keep(&self, sorted_scores: &[f32], max_nodes: usize, drafted_s: f64) -> usize {
-        let mut best = (0usize, 1.0 / (self.cost(1) + drafted_s));
-        let mut expected = 1.0f64;
+    /// per second of the whole step. In a batched pass (continuous batching) the step is the
+    /// whole pass: `load` adds the other sessions' rows to its cost and their tokens to what
+    /// it yields, so a node must pay for itself at the batch's rate, not at one sequence's.
+    pub fn best_keep(
+        &self,
+        sorted_scores: &[f32],
+        max_nodes: usize,
+        drafted_s: f64,
+        load: &BatchLoad,
+    ) -> usize {
+        let others = load.rows.round() as usize;
+        let mut expected = 1.0 + load.tokens;
+        let mut best = (0usize, expected / (self.cost(others + 1) + drafted_s));
         for (i, s) in sorted_scores.iter().take(max_nodes).enumerate() {
             expected += (*s as f64).exp();
-            let rate = expected / (self.cost(i + 2) + drafted_s);
+            let rate = expected / (self.cost(others + i + 2) + drafted_s);
             if rate > best.1 {
                 best = (i + 1, rate);
             }
@@ -225,28 +263,101 @@ mod tests {
 
     #[test]
     fn best_keep_trades_acceptance_for_cost() {
+        let alone = BatchLoad::default();
         // Flat cost: keep everything that adds expected tokens.
         let flat = CostProfile {
             points: vec![(1, 1.0), (64, 1.0)],
             ..Default::default()
         };
         let scores = [-0.1f32, -0.5, -1.0, -3.0];
-        assert_eq!(flat.best_keep(&scores, 10, 0.0), 4);
+        assert_eq!(flat.best_keep(&scores, 10, 0.0, &alone), 4);
         // Linear cost: each node costs a whole token, so no node pays for itself.
         let linear = CostProfile {
             points: vec![(1, 1.0), (64, 64.0)],
             ..Default::default()
         };
-        assert_eq!(linear.best_keep(&scores, 10, 0.0), 0);
+        assert_eq!(linear.best_keep(&scores, 10, 0.0, &alone), 0);
         // Cheap first nodes, then steep.
         let knee = CostProfile {
             points: vec![(1, 1.0), (3, 1.05), (4, 3.0)],
             ..Default::default()
         };
-        assert_eq!(knee.best_keep(&scores, 10, 0.0), 2);
+        assert_eq!(knee.best_keep(&scores, 10, 0.0, &alone), 2);
         // Draft time already spent is shared by every choice, so it favours larger trees:
         // with the linear cost, a step that drafted for 10 token-times keeps nodes.
-        assert!(linear.best_keep(&scores, 10, 10.0) > 0);
+        assert!(linear.best_keep(&scores, 10, 10.0, &alone) > 0);
+    }
+
+    /// The keep that maximises the batch's expected tokens per second, by trying every count.
+    fn brute_force(p: &CostProfile, scores: &[f32], load: &BatchLoad) -> usize {
+        let rate = |n: usize| {
+            let tokens: f64 =
+                1.0 + load.tokens + scores[..n].iter().map(|s| (*s as f64).exp()).sum::<f64>();
+            tokens / p.cost(load.rows.round() as usize + n + 1)
+        };
+        (0..=scores.len()).fold(0, |best, n| if rate(n) > rate(best) { n } else { best })
+    }
+
+    #[test]
+    fn under_load_a_node_must_pay_at_the_batch_rate() {
+        // A CPU-like profile: 7 ms for a row, about 2.5 ms for each further row past 8.
+        let cpu = CostProfile {
+            points: vec![
+                (1, 7.0),
+                (2, 8.2),
+                (4, 11.9),
+                (8, 18.8),
+                (16, 40.3),
+                (32, 60.6),
+                (64, 120.0),
+            ],
+            ..Default::default()
+        };
+        let scores = [-0.05f32, -0.2, -0.4, -0.7, -1.0, -1.5, -2.0, -3.0];
+        let alone = BatchLoad::default();
+        let kept_alone = cpu.best_keep(&scores, 10, 0.0, &alone);
+        assert!(
+            kept_alone >= 3,
+            "alone, likely nodes pay: kept {kept_alone}"
+        );
+        for others in [3.0, 7.0, 15.0, 31.0] {
+            // Others decoding plainly: a row and a token each.
+            let load = BatchLoad {
+                rows: others,
+                tokens: others,
+            };
+            let keep = cpu.best_keep(&scores, 10, 0.0, &load);
+            assert_eq!(keep, brute_force(&cpu, &scores, &load), "{others} others");
+            // Measured profiles need not be convex (here 16 to 32 rows is cheaper per row
+            // than 8 to 16), so the size follows the profile, not the load alone; where the
+            // pass's marginal row is dear, a node must be near-certain to pay.
+            if others == 7.0 || others == 31.0 {
+                assert_eq!(
+                    keep, 0,
+                    "{others} others: the next rows cost more than they give"
+                );
+            }
+        }
+        // A flat profile (a GPU's small batches): load changes nothing.
+        let flat = CostProfile {
+            points: vec![(1, 1.0), (128, 1.0)],
+            ..Default::default()
+        };
+        let load = BatchLoad {
+            rows: 31.0,
+            tokens: 31.0,
+        };
+        assert_eq!(flat.best_keep(&scores, 10, 0.0, &load), scores.len());
+        assert!(BatchLoad::checked(f64::NAN, 0.0).is_err());
+        assert!(BatchLoad::checked(-1.0, 0.0).is_err());
+        assert!(BatchLoad::checked(1e9, 0.0).is_err());
+        assert_eq!(
+            BatchLoad::checked(3.0, 4.5),
+            Ok(BatchLoad {
+                rows: 3.0,
+                tokens: 4.5
+            })
+        );
     }
 
     #[test]

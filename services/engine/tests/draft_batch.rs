@@ -15,7 +15,7 @@ use eagle_engine::head::EagleHead;
 use eagle_engine::models::TargetModel;
 use eagle_engine::sampling::{argmax, sample, warp, Rng, SamplingParams};
 use eagle_engine::session::TargetSession;
-use eagle_engine::spec::{SpecConfig, TreeBudget};
+use eagle_engine::spec::{BatchLoad, SpecConfig, TreeBudget};
 use eagle_engine::tree::DraftTree;
 
 const STEPS: usize = 4;
@@ -97,6 +97,7 @@ fn job(g: &mut Gen) -> DraftJob<'_> {
         sampling: &g.sampling,
         rng: &mut g.draft_rng,
         budget: &g.budget,
+        load: BatchLoad::default(),
     }
 }
 

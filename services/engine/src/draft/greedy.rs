@@ -6,6 +6,8 @@
 //!   cumulative draft log-probability (ties by candidate order); each gets its `top_k` best
 //!   children. The final tree is the `keep` best of every candidate scored (`rerank`), so it
 //!   is connected: a child never outscores its parent.
+//! - The tree's size maximises the expected tokens per second of the target pass it joins
+//!   (`TreeBudget::keep`), the other sessions' rows and tokens in that pass included.
 //! - The builder holds no model: the caller runs each level's nodes through the head (alone or
 //!   beside other sessions' levels) and hands back their outputs, so a tree is the same
 //!   whoever shares the pass.
@@ -14,7 +16,7 @@ use candle_core::{IndexOp, Tensor};
 
 use super::{DraftStats, Open};
 use crate::error::Result;
-use crate::spec::{SpecConfig, TreeBudget};
+use crate::spec::{BatchLoad, SpecConfig, TreeBudget};
 use crate::tree::{rerank, Candidate, DraftTree};
 
 pub(super) struct Greedy<'a> {
@@ -22,6 +24,7 @@ pub(super) struct Greedy<'a> {
     k: usize,
     max_depth: usize,
     budget: &'a TreeBudget,
+    load: BatchLoad,
     /// The depth of the next level to run (the root's children are depth 1).
     depth: usize,
     cands: Vec<Candidate>,
@@ -41,6 +44,7 @@ impl<'a> Greedy<'a> {
         root_top: Vec<(u32, f32)>,
         cfg: &SpecConfig,
         budget: &'a TreeBudget,
+        load: BatchLoad,
     ) -> Self {
         let cands: Vec<Candidate> = root_top
             .into_iter()
@@ -69,6 +73,7 @@ impl<'a> Greedy<'a> {
             k: cfg.top_k.max(1),
             max_depth: cfg.depth,
             budget,
+            load,
             depth: 1,
             cands,
             frontier,
@@ -156,7 +161,7 @@ impl<'a> Greedy<'a> {
         stats.scored = self.cands.len();
         let mut scores: Vec<f32> = self.cands.iter().map(|c| c.score).collect();
         scores.sort_by(|a, b| b.total_cmp(a));
-        let n = self.budget.keep(&scores, stats.head_passes);
+        let n = self.budget.keep(&scores, stats.head_passes, &self.load);
         (rerank(self.root, &self.cands, n), stats)
     }
 }

@@ -34,7 +34,7 @@ use crate::sampling::{log_softmax, sample_without_replacement, top_k, warp, Rng,
 mod greedy;
 mod sampled;
 
-use crate::spec::{SpecConfig, TreeBudget, TreeShape};
+use crate::spec::{BatchLoad, SpecConfig, TreeBudget, TreeShape};
 use crate::tree::DraftTree;
 use greedy::Greedy;
 use sampled::Sampled;
@@ -108,6 +108,9 @@ pub struct DraftJob<'a> {
     pub sampling: &'a SamplingParams,
     pub rng: &'a mut Rng,
     pub budget: &'a TreeBudget,
+    /// The rest of the target pass this tree joins (greedy automatic trees are sized for the
+    /// batch); `BatchLoad::default()` for a sequence alone.
+    pub load: BatchLoad,
 }
 
 /// A dynamic tree being grown a level at a time.
@@ -380,6 +383,7 @@ impl Drafter {
             sampling,
             rng,
             budget,
+            load: BatchLoad::default(),
         };
         self.draft_batch(vec![job])
             .pop()
@@ -405,6 +409,7 @@ impl Drafter {
                 sampling,
                 rng,
                 budget,
+                load,
             } = job;
             if sess.pending_tokens.last() != Some(&root) {
                 out[i] = Some(Err(EngineError::InvalidRequest(
@@ -412,7 +417,7 @@ impl Drafter {
                 )));
             }
             sessions.push(sess);
-            rest.push(Some((root, cfg, sampling, rng, budget)));
+            rest.push(Some((root, cfg, sampling, rng, budget, load)));
         }
         // The committed pairs of every session: the root's head output ends each.
         let absorbing: Vec<usize> = (0..sessions.len()).filter(|&i| out[i].is_none()).collect();
@@ -434,7 +439,7 @@ impl Drafter {
         };
         let mut builds: Vec<(usize, Build<'_>)> = Vec::new();
         for ((i, hidden), rows) in roots.into_iter().zip(root_rows) {
-            let (root, cfg, sampling, rng, budget) = rest[i].take().expect("one job each");
+            let (root, cfg, sampling, rng, budget, load) = rest[i].take().expect("one job each");
             let row = &rows[0];
             match (&cfg.shape, sampling.is_greedy()) {
                 (TreeShape::Dynamic, true) => builds.push((
@@ -445,6 +450,7 @@ impl Drafter {
                         self.top_of(row, cfg.top_k.max(1)),
                         cfg,
                         budget,
+                        load,
                     )),
                 )),
                 (TreeShape::Dynamic, false) => {
