@@ -6,12 +6,15 @@ speculative steps, the share of steps decoded plainly because of the load, token
 and time-to-first-token and inter-token latency percentiles.
 
     python3 bench/concurrency.py [--concurrency 1,4,16,64] [--max-new-tokens 96]
-                                 [--requests-per-stream 2] [--cluster-arg=--always-speculate]
+                                 [--requests-per-stream 2] [--cluster-arg=FLAG ...]
 
 The cluster runs the default model and head (`--dtype auto`) with `--max-running` at the
 largest concurrency, so every stream runs at once. Requests per round: max(24, concurrency x
 --requests-per-stream), prompts from bench/prompts/eagle-mt-24.jsonl, T = 0. Needs the release
 binaries (cargo build --release --workspace). Run it alone on the machine: it measures time.
+--cluster-arg passes a flag to `eagle cluster up`; the services' own switches go by environment,
+which every process of the cluster inherits: `EAGLE_ALWAYS_SPECULATE=true python3
+bench/concurrency.py` speculates at every step whatever the load.
 """
 
 import argparse
