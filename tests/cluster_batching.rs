@@ -308,3 +308,36 @@ async fn streams_dropped_inside_a_batch_free_their_sessions_and_the_rest_go_on()
     }
     cluster.expect_no_sessions(Duration::from_secs(5)).await;
 }
+
+/// Speculation by load through the cluster. With the choice on (these tests' harness turns it
+/// off) and the random test head, whose trees gain nothing, greedy requests with automatic
+/// trees decode plainly once the estimate is warm, say so in their statistics, and still equal
+/// the engine; a request that asked for a fixed tree size speculates at every step anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speculation_gives_way_to_plain_steps_where_it_does_not_pay() {
+    let cluster = batching_cluster(&[("EAGLE_ALWAYS_SPECULATE", "false")]);
+    let mut c = cluster.client().await;
+    let mut load_plain = 0;
+    for i in 0..6 {
+        let r = prompt_request(&counting_prompt(i), 24);
+        let got = c.generate(r.clone()).await.expect("generate").into_inner();
+        assert_eq!(got.token_ids, reference_tokens(&r), "request {i}");
+        let s = got.stats.unwrap();
+        assert_eq!(s.fallback_steps, 0, "request {i}: the draft service is up");
+        load_plain += s.load_plain_steps;
+    }
+    assert!(
+        load_plain > 0,
+        "the random head's trees never pay, yet no step was decoded plainly by load"
+    );
+    let mut r = prompt_request(&counting_prompt(7), 24);
+    r.speculation.as_mut().unwrap().total_token = Some(8);
+    let got = c.generate(r.clone()).await.expect("generate").into_inner();
+    assert_eq!(got.token_ids, reference_tokens(&r));
+    assert_eq!(
+        got.stats.unwrap().load_plain_steps,
+        0,
+        "a fixed tree size is the caller's choice"
+    );
+    cluster.expect_no_sessions(Duration::from_secs(5)).await;
+}

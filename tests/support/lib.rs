@@ -41,9 +41,17 @@ pub fn bin_dir() -> PathBuf {
 /// mode's (`auto`: quantized blocks) losslessness is the engine tests' and the Helm test's.
 pub const TEST_DTYPE: &str = "f32";
 
+/// Besides the dtype, every coordinator of these tests speculates at every step
+/// (`EAGLE_ALWAYS_SPECULATE`): they check the speculative path itself (trees drafted, accepted,
+/// verified, falling back when the draft side fails), which the choice by load would skip with
+/// the tests' weak random head. The choice by load is tested where a cluster's env turns it
+/// back on (`cluster_batching.rs`).
 pub fn bin(name: &str) -> PathBuf {
-    static PIN_DTYPE: std::sync::Once = std::sync::Once::new();
-    PIN_DTYPE.call_once(|| std::env::set_var("EAGLE_DTYPE", TEST_DTYPE));
+    static PIN_ENV: std::sync::Once = std::sync::Once::new();
+    PIN_ENV.call_once(|| {
+        std::env::set_var("EAGLE_DTYPE", TEST_DTYPE);
+        std::env::set_var("EAGLE_ALWAYS_SPECULATE", "true");
+    });
     let p = bin_dir().join(name);
     assert!(
         p.exists(),

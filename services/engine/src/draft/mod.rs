@@ -1,4 +1,7 @@
-//! The draft side: an EAGLE head session and the tree builders that run it.
+//! The draft side: EAGLE head sessions, and the tree builders that run them a level at a time,
+//! so that the trees of many sessions share each head pass (the draft service's batches).
+//! `greedy.rs` grows EAGLE-2's tree at T = 0, `sampled.rs` the tree at T > 0; static EAGLE-1
+//! trees are built here, alone.
 //!
 //! Invariants:
 //! - The head cache's slots `0..committed` hold the committed (token, feature) pairs in
@@ -12,6 +15,9 @@
 //!   (the recursive rejection sampling of Jeon et al., 2024, "Recursive Speculative Decoding",
 //!   and SpecTr, Sun et al., 2023). EAGLE-2's value-dependent reranking is therefore used only
 //!   at T = 0; at T > 0 the tree grows breadth-first within the node budget.
+//! - A tree does not depend on the other sessions it is drafted with: the head's and the LM
+//!   head's rows are computed independently on the CPU kernels (`crate::kernels`), and each
+//!   builder holds only its own session's state and random stream.
 //! - A head with a reduced draft vocabulary (EAGLE-3) scores only its N tokens; every other
 //!   token gets draft logit -inf, so q is the softmax over the N tokens and zero elsewhere.
 //!   Verification still uses the target's full distribution, so both modes stay exact.
@@ -30,12 +36,12 @@ use crate::loader::{Quant, WeightSource, Weights};
 use crate::models::target::{embed_rows, lm_head, load_embed_and_lm_head};
 use crate::models::TargetModel;
 use crate::sampling::{log_softmax, sample_without_replacement, top_k, warp, Rng, SamplingParams};
+use crate::spec::{BatchLoad, SpecConfig, TreeBudget, TreeShape};
+use crate::tree::DraftTree;
 
 mod greedy;
 mod sampled;
 
-use crate::spec::{BatchLoad, SpecConfig, TreeBudget, TreeShape};
-use crate::tree::DraftTree;
 use greedy::Greedy;
 use sampled::Sampled;
 
