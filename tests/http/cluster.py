@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -51,9 +52,12 @@ class Cluster:
 def cluster_up(*extra: str, timeout_s: float = 600) -> Iterator[Cluster]:
     log = pathlib.Path(tempfile.mkstemp(prefix="eagle-http-", suffix=".log")[1])
     cmd = [str(BIN / "eagle"), "cluster", "up", "--port", "0", "--http-port", "0", *extra]
+    # Speculation at every step: these tests check the speculative path through the HTTP API,
+    # which the choice by load would mostly skip on a CPU (see services/coordinator/src/load.rs).
+    env = {**os.environ, "EAGLE_ALWAYS_SPECULATE": "true"}
     with open(log, "w") as err:
         proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True
+            cmd, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True, env=env
         )
     # Stopped (SIGTERM, SIGKILL after 20 s) however the block ends; the log deleted if it ends
     # normally, else printed.

@@ -63,6 +63,9 @@ def cluster_up(sd_dir: pathlib.Path, *extra: str, timeout_s: float = 600) -> Ite
     # models) and EAGLE_LOG pass.
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("EAGLE_", "OTEL_")) or k in ("EAGLE_HOME", "EAGLE_LOG")}
+    # Speculation at every step, so the speculation counters move with the requests sent (the
+    # choice by load would decode most steps plainly on a CPU; services/coordinator/src/load.rs).
+    env["EAGLE_ALWAYS_SPECULATE"] = "true"
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
                                 text=True, start_new_session=True, env=env)
