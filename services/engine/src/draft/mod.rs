@@ -119,6 +119,9 @@ pub struct DraftJob<'a> {
     pub load: BatchLoad,
 }
 
+/// A session's rows for a head pass: embeddings, features, positions and visibility.
+type HeadInputs = (Tensor, Tensor, Vec<usize>, Visibility);
+
 /// A dynamic tree being grown a level at a time.
 enum Build<'a> {
     Greedy(Greedy<'a>),
@@ -334,7 +337,7 @@ impl Drafter {
         start: usize,
         committed: usize,
         position: usize,
-    ) -> Result<(Tensor, Tensor, Vec<usize>, Visibility)> {
+    ) -> Result<HeadInputs> {
         let tokens: Vec<u32> = nodes.iter().map(|n| n.token).collect();
         let embeds = embed_rows(&self.embed, &tokens, self.vocab, &self.head.device)?;
         let feats: Vec<&Tensor> = nodes.iter().map(|n| &n.parent_hidden).collect();
@@ -561,28 +564,18 @@ impl Drafter {
             match prepared {
                 Ok((embeds, feats)) => inputs.push((
                     i,
-                    embeds,
-                    feats,
-                    (start..start + m).collect::<Vec<usize>>(),
-                    Visibility::causal(start, m),
+                    (
+                        embeds,
+                        feats,
+                        (start..start + m).collect::<Vec<usize>>(),
+                        Visibility::causal(start, m),
+                    ),
                 )),
                 Err(e) => out[i] = Some(Err(e)),
             }
         }
-        let mut by_index: Vec<Option<&mut DraftSession>> =
-            sessions.iter_mut().map(|s| Some(&mut **s)).collect();
-        let mut rows: Vec<HeadRows<'_>> = inputs
-            .iter()
-            .map(|(i, embeds, feats, positions, vis)| HeadRows {
-                cache: &mut by_index[*i].take().expect("a session once").cache,
-                embeds,
-                features: feats,
-                positions,
-                vis,
-            })
-            .collect();
         let ran: Vec<usize> = inputs.iter().map(|x| x.0).collect();
-        match self.head.forward_batch(&mut rows) {
+        match self.head_pass(sessions, &inputs) {
             Ok(hidden) => ran
                 .into_iter()
                 .zip(hidden)
@@ -614,7 +607,7 @@ impl Drafter {
         level: &mut [(usize, usize, &mut [Open], usize)],
         out: &mut [Option<Result<(DraftTree, DraftStats)>>],
     ) -> Vec<(usize, Tensor, Vec<Vec<f32>>)> {
-        let mut inputs = Vec::new();
+        let (mut builders, mut inputs) = (Vec::new(), Vec::new());
         for (b, i, nodes, depth) in level.iter_mut() {
             let sess = &*sessions[*i];
             let start = sess.cache.len();
@@ -622,39 +615,51 @@ impl Drafter {
                 self.node_inputs(nodes, start, committed[*i], committed[*i] - 1 + *depth)
             });
             match prepared {
-                Ok(x) => inputs.push((*b, *i, x)),
+                Ok(x) => {
+                    builders.push(*b);
+                    inputs.push((*i, x));
+                }
                 Err(e) => out[*i] = Some(Err(e)),
             }
         }
-        let mut by_index: Vec<Option<&mut DraftSession>> =
-            sessions.iter_mut().map(|s| Some(&mut **s)).collect();
-        let mut rows: Vec<HeadRows<'_>> = inputs
-            .iter()
-            .map(|(_, i, (embeds, feats, positions, vis))| HeadRows {
-                cache: &mut by_index[*i].take().expect("a session once").cache,
-                embeds,
-                features: feats,
-                positions,
-                vis,
-            })
-            .collect();
-        let who: Vec<usize> = inputs.iter().map(|x| x.1).collect();
-        let result = self.head.forward_batch(&mut rows).and_then(|hidden| {
+        let who: Vec<usize> = inputs.iter().map(|x| x.0).collect();
+        let result = self.head_pass(sessions, &inputs).and_then(|hidden| {
             let lm = self.lm_rows(&hidden)?;
             Ok((hidden, lm))
         });
         match result {
-            Ok((hidden, lm)) => inputs
-                .iter()
+            Ok((hidden, lm)) => builders
+                .into_iter()
                 .zip(hidden)
                 .zip(lm)
-                .map(|(((b, _, _), h), rows)| (*b, h, rows))
+                .map(|((b, h), rows)| (b, h, rows))
                 .collect(),
             Err(e) => {
                 fail_all(out, &who, &e);
                 Vec::new()
             }
         }
+    }
+
+    /// One head pass over the prepared rows of distinct sessions (their index in `sessions`).
+    fn head_pass(
+        &self,
+        sessions: &mut [&mut DraftSession],
+        inputs: &[(usize, HeadInputs)],
+    ) -> Result<Vec<Tensor>> {
+        let mut by_index: Vec<Option<&mut DraftSession>> =
+            sessions.iter_mut().map(|s| Some(&mut **s)).collect();
+        let mut rows: Vec<HeadRows<'_>> = inputs
+            .iter()
+            .map(|(i, (embeds, features, positions, vis))| HeadRows {
+                cache: &mut by_index[*i].take().expect("a session once").cache,
+                embeds,
+                features,
+                positions,
+                vis,
+            })
+            .collect();
+        self.head.forward_batch(&mut rows)
     }
 
     /// EAGLE-1 static tree: the shape is fixed; a node's r-th child is the draft's r-th best
