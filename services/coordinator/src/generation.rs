@@ -311,6 +311,8 @@ impl Run {
         }
         let depth = self.spec().map_or(0, |s| s.depth);
         let explores = self.spec().is_some() && b.spec_load.explores();
+        // The worker's pass costs, for the choices by load below (fixed while the cluster runs).
+        let cost = b.cost_profile();
         while going {
             if tx.is_closed() {
                 self.summary.finish = FinishReason::Cancelled;
@@ -327,12 +329,12 @@ impl Run {
                 && auto
                 && !explores
                 && !matches!(self.draft, DraftState::Off)
-                && !b.spec_load.pays(&b.cost_profile(), self.lease.sessions());
+                && !b.spec_load.pays(&cost, self.lease.sessions());
             let drafting = Instant::now();
             let tree = if room && !by_load {
                 // An automatic greedy tree is sized for the whole pass it joins.
                 let load = if auto {
-                    b.spec_load.others(&b.cost_profile(), self.lease.sessions())
+                    b.spec_load.others(&cost, self.lease.sessions())
                 } else {
                     BatchLoad::default()
                 };

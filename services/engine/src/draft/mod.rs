@@ -504,9 +504,8 @@ impl Drafter {
             if level.is_empty() {
                 break;
             }
-            let ran = self.run_level(&mut sessions, &committed, &mut level, &mut out);
-            let took: Vec<(usize, Tensor, Vec<Vec<f32>>)> = ran;
-            for (b, hidden, rows) in took {
+            for (b, hidden, rows) in self.run_level(&mut sessions, &committed, &mut level, &mut out)
+            {
                 let (i, build) = &mut builds[b];
                 let r = match build {
                     Build::Greedy(g) => {
