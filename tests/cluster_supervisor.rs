@@ -122,6 +122,26 @@ impl RequestLoop {
         }
     }
 
+    /// Waits (at most 60 s) until `n` requests ended well after `killed`: a slow machine takes
+    /// longer per request, so the check waits for the count rather than a fixed time.
+    async fn until_served_after(&self, killed: Instant, n: usize) {
+        let t0 = Instant::now();
+        while self
+            .runs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, r)| *t > killed && r.is_ok())
+            .count()
+            < n
+        {
+            if t0.elapsed() > Duration::from_secs(60) {
+                return; // stop_and_check reports how many there were
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Stops the loop and checks a kill at `killed` cost at most 2 requests, each failing with
     /// UNAVAILABLE (`on`: where they ran), and at least 5 were served after it.
     async fn stop_and_check(self, killed: Instant, on: &str, measure: &str) {
@@ -160,7 +180,7 @@ async fn a_killed_worker_restarts_while_the_other_group_serves() {
     wait_log(&log, "worker 0 is back", Duration::from_secs(120));
     let back = child_with(up.id(), &["eagle-worker", "--group g0"]);
     assert_ne!(back, g0, "a new process");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    load.until_served_after(killed, 5).await;
     load.stop_and_check(killed, "the dying worker", "worker restart")
         .await;
     let children = child_pids(up.id());
@@ -193,7 +213,7 @@ async fn a_dead_tp_rank_restarts_its_group_while_the_other_group_serves() {
     let back = child_with(up.id(), &["eagle-worker", "--group g0"]);
     assert_ne!(back, g0, "rank 0 was started again");
     assert_eq!(child_pids(back).len(), 2, "with its two other ranks");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    load.until_served_after(killed, 5).await;
     load.stop_and_check(killed, "the broken group", "TP rank death")
         .await;
     let children = child_pids(up.id());
