@@ -5,7 +5,8 @@
   python3 tests/soak/run.py chaos [--minutes 10] [--concurrency 64] [--kill-every 30]
 
 Both start `eagle cluster up --etcd local --groups 2` (two worker groups, a draft service, a
-coordinator, a local etcd) from target/release and drive it with `eagle load` (streamed
+coordinator, a local etcd; speculation at every step: EAGLE_ALWAYS_SPECULATE=true unless set
+otherwise) from target/release and drive it with `eagle load` (streamed
 requests, closed loop, T = 0, 96 new tokens, bench/prompts/eagle-mt-24.jsonl).
 
 soak:  every request must succeed; the resident memory of every process, sampled every 10 s,
@@ -95,6 +96,9 @@ def main() -> int:
         [str(BIN / "eagle"), "cluster", "up", "--etcd", "local", "--groups", "2", "--cluster", a.mode,
          "--port", "0", "--no-http", "--max-restarts", "1000"],
         stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,
+        # Speculation at every step, not only where the cost model says it pays: the run must
+        # exercise the draft service and the verify path under load.
+        env={**os.environ, "EAGLE_ALWAYS_SPECULATE": os.environ.get("EAGLE_ALWAYS_SPECULATE", "true")},
     )
     try:
         ready = up.stdout.readline().strip()
@@ -126,10 +130,10 @@ def main() -> int:
         next_kill = t0 + a.kill_every
         while load.poll() is None:
             now = time.monotonic()
-            procs = {p: cmdline(p) for p in children(up.pid)}
-            samples.append((now - t0, {service_name(c): rss_kib(p) or 0 for p, c in procs.items()}))
+            members = {p: cmdline(p) for p in children(up.pid)}
+            samples.append((now - t0, {service_name(c): rss_kib(p) or 0 for p, c in members.items()}))
             if a.mode == "chaos" and now >= next_kill and now - t0 < seconds - 10:
-                victims = [(p, c) for p, c in procs.items() if "eagle-worker" in c or "eagle-draft" in c]
+                victims = [(p, c) for p, c in members.items() if "eagle-worker" in c or "eagle-draft" in c]
                 if victims:
                     p, c = rng.choice(victims)
                     os.kill(p, signal.SIGKILL)
