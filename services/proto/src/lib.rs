@@ -4,8 +4,10 @@
 //! - [`common`], [`worker`], [`draft`]: the internal services a coordinator drives.
 //! - [`wire`]: conversions between wire messages and engine types (features, trees, sampling).
 //! - [`status`]: the one place engine errors become gRPC status codes.
-//! - [`serve`], [`tls`]: what every server shares (binding, health, shutdown, mutual TLS).
+//! - [`serve`], [`tls`], [`malloc`]: what every server shares (the runtime, binding, health,
+//!   shutdown, mutual TLS, the allocator's arena limit).
 
+pub mod malloc;
 pub mod serve;
 pub mod sessions;
 pub mod status;
