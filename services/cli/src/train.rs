@@ -40,9 +40,26 @@ pub struct TrainArgs {
     /// Reduced draft vocabulary (EAGLE-3): the N most frequent assistant tokens.
     #[arg(long, env = "EAGLE_DRAFT_VOCAB")]
     pub draft_vocab: Option<usize>,
-    /// Continue from OUT/checkpoint (weights and step count).
+    /// Continue from OUT/checkpoint exactly where it stopped (weights, AdamW moments, epoch,
+    /// step and batch; the same data, seed and settings give the same steps).
     #[arg(long)]
     pub resume: bool,
+    /// Also write OUT/checkpoint every N optimizer steps (it is always written after each
+    /// epoch): a run killed in the middle of a long epoch loses at most N steps.
+    #[arg(long, env = "EAGLE_TRAIN_CHECKPOINT_EVERY")]
+    pub checkpoint_every: Option<usize>,
+    /// Checkpoint and stop after this many minutes (continue later with --resume): long runs
+    /// split over machine sessions.
+    #[arg(long, env = "EAGLE_TRAIN_MAX_MINUTES")]
+    pub max_minutes: Option<f64>,
+    /// Checkpoint and stop on reaching this optimizer step (continue later with --resume).
+    #[arg(long, env = "EAGLE_TRAIN_STOP_AT_STEP")]
+    pub stop_at_step: Option<usize>,
+    /// Keep the head with the lowest held-out loss in OUT (written after each epoch that
+    /// improves it, usable while training goes on) and stop after N epochs without a better
+    /// one: with a large --epochs, training runs for as long as it keeps improving.
+    #[arg(long, env = "EAGLE_TRAIN_PATIENCE")]
+    pub patience: Option<usize>,
     /// Start from this head directory instead of a random initialisation.
     #[arg(long)]
     pub init: Option<PathBuf>,
@@ -89,6 +106,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
         compute_dtype: parse_dtype(&a.compute_dtype)?,
         save_dtype: parse_feature_dtype(&a.save_dtype)?,
         resume: a.resume,
+        checkpoint_every: a.checkpoint_every,
+        stop_at_step: a.stop_at_step,
+        patience: a.patience,
+        time_limit: a
+            .max_minutes
+            .map(|m| std::time::Duration::from_secs_f64(m.max(0.0) * 60.0)),
         init: a.init.clone(),
         ..TrainConfig::default()
     };
@@ -121,6 +144,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
             bar.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
         }
         TrainEvent::Evaluating => bar.set_message("evaluating held-out".to_string()),
+        TrainEvent::Checkpoint { step } => {
+            bar.set_message(format!("checkpoint written at step {step}"))
+        }
+        TrainEvent::EarlyStop { epoch } => say(&bar, format!(
+            "epoch {epoch}: no better held-out loss for {} epochs; stopping (the best head is in {})",
+            a.patience.unwrap_or(0),
+            a.out.display()
+        )),
         TrainEvent::Epoch(l) => say(&bar, format!(
             "epoch {}: train loss {} | held-out loss {:.4} (smooth-l1 {:.4}, ce {:.4}) top-1 {:.3} on {} positions",
             l.epoch,
@@ -139,6 +170,15 @@ pub fn run(a: TrainArgs) -> Result<()> {
             "draft vocabulary covers {:.2}% of the training assistant tokens",
             c * 100.0
         );
+    }
+    if !summary.finished {
+        eprintln!(
+            "stopped at step {} with a checkpoint in {}; continue with the same command and \
+             --resume",
+            summary.step,
+            summary.out.join(eagle_train::trainer::CHECKPOINT).display()
+        );
+        return Ok(());
     }
     eprintln!(
         "head written to {} (use it with --head {})",

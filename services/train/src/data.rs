@@ -11,7 +11,9 @@
 //! trained head useless.)
 //!
 //! Generation is resumable: records are consumed in input order, shards are flushed whole, and
-//! the manifest records the input record to continue from (see `shards.rs`).
+//! the manifest records the input record to continue from (see `shards.rs`). With `regen`, the
+//! first assistant turn of each conversation is replaced by the target's own answer
+//! (`regen.rs`), computed for `regen.batch` conversations at a time.
 
 use std::path::Path;
 
@@ -20,6 +22,7 @@ use eagle_engine::kernels::attention::Visibility;
 use eagle_engine::models::TargetModel;
 
 use crate::error::{Result, TrainError};
+use crate::regen::{answer, Prompt, RegenConfig};
 use crate::shards::{dtype_name, shard_name, Manifest, ShardInfo, ShardWriter, MANIFEST_FORMAT};
 use crate::split::is_held_out;
 
@@ -46,6 +49,8 @@ pub struct DataConfig {
     pub max_tokens: Option<usize>,
     /// Tokens per shard (a shard is flushed once it holds at least this many).
     pub shard_tokens: usize,
+    /// Regenerate the answers with the target (and the end-of-turn ids that end them).
+    pub regen: Option<(RegenConfig, Vec<u32>)>,
 }
 
 impl DataConfig {
@@ -111,6 +116,10 @@ pub fn generate<R>(
         max_len: cfg.max_len,
         held_out_frac: cfg.held_out_frac,
         input: cfg.input.clone(),
+        answers: match &cfg.regen {
+            Some((r, _)) => r.describe(),
+            None => "dataset".into(),
+        },
         shards: Vec::new(),
         conversations: 0,
         held_out_conversations: 0,
@@ -120,29 +129,32 @@ pub fn generate<R>(
         skip_examples: Vec::new(),
         complete: false,
     };
-    let mut man = match Manifest::load(out)? {
-        None => fresh,
-        Some(old) => {
-            let same = old.model == fresh.model
-                && old.hidden_size == fresh.hidden_size
-                && old.vocab_size == fresh.vocab_size
-                && old.dtype == fresh.dtype
-                && old.max_len == fresh.max_len
-                && old.held_out_frac == fresh.held_out_frac
-                && old.input == fresh.input;
-            if !same {
-                return Err(TrainError::data(
-                    out.join(crate::shards::MANIFEST),
-                    format!(
+    let mut man =
+        match Manifest::load(out)? {
+            None => fresh,
+            Some(old) => {
+                let same = old.model == fresh.model
+                    && old.hidden_size == fresh.hidden_size
+                    && old.vocab_size == fresh.vocab_size
+                    && old.dtype == fresh.dtype
+                    && old.max_len == fresh.max_len
+                    && old.held_out_frac == fresh.held_out_frac
+                    && old.input == fresh.input
+                    && old.answers == fresh.answers;
+                if !same {
+                    return Err(TrainError::data(
+                        out.join(crate::shards::MANIFEST),
+                        format!(
                         "this directory holds data made with other settings (model {}, input {}, \
-                         dtype {}, max_len {}, held-out {}); use another --out or the same settings",
-                        old.model, old.input, old.dtype, old.max_len, old.held_out_frac
+                         answers {}, dtype {}, max_len {}, held-out {}); use another --out or the \
+                         same settings",
+                        old.model, old.input, old.answers, old.dtype, old.max_len, old.held_out_frac
                     ),
-                ));
+                    ));
+                }
+                old
             }
-            old
-        }
-    };
+        };
     let budget_met = |m: &Manifest| cfg.max_tokens.is_some_and(|b| m.tokens >= b);
     let mut prog = DataProgress {
         records: man.records_read,
@@ -155,28 +167,50 @@ pub fn generate<R>(
     }
     let mut shard = ShardWriter::new(cfg.dtype, hidden);
     let mut next = man.records_read;
-    let mut exhausted = true;
-    for rec in records.skip(man.records_read) {
-        if budget_met(&man)
-            || (cfg
-                .max_tokens
-                .is_some_and(|b| man.tokens + shard.tokens() >= b))
-        {
-            exhausted = false;
-            break;
+    let mut records = records.skip(man.records_read);
+    let chunk_len = cfg.regen.as_ref().map_or(1, |(r, _)| r.batch.max(1));
+    let mut exhausted = false;
+    'input: while !exhausted {
+        // Up to `chunk_len` samples (and the records skipped on the way), in input order,
+        // each with its record number.
+        let mut chunk: Vec<(usize, Result<Prepared>)> = Vec::new();
+        let mut samples = 0;
+        while samples < chunk_len {
+            let Some(rec) = records.next() else {
+                exhausted = true;
+                break;
+            };
+            let item = match rec {
+                Err(e @ TrainError::Record { .. }) => Err(e),
+                Err(e) => return Err(e),
+                Ok(r) => Ok(prepare(r)),
+            };
+            samples += matches!(item, Ok(Prepared::Sample(_))) as usize;
+            chunk.push((next + chunk.len() + 1, item));
         }
-        next += 1;
-        prog.records = next;
-        let sample = match rec {
-            Err(e @ TrainError::Record { .. }) => {
-                man.skipped.malformed += 1;
-                note(&mut man, e.to_string());
-                continue;
+        if let Some((rc, eos)) = &cfg.regen {
+            regenerate(target, &mut chunk, eos, rc, cfg.max_len)?;
+        }
+        for (rec_no, item) in chunk {
+            if budget_met(&man)
+                || (cfg
+                    .max_tokens
+                    .is_some_and(|b| man.tokens + shard.tokens() >= b))
+            {
+                // The rest of the chunk is read again by the next run.
+                exhausted = false;
+                break 'input;
             }
-            Err(e) => return Err(e),
-            Ok(r) => match prepare(r) {
-                Prepared::Sample(s) => s,
-                Prepared::Skip(why, msg) => {
+            next = rec_no;
+            prog.records = next;
+            let sample = match item {
+                Err(e) => {
+                    man.skipped.malformed += 1;
+                    note(&mut man, e.to_string());
+                    continue;
+                }
+                Ok(Prepared::Sample(s)) => s,
+                Ok(Prepared::Skip(why, msg)) => {
                     match why {
                         SkipReason::NoAssistant => man.skipped.no_assistant += 1,
                         SkipReason::Template => man.skipped.template += 1,
@@ -184,29 +218,29 @@ pub fn generate<R>(
                     note(&mut man, msg);
                     continue;
                 }
-            },
-        };
-        let mut ids = sample.ids;
-        let mut mask = sample.mask;
-        ids.truncate(cfg.max_len);
-        mask.truncate(cfg.max_len);
-        if ids.len() < 2 || !mask.contains(&1) {
-            man.skipped.no_assistant += 1;
-            continue;
-        }
-        let f = features(target, &ids)?;
-        shard.push(
-            &sample.id,
-            &ids,
-            &mask,
-            &f,
-            is_held_out(&sample.id, cfg.held_out_frac),
-        )?;
-        prog.conversations = man.conversations + shard.conversations();
-        prog.tokens = man.tokens + shard.tokens();
-        progress(&prog);
-        if shard.tokens() >= cfg.shard_tokens {
-            flush(&mut man, &mut shard, out, next, cfg, hidden)?;
+            };
+            let mut ids = sample.ids;
+            let mut mask = sample.mask;
+            ids.truncate(cfg.max_len);
+            mask.truncate(cfg.max_len);
+            if ids.len() < 2 || !mask.contains(&1) {
+                man.skipped.no_assistant += 1;
+                continue;
+            }
+            let f = features(target, &ids)?;
+            shard.push(
+                &sample.id,
+                &ids,
+                &mask,
+                &f,
+                is_held_out(&sample.id, cfg.held_out_frac),
+            )?;
+            prog.conversations = man.conversations + shard.conversations();
+            prog.tokens = man.tokens + shard.tokens();
+            progress(&prog);
+            if shard.tokens() >= cfg.shard_tokens {
+                flush(&mut man, &mut shard, out, next, cfg, hidden)?;
+            }
         }
     }
     flush(&mut man, &mut shard, out, next, cfg, hidden)?;
@@ -216,6 +250,46 @@ pub fn generate<R>(
     prog.records = next;
     progress(&prog);
     Ok(man)
+}
+
+/// Replaces the first assistant turn of every sample in `chunk` by the target's answer to the
+/// prompt before it (all of them decoded together), within `max_len` tokens in all.
+fn regenerate(
+    target: &TargetModel,
+    chunk: &mut [(usize, Result<Prepared>)],
+    eos: &[u32],
+    rc: &RegenConfig,
+    max_len: usize,
+) -> Result<()> {
+    let mut samples: Vec<&mut Sample> = chunk
+        .iter_mut()
+        .filter_map(|(_, item)| match item {
+            Ok(Prepared::Sample(s)) => Some(s),
+            _ => None,
+        })
+        .collect();
+    // The prompt: every token before the first assistant token.
+    let cut: Vec<usize> = samples
+        .iter()
+        .map(|s| s.mask.iter().position(|&m| m == 1).unwrap_or(s.ids.len()))
+        .collect();
+    let prompts: Vec<Prompt<'_>> = samples
+        .iter()
+        .zip(&cut)
+        .map(|(s, &c)| Prompt {
+            id: &s.id,
+            ids: &s.ids[..c],
+            max_new: max_len.saturating_sub(c),
+        })
+        .collect();
+    let replies = answer(target, &prompts, eos, rc)?;
+    for ((s, c), reply) in samples.iter_mut().zip(cut).zip(replies) {
+        s.ids.truncate(c);
+        s.mask.truncate(c);
+        s.mask.resize(c + reply.len(), 1);
+        s.ids.extend(reply);
+    }
+    Ok(())
 }
 
 fn note(man: &mut Manifest, msg: String) {

@@ -3,11 +3,13 @@
 //! The pipeline (see the crate README):
 //! 1. [`sharegpt`] reads conversations (the truncated ShareGPT V3 JSON, or JSONL).
 //! 2. [`format`] renders each with the target's chat template and marks the assistant tokens.
-//! 3. [`data`] runs the target over each conversation and stores ids, features and loss masks
+//! 3. [`regen`] optionally replaces the first assistant turn with the target's own answer.
+//! 4. [`data`] runs the target over each conversation and stores ids, features and loss masks
 //!    in safetensors shards ([`shards`]), split into train and held-out sets by [`split`].
-//! 4. [`trainer`] trains the head with the EAGLE loss ([`loss`]) on packed batches
-//!    ([`batch`]) under a warm-up + cosine schedule ([`schedule`]), optionally over a reduced
-//!    draft vocabulary ([`vocab`]), and writes it in the published format the engine loads.
+//! 5. [`trainer`] trains the head with the EAGLE loss ([`loss`]) on packed batches
+//!    ([`batch`]) with AdamW ([`optim`], its state checkpointed) under a warm-up + cosine
+//!    schedule ([`schedule`]), optionally over a reduced draft vocabulary ([`vocab`]), and
+//!    writes it in the published format the engine loads.
 //!
 //! Features are the target's last hidden state after the final norm: what the engine's head
 //! consumes and what published EAGLE heads were trained on (HF `LlamaModel`'s output).
@@ -20,6 +22,8 @@ pub mod data;
 pub mod error;
 pub mod format;
 pub mod loss;
+pub mod optim;
+pub mod regen;
 pub mod schedule;
 pub mod shards;
 pub mod sharegpt;

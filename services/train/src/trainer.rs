@@ -8,9 +8,15 @@
 //! - The target's embedding and LM head are frozen; with a reduced draft vocabulary the head's
 //!   own LM head (rows of the target's) is frozen too (see `vocab.rs`).
 //! - The final head is written with [`EagleHead::save`], in the published format, so
-//!   `EagleHead::load` reads it back; a checkpoint (f32 weights + step count) is written after
-//!   every epoch and `resume` continues from it on the same schedule (the AdamW moments restart
-//!   from zero).
+//!   `EagleHead::load` reads it back.
+//! - A checkpoint (f32 weights, AdamW moments, epoch, step, the batch reached within the epoch
+//!   and that epoch's running sums) is written after every epoch, every `checkpoint_every`
+//!   steps and when a step or time limit stops the run. `resume` continues from it exactly:
+//!   batch order and input noise are functions of (seed, epoch, batch), so a resumed run takes
+//!   the steps an uninterrupted one takes, bit for bit on the CPU.
+//! - With `patience`, the head in `out` is always the one with the lowest held-out loss so far
+//!   (usable while the run goes on), and the run ends after `patience` epochs without a better
+//!   one: training for as long as it keeps improving.
 //!
 //! Recipe (EAGLE paper): input features get uniform noise U(-0.1, 0.1); loss = SmoothL1 + 0.1 x
 //! soft cross-entropy on assistant positions; AdamW (betas 0.9, 0.95), linear warm-up then decay,
@@ -21,7 +27,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use eagle_engine::config::ModelConfig;
 use eagle_engine::head::{DraftVocab, EagleHead};
 use eagle_engine::layers::{Linear, Matrix};
@@ -34,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use crate::batch::{build, pack, Batch};
 use crate::error::{Result, TrainError};
 use crate::loss::{eagle_loss, LossHeads, LossOut};
+use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::Schedule;
 use crate::shards::Dataset;
 use crate::vocab::{count_tokens, coverage, top_tokens};
@@ -69,6 +75,16 @@ pub struct TrainConfig {
     pub save_dtype: DType,
     /// Continue from `out/checkpoint`.
     pub resume: bool,
+    /// Also checkpoint every this many optimizer steps (besides every epoch's end).
+    pub checkpoint_every: Option<usize>,
+    /// Checkpoint and stop once the run reaches this optimizer step (the run resumes later).
+    pub stop_at_step: Option<usize>,
+    /// Checkpoint and stop after this long (a long run split over sessions).
+    #[serde(skip)]
+    pub time_limit: Option<std::time::Duration>,
+    /// Keep the head with the lowest held-out loss (written to `out` after each epoch that
+    /// improves it) and end the run after this many epochs without improvement.
+    pub patience: Option<usize>,
     /// Start from this head instead of a random one.
     pub init: Option<PathBuf>,
 }
@@ -92,6 +108,10 @@ impl Default for TrainConfig {
             compute_dtype: DType::F32,
             save_dtype: DType::F16,
             resume: false,
+            checkpoint_every: None,
+            stop_at_step: None,
+            time_limit: None,
+            patience: None,
             init: None,
         }
     }
@@ -194,17 +214,72 @@ pub enum TrainEvent<'a> {
     },
     Evaluating,
     Epoch(&'a EpochLog),
+    /// A checkpoint was written within an epoch (at a step or time limit, or periodically).
+    Checkpoint {
+        step: usize,
+    },
+    /// `patience` epochs passed without a better held-out loss: the run ends here.
+    EarlyStop {
+        epoch: usize,
+    },
 }
 
-#[derive(Serialize, Deserialize)]
+/// Where a run stands, saved with each checkpoint.
+#[derive(Default, Serialize, Deserialize)]
 struct TrainerState {
+    /// Epochs completed.
     epoch: usize,
+    /// Optimizer steps taken.
     step: usize,
+    /// Batches of epoch `epoch + 1` already trained on (0 at an epoch's end).
+    #[serde(default)]
+    batch: usize,
+    /// That epoch's training sums so far.
+    #[serde(default)]
+    meter: Meter,
+    /// AdamW's step count; absent in checkpoints written before the moments were saved (they
+    /// then restart from zero).
+    #[serde(default)]
+    adam_t: Option<usize>,
+    /// The lowest held-out loss at an epoch's end so far, and the epochs since it.
+    #[serde(default)]
+    best: Option<(f64, usize)>,
 }
 
 pub const CHECKPOINT: &str = "checkpoint";
 pub const LOG: &str = "train_log.jsonl";
 const STATE: &str = "trainer_state.json";
+const OPTIMIZER: &str = "optimizer.safetensors";
+
+/// Writes a checkpoint whole: into `checkpoint.tmp` (the state file last), then in place of
+/// the previous one, so a run killed while writing keeps a complete checkpoint.
+fn write_checkpoint(out: &Path, params: &Params, opt: &AdamW, state: &TrainerState) -> Result<()> {
+    let (dir, tmp) = (out.join(CHECKPOINT), out.join(format!("{CHECKPOINT}.tmp")));
+    let _ = std::fs::remove_dir_all(&tmp);
+    params.save(&tmp, DType::F32)?;
+    opt.save(&tmp.join(OPTIMIZER))?;
+    let state_path = tmp.join(STATE);
+    std::fs::write(&state_path, serde_json::to_string(state).expect("state"))
+        .map_err(|e| TrainError::io(&state_path, e))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir).map_err(|e| TrainError::io(&dir, e))
+}
+
+/// The checkpoint to resume from: `checkpoint`, or a complete `checkpoint.tmp` when a run was
+/// killed between removing the old one and renaming the new one.
+fn find_checkpoint(out: &Path) -> Option<PathBuf> {
+    [CHECKPOINT.to_string(), format!("{CHECKPOINT}.tmp")]
+        .into_iter()
+        .map(|d| out.join(d))
+        .find(|d| d.join(STATE).exists())
+}
+
+/// The seed of batch `batch` of epoch `epoch`'s input noise.
+fn noise_seed(seed: u64, epoch: usize, batch: usize) -> u64 {
+    (seed ^ 0x5eed)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        .wrapping_add(((epoch as u64) << 32) ^ batch as u64)
+}
 
 /// The trainable head: f32 variables under published names, plus a frozen draft vocabulary.
 struct Params {
@@ -282,7 +357,7 @@ impl Params {
 }
 
 /// Sums of a sequence of batch losses.
-#[derive(Default)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 struct Meter {
     v: f64,
     p: f64,
@@ -312,6 +387,11 @@ impl Meter {
 pub struct TrainSummary {
     pub log: Vec<EpochLog>,
     pub out: PathBuf,
+    /// False when a step or time limit stopped the run at a checkpoint (resume it later); the
+    /// final head is written only when the run finishes.
+    pub finished: bool,
+    /// Optimizer steps taken in all.
+    pub step: usize,
     /// With a reduced vocabulary: the share of assistant tokens it covers.
     pub vocab_coverage: Option<f64>,
 }
@@ -323,16 +403,20 @@ fn shuffle(v: &mut [usize], rng: &mut Rng) {
     }
 }
 
-fn noise(shape: (usize, usize), half: f64, rng: &mut Rng, device: &Device) -> Result<Tensor> {
+/// Uniform noise in [-half, half) drawn from `seed` (on the CPU from our own Rng; on a GPU
+/// from the device's generator, seeded with it).
+fn noise(shape: (usize, usize), half: f64, seed: u64, device: &Device) -> Result<Tensor> {
     if half <= 0.0 {
         return Ok(Tensor::zeros(shape, DType::F32, device)?);
     }
     if device.is_cpu() {
+        let rng = &mut Rng::new(seed);
         let v: Vec<f32> = (0..shape.0 * shape.1)
             .map(|_| ((rng.uniform() * 2.0 - 1.0) * half) as f32)
             .collect();
         return Ok(Tensor::from_vec(v, shape, device)?);
     }
+    device.set_seed(seed)?;
     Ok(Tensor::rand(-half as f32, half as f32, shape, device)?)
 }
 
@@ -408,28 +492,29 @@ pub fn train(
             "batch_tokens must be at least 2 and epochs at least 1".into(),
         ));
     }
+    if cfg.patience == Some(0) {
+        return Err(TrainError::Config(
+            "patience must be at least 1 epoch".into(),
+        ));
+    }
     std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
     let device = target.device.clone();
-    if !device.is_cpu() {
-        // The input noise is drawn on the device there (on the CPU, from our own seeded Rng).
-        device.set_seed(cfg.seed)?;
-    }
-    let ckpt = out.join(CHECKPOINT);
-    let state_path = ckpt.join(STATE);
+    let resume_from = cfg.resume.then(|| find_checkpoint(out)).flatten();
 
     // The starting head and where in the run we are.
-    let (head, mut epoch0, mut step) = if cfg.resume && state_path.exists() {
+    let (head, mut state) = if let Some(ckpt) = &resume_from {
+        let state_path = ckpt.join(STATE);
         let s: TrainerState = serde_json::from_slice(
             &std::fs::read(&state_path).map_err(|e| TrainError::io(&state_path, e))?,
         )
         .map_err(|e| TrainError::data(&state_path, e.to_string()))?;
-        let h = EagleHead::load(&ckpt, tc, DType::F32, &device)?;
-        (h, s.epoch, s.step)
+        (EagleHead::load(ckpt, tc, DType::F32, &device)?, s)
     } else if let Some(dir) = &cfg.init {
-        (EagleHead::load(dir, tc, DType::F32, &device)?, 0, 0)
+        let h = EagleHead::load(dir, tc, DType::F32, &device)?;
+        (h, TrainerState::default())
     } else {
         let h = EagleHead::init_random(tc, cfg.seed, DType::F32, &Device::Cpu)?;
-        (h, 0, 0)
+        (h, TrainerState::default())
     };
     let mut params = Params::from_head(&head, &device)?;
     let mut vocab_coverage = None;
@@ -467,8 +552,8 @@ pub fn train(
     };
 
     let mut opt = AdamW::new(
-        params.vars.iter().map(|(_, v)| v.clone()).collect(),
-        ParamsAdamW {
+        &params.vars,
+        AdamWConfig {
             lr: cfg.lr,
             beta1: cfg.beta1,
             beta2: cfg.beta2,
@@ -476,6 +561,9 @@ pub fn train(
             weight_decay: cfg.weight_decay,
         },
     )?;
+    if let (Some(ckpt), Some(t)) = (&resume_from, state.adam_t) {
+        opt.load(&ckpt.join(OPTIMIZER), t, &device)?;
+    }
     let train_ids = data.split(false);
     let held_ids = data.split(true);
     if train_ids.is_empty() {
@@ -492,7 +580,7 @@ pub fn train(
     events(TrainEvent::Start {
         total_steps: sched.total,
         steps_per_epoch,
-        first_step: step,
+        first_step: state.step,
     });
     let t0 = Instant::now();
     let log_path = out.join(LOG);
@@ -509,63 +597,120 @@ pub fn train(
         log.push(line.clone());
         Ok(())
     };
-    if epoch0 == 0 && step == 0 {
-        if !cfg.resume {
-            let _ = std::fs::remove_file(&log_path);
-        }
+    if resume_from.is_none() {
+        let _ = std::fs::remove_file(&log_path);
         events(TrainEvent::Evaluating);
         let m = evaluate(&params, target, &heads, data, &held_batches, cfg)?;
         let line = EpochLog::new((0, 0, 0.0), None, &m, cfg.w_cls, t0);
         events(TrainEvent::Epoch(&line));
         write_log(&line, &mut log)?;
     }
-    let mut rng = Rng::new(cfg.seed ^ 0x5eed);
-    while epoch0 < cfg.epochs {
-        let epoch = epoch0 + 1;
+    let limit_reached = |step: usize| {
+        cfg.stop_at_step.is_some_and(|s| step >= s)
+            || cfg.time_limit.is_some_and(|d| t0.elapsed() >= d)
+    };
+    let mut lr = sched.lr(state.step.saturating_sub(1));
+    while state.epoch < cfg.epochs {
+        let epoch = state.epoch + 1;
         let mut order = train_ids.clone();
         shuffle(
             &mut order,
             &mut Rng::new(cfg.seed.wrapping_add(epoch as u64)),
         );
         let batches = pack(data, &order, cfg.batch_tokens);
-        let mut meter = Meter::default();
-        let mut lr = cfg.lr;
-        for convs in &batches {
+        for (k, convs) in batches.iter().enumerate().skip(state.batch) {
             let b = build(data, convs, cfg.batch_tokens, &device)?;
-            let inputs =
-                (&b.inputs + noise((b.len(), data.hidden()), cfg.noise, &mut rng, &device)?)?;
+            let seed = noise_seed(cfg.seed, epoch, k);
+            let inputs = (&b.inputs + noise((b.len(), data.hidden()), cfg.noise, seed, &device)?)?;
             let head = params.head(cfg.compute_dtype, false)?;
+            state.batch = k + 1;
             let Some(o) = batch_loss(&head, target, &heads, &b, &inputs, cfg.w_cls)? else {
                 continue;
             };
             let mut grads = o.objective.backward()?;
             params.grad_norm_clip(&mut grads, cfg.grad_clip)?;
-            lr = sched.lr(step);
+            lr = sched.lr(state.step);
             opt.set_learning_rate(lr);
             opt.step(&grads)?;
-            step += 1;
-            meter.add(&o);
+            state.step += 1;
+            state.meter.add(&o);
             events(TrainEvent::Step {
-                step,
+                step: state.step,
                 loss: o.total(cfg.w_cls),
                 lr,
             });
+            let stop = limit_reached(state.step) && state.batch < batches.len();
+            let periodic = cfg
+                .checkpoint_every
+                .is_some_and(|n| n > 0 && state.step.is_multiple_of(n));
+            if stop || periodic {
+                state.adam_t = Some(opt.steps());
+                write_checkpoint(out, &params, &opt, &state)?;
+                events(TrainEvent::Checkpoint { step: state.step });
+            }
+            if stop {
+                return Ok(TrainSummary {
+                    log,
+                    out: out.to_path_buf(),
+                    finished: false,
+                    step: state.step,
+                    vocab_coverage,
+                });
+            }
         }
         events(TrainEvent::Evaluating);
         let m = evaluate(&params, target, &heads, data, &held_batches, cfg)?;
-        let line = EpochLog::new((epoch, step, lr), Some(&meter), &m, cfg.w_cls, t0);
+        let line = EpochLog::new(
+            (epoch, state.step, lr),
+            Some(&state.meter),
+            &m,
+            cfg.w_cls,
+            t0,
+        );
         events(TrainEvent::Epoch(&line));
         write_log(&line, &mut log)?;
-        params.save(&ckpt, DType::F32)?;
-        let state = TrainerState { epoch, step };
-        std::fs::write(&state_path, serde_json::to_string(&state).expect("state"))
-            .map_err(|e| TrainError::io(&state_path, e))?;
-        epoch0 = epoch;
+        let best = match state.best {
+            Some((loss, since)) if line.heldout_loss >= loss => Some((loss, since + 1)),
+            _ => {
+                if cfg.patience.is_some() {
+                    params.save(out, cfg.save_dtype)?;
+                }
+                Some((line.heldout_loss, 0))
+            }
+        };
+        state = TrainerState {
+            epoch,
+            step: state.step,
+            batch: 0,
+            meter: Meter::default(),
+            adam_t: Some(opt.steps()),
+            best,
+        };
+        write_checkpoint(out, &params, &opt, &state)?;
+        let patience_out =
+            matches!((cfg.patience, best), (Some(p), Some((_, since))) if since >= p);
+        if patience_out {
+            events(TrainEvent::EarlyStop { epoch });
+            break;
+        }
+        if limit_reached(state.step) && state.epoch < cfg.epochs {
+            return Ok(TrainSummary {
+                log,
+                out: out.to_path_buf(),
+                finished: false,
+                step: state.step,
+                vocab_coverage,
+            });
+        }
     }
-    params.save(out, cfg.save_dtype)?;
+    if cfg.patience.is_none() {
+        params.save(out, cfg.save_dtype)?;
+    }
     Ok(TrainSummary {
         log,
         out: out.to_path_buf(),
+        finished: true,
+        step: state.step,
         vocab_coverage,
     })
 }

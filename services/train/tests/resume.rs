@@ -8,7 +8,7 @@ use candle_core::DType;
 use eagle_engine::sampling::Rng;
 use eagle_train::data::{generate, DataConfig, Prepared, Sample};
 use eagle_train::shards::Dataset;
-use eagle_train::trainer::{train, FrozenTarget, TrainConfig};
+use eagle_train::trainer::{train, FrozenTarget, TrainConfig, TrainEvent};
 
 use common::{scratch, tiny_target, TINY_VOCAB};
 
@@ -40,6 +40,7 @@ fn config(max_tokens: Option<usize>) -> DataConfig {
         dtype: DType::BF16,
         max_tokens,
         shard_tokens: 300,
+        regen: None,
     }
 }
 
@@ -168,4 +169,134 @@ fn training_resumes_from_its_checkpoint() {
     let head =
         eagle_engine::head::EagleHead::load(&out, &target.cfg, DType::F32, &frozen.device).unwrap();
     assert_eq!(head.draft_vocab.unwrap().d2t.len(), 64);
+}
+
+/// A run stopped in the middle of an epoch and at an epoch's end, and resumed each time,
+/// ends with the same head, bit for bit, and the same log as one uninterrupted run: the
+/// checkpoint holds the AdamW moments, the batch reached and the epoch's running sums.
+#[test]
+fn a_resumed_run_equals_an_uninterrupted_one_bit_for_bit() {
+    let target = tiny_target();
+    let data_dir = scratch("exact-data");
+    generate(
+        &target,
+        samples().into_iter().map(Ok),
+        Prepared::Sample,
+        &data_dir,
+        &config(None),
+        &mut |_| {},
+    )
+    .unwrap();
+    let data = Dataset::open(&data_dir).unwrap();
+    let frozen = FrozenTarget::from_target(&target);
+    let cfg = TrainConfig {
+        epochs: 2,
+        lr: 3e-3,
+        batch_tokens: 128,
+        warmup: 2,
+        save_dtype: DType::F32,
+        ..TrainConfig::default()
+    };
+    let straight = scratch("exact-straight");
+    let whole = train(&frozen, &data, &straight, &cfg, &mut |_| {}).unwrap();
+    assert!(whole.finished);
+    let per_epoch = whole.log[1].step;
+    assert!(per_epoch >= 4, "{per_epoch} steps per epoch");
+
+    let split = scratch("exact-split");
+    let mut checkpoints = 0;
+    let mut part = cfg.clone();
+    // Stop in the middle of epoch 1, with periodic checkpoints on the way.
+    part.stop_at_step = Some(per_epoch / 2 + 1);
+    part.checkpoint_every = Some(2);
+    let s1 = train(&frozen, &data, &split, &part, &mut |e| {
+        if let TrainEvent::Checkpoint { .. } = e {
+            checkpoints += 1
+        }
+    })
+    .unwrap();
+    assert!(!s1.finished);
+    assert_eq!(s1.step, per_epoch / 2 + 1);
+    assert!(checkpoints >= 2, "{checkpoints} checkpoints");
+    assert!(
+        !split.join("model.safetensors").exists(),
+        "no final head yet"
+    );
+    // Resume to the end of epoch 1 (a stop exactly there), then to the end.
+    part.resume = true;
+    part.checkpoint_every = None;
+    part.stop_at_step = Some(per_epoch);
+    let s2 = train(&frozen, &data, &split, &part, &mut |_| {}).unwrap();
+    assert!(!s2.finished);
+    assert_eq!(s2.step, per_epoch);
+    assert_eq!(s2.log.len(), 1, "epoch 1's line");
+    part.stop_at_step = None;
+    let s3 = train(&frozen, &data, &split, &part, &mut |_| {}).unwrap();
+    assert!(s3.finished);
+    assert_eq!(s3.step, whole.step);
+
+    let bytes = |d: &std::path::Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert!(
+        bytes(&straight) == bytes(&split),
+        "the resumed head differs from the uninterrupted one"
+    );
+    let lines = |d: &std::path::Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(d.join("train_log.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().remove("elapsed_s");
+                v
+            })
+            .collect()
+    };
+    assert_eq!(lines(&straight), lines(&split));
+}
+
+/// With patience, a run whose held-out loss stops improving ends early, and the head written
+/// is the best one (here the weights cannot move: a learning rate of zero).
+#[test]
+fn patience_ends_a_run_that_stopped_improving() {
+    let target = tiny_target();
+    let data_dir = scratch("patience-data");
+    generate(
+        &target,
+        samples().into_iter().map(Ok),
+        Prepared::Sample,
+        &data_dir,
+        &config(None),
+        &mut |_| {},
+    )
+    .unwrap();
+    let data = Dataset::open(&data_dir).unwrap();
+    let frozen = FrozenTarget::from_target(&target);
+    let out = scratch("patience-head");
+    let cfg = TrainConfig {
+        epochs: 6,
+        lr: 0.0,
+        batch_tokens: 128,
+        warmup: 0,
+        patience: Some(1),
+        ..TrainConfig::default()
+    };
+    let mut stopped = None;
+    let s = train(&frozen, &data, &out, &cfg, &mut |e| {
+        if let TrainEvent::EarlyStop { epoch } = e {
+            stopped = Some(epoch)
+        }
+    })
+    .unwrap();
+    assert!(s.finished);
+    assert_eq!(stopped, Some(2), "epoch 2 did not beat epoch 1");
+    assert_eq!(s.log.last().unwrap().epoch, 2);
+    assert!(
+        out.join("model.safetensors").exists(),
+        "the best head is written"
+    );
+    let zero = TrainConfig {
+        patience: Some(0),
+        ..cfg
+    };
+    assert!(train(&frozen, &data, &scratch("patience-0"), &zero, &mut |_| {}).is_err());
 }

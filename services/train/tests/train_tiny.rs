@@ -96,6 +96,7 @@ fn training_lowers_loss_and_raises_acceptance() {
         dtype: DType::F16,
         max_tokens: None,
         shard_tokens: 8192,
+        regen: None,
     };
     let man = generate(
         &target,
