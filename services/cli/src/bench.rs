@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use eagle_engine::acceptance::PositionAcceptance;
 use eagle_engine::{GenerateOutput, GenerateRequest, Mode};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
@@ -123,6 +124,7 @@ struct Totals {
     tokens: usize,
     wall: f64,
     steps: usize,
+    positions: PositionAcceptance,
 }
 
 impl Totals {
@@ -130,6 +132,23 @@ impl Totals {
         self.tokens += o.tokens.len();
         self.wall += o.wall_s;
         self.steps += o.steps;
+        self.positions.merge(&o.position_acceptance());
+    }
+
+    /// Per-position acceptance, as JSON and as one line for people.
+    fn positions_json(&self) -> (serde_json::Value, String) {
+        let r = self.positions.rates();
+        let line = r
+            .conditional
+            .iter()
+            .enumerate()
+            .map(|(k, a)| match a {
+                Some(a) => format!("{k}-α {a:.2}"),
+                None => format!("{k}-α -"),
+            })
+            .collect::<Vec<_>>()
+            .join("  ");
+        (serde_json::to_value(&r).expect("rates"), line)
     }
     fn tps(&self) -> f64 {
         self.tokens as f64 / self.wall.max(1e-9)
@@ -296,6 +315,8 @@ fn run_prompts(a: BenchArgs, prompts: &mut Vec<PromptLine>) -> Result<()> {
                 "steps": o.steps,
                 "accepted": o.accepted,
                 "tree_sizes": o.tree_sizes,
+                "tree_depths": o.tree_depths,
+                "drafts_accepted": o.drafts_accepted,
                 "token_ids": o.tokens,
                 "text": engine.tokenizer.decode(&o.tokens)?,
             });
@@ -341,10 +362,13 @@ fn run_prompts(a: BenchArgs, prompts: &mut Vec<PromptLine>) -> Result<()> {
                 "eagle_tokens_per_s": e.tps(),
                 "speedup": e.tps() / v.tps(),
                 "mean_accepted": e.tokens as f64 / e.steps.max(1) as f64,
+                "acceptance_by_position": e.positions_json().0,
             }),
         );
     }
     let [v, e] = &totals;
+    let (positions, positions_line) = e.positions_json();
+    eprintln!("acceptance by position (given the ones before): {positions_line}");
     let summary = serde_json::json!({
         "prompts": prompts.len(),
         "identical": identical,
@@ -352,6 +376,7 @@ fn run_prompts(a: BenchArgs, prompts: &mut Vec<PromptLine>) -> Result<()> {
         "eagle_tokens_per_s": e.tps(),
         "speedup": e.tps() / v.tps(),
         "mean_accepted": e.tokens as f64 / e.steps.max(1) as f64,
+        "acceptance_by_position": positions,
         "categories": categories,
         "verify_cost_ms": profile.points.iter().map(|(n, s)| serde_json::json!([n, s * 1e3])).collect::<Vec<_>>(),
         "draft_level_ms": profile.draft_level_s * 1e3,

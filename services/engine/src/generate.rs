@@ -84,11 +84,22 @@ pub struct GenerateOutput {
     pub fallback_steps: usize,
     /// Tree sizes (root included) verified at each speculative step.
     pub tree_sizes: Vec<usize>,
+    /// Draft levels of each speculative step's tree (0: the root alone).
+    pub tree_depths: Vec<usize>,
+    /// Draft tokens accepted at each speculative step (the bonus token not counted).
+    pub drafts_accepted: Vec<usize>,
     pub prefill_s: f64,
     pub wall_s: f64,
 }
 
 impl GenerateOutput {
+    /// Per-position acceptance over this generation's speculative steps.
+    pub fn position_acceptance(&self) -> crate::acceptance::PositionAcceptance {
+        let mut p = crate::acceptance::PositionAcceptance::default();
+        p.add_steps(&self.tree_depths, &self.drafts_accepted);
+        p
+    }
+
     /// Tokens per target forward pass.
     pub fn mean_accepted(&self) -> f64 {
         if self.steps == 0 {
@@ -301,8 +312,10 @@ impl Engine {
             match drafted {
                 Some(tree) => {
                     out.tree_sizes.push(tree.len());
+                    out.tree_depths.push(tree.max_depth());
                     let v = sess.verify(target, &tree, &req.sampling, &mut rng)?;
                     let toks = v.verdict.tokens.clone();
+                    out.drafts_accepted.push(toks.len() - 1);
                     last = *toks.last().expect("a verdict has a bonus token");
                     going = emit(&mut out, &toks, on_tokens);
                     if let Some(ds) = draft_sess.as_mut() {

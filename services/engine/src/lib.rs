@@ -4,6 +4,7 @@
 //!
 //! Start with [`generate::Engine`]: load a target and a head, then `generate`.
 
+pub mod acceptance;
 pub mod chat;
 pub mod config;
 pub mod device;
