@@ -64,15 +64,14 @@ struct Args {
     tls: eagle_proto::tls::TlsFlags,
 }
 
-fn main() {
-    eagle_proto::serve::run(async {
-        let args = Args::parse();
-        let _trace = eagle_trace::init("eagle-draft", &args.trace, Vec::new());
-        if let Err(e) = run(args).await {
-            eprintln!("error: {e:#}");
-            std::process::exit(1);
-        }
-    })
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let _trace = eagle_trace::init("eagle-draft", &args.trace, Vec::new());
+    if let Err(e) = run(args).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
 }
 
 async fn run(a: Args) -> Result<()> {

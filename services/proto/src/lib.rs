@@ -4,10 +4,8 @@
 //! - [`common`], [`worker`], [`draft`]: the internal services a coordinator drives.
 //! - [`wire`]: conversions between wire messages and engine types (features, trees, sampling).
 //! - [`status`]: the one place engine errors become gRPC status codes.
-//! - [`serve`], [`tls`], [`malloc`]: what every server shares (the runtime, binding, health,
-//!   shutdown, mutual TLS, the allocator's arena limit).
+//! - [`serve`], [`tls`]: what every server shares (binding, health, shutdown, mutual TLS).
 
-pub mod malloc;
 pub mod serve;
 pub mod sessions;
 pub mod status;

@@ -1,5 +1,4 @@
-//! What every eagle-serve gRPC server shares: its runtime (started after the process-wide
-//! set-up that must precede threads), binding a listener (port 0 picks a free port;
+//! What every eagle-serve gRPC server shares: binding a listener (port 0 picks a free port;
 //! the bound address is printed as `listening ADDR` on stdout for whoever started the
 //! process), health checking and reflection, and shutdown on SIGINT or SIGTERM.
 
@@ -8,18 +7,6 @@ use std::net::SocketAddr;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::{Stream, StreamExt};
-
-/// Runs a service's main future on a multi-threaded tokio runtime, started after the
-/// allocator's arena limit is set (see [`crate::malloc`]): a service's `main` is
-/// `fn main() { serve::run(async { .. }) }`.
-pub fn run<F: std::future::Future>(main: F) -> F::Output {
-    crate::malloc::limit_arenas();
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("cannot start the tokio runtime")
-        .block_on(main)
-}
 
 /// Binds `addr` and announces the bound address on stdout. Accepted connections have Nagle's
 /// algorithm off: a step's small messages must not wait for delayed ACKs (40 ms on Linux).

@@ -106,27 +106,23 @@ struct TpArgs {
     tp_exit_on_break: bool,
 }
 
-fn main() {
-    eagle_proto::serve::run(async {
-        let mut args = Args::parse();
-        if args.tp.tp > 1 && args.etcd.etcd.is_some() && args.etcd.group.is_none() {
-            // Every rank of the group registers under one group name.
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-            args.etcd.group = Some(format!("tp-{}-{}", host.trim(), std::process::id()));
-        }
-        let resource = vec![
-            opentelemetry::KeyValue::new(
-                "eagle.group",
-                args.etcd.group.clone().unwrap_or_default(),
-            ),
-            opentelemetry::KeyValue::new("eagle.rank", args.tp.tp_rank as i64),
-        ];
-        let _trace = eagle_trace::init("eagle-worker", &args.trace, resource);
-        if let Err(e) = run(args).await {
-            eprintln!("error: {e:#}");
-            std::process::exit(1);
-        }
-    })
+#[tokio::main]
+async fn main() {
+    let mut args = Args::parse();
+    if args.tp.tp > 1 && args.etcd.etcd.is_some() && args.etcd.group.is_none() {
+        // Every rank of the group registers under one group name.
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        args.etcd.group = Some(format!("tp-{}-{}", host.trim(), std::process::id()));
+    }
+    let resource = vec![
+        opentelemetry::KeyValue::new("eagle.group", args.etcd.group.clone().unwrap_or_default()),
+        opentelemetry::KeyValue::new("eagle.rank", args.tp.tp_rank as i64),
+    ];
+    let _trace = eagle_trace::init("eagle-worker", &args.trace, resource);
+    if let Err(e) = run(args).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
 }
 
 async fn run(a: Args) -> Result<()> {
