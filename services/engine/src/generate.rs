@@ -371,8 +371,12 @@ impl Engine {
     }
 }
 
+/// Timing rounds over the verification sizes.
+const COST_ROUNDS: usize = 5;
+
 /// Times target forwards of n new tokens after a 64-token prefix, for n up to
-/// [`AUTO_MAX_TOKENS`]; each point is the best of three.
+/// [`AUTO_MAX_TOKENS`]; each point is the fastest of [`COST_ROUNDS`] rounds over all sizes.
+
 pub fn measure_costs(target: &TargetModel) -> Result<CostProfile> {
     let prefix: Vec<u32> = (0..64u32)
         .map(|i| (i * 7919 + 13) % target.cfg.vocab_size as u32)
@@ -380,25 +384,34 @@ pub fn measure_costs(target: &TargetModel) -> Result<CostProfile> {
     let mut sess = TargetSession::new(target, prefix.len() + AUTO_MAX_TOKENS + 1)?;
     sess.prefill(target, &prefix)?;
     let base = sess.cache.len();
-    let mut points = Vec::new();
-    for n in [1usize, 2, 4, 8, 16, 32, AUTO_MAX_TOKENS] {
-        let mut tree = crate::tree::DraftTree::root(prefix[0]);
-        for i in 1..n {
-            tree.push(i - 1, prefix[i % prefix.len()]);
-        }
-        let mut best = f64::INFINITY;
-        for _ in 0..3 {
+    let sizes = [1usize, 2, 4, 8, 16, 32, AUTO_MAX_TOKENS];
+    let trees: Vec<crate::tree::DraftTree> = sizes
+        .iter()
+        .map(|&n| {
+            let mut tree = crate::tree::DraftTree::root(prefix[0]);
+            for i in 1..n {
+                tree.push(i - 1, prefix[i % prefix.len()]);
+            }
+            tree
+        })
+        .collect();
+    // Rounds over all sizes, the fastest of each kept: a machine busy for a while (another
+    // process loading or measuring beside this one) then slows every size alike instead of
+    // some sizes only, which would bend the curve and mis-size every tree afterwards.
+    let mut best = vec![f64::INFINITY; sizes.len()];
+    for _ in 0..COST_ROUNDS {
+        for (tree, best) in trees.iter().zip(&mut best) {
             let t = Instant::now();
             let vis = crate::kernels::attention::Visibility::tree(base, &tree.parents);
             let f = target.forward(&mut sess.cache, &tree.tokens, &tree.positions(base), &vis)?;
             // Greedy verification reads the LM head at a node; reading the logits back also
             // waits for an asynchronous device.
             target.logits(&f.narrow(0, 0, 1)?)?.to_vec2::<f32>()?;
-            best = best.min(t.elapsed().as_secs_f64());
+            *best = best.min(t.elapsed().as_secs_f64());
             sess.cache.truncate(base);
         }
-        points.push((n, best));
     }
+    let points = sizes.into_iter().zip(best).collect();
     Ok(CostProfile {
         points,
         ..Default::default()
