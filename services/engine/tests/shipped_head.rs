@@ -32,6 +32,7 @@ fn the_shipped_head_is_lossless_and_accepts_tokens() {
     )
     .unwrap();
     let (mut tokens, mut steps) = (0usize, 0usize);
+    let mut positions = eagle_engine::acceptance::PositionAcceptance::default();
     for p in prompts::PROMPTS {
         let ids = e
             .chat_prompt(&[Message::new("user", p.to_string())])
@@ -44,11 +45,22 @@ fn the_shipped_head_is_lossless_and_accepts_tokens() {
         assert_eq!(got.tokens, want, "prompt {p:?}");
         tokens += got.tokens.len();
         steps += got.steps;
+        positions.merge(&got.position_acceptance());
     }
     let mean = tokens as f64 / steps as f64;
     eprintln!("shipped head: {mean:.2} tokens per target pass");
     assert!(
         mean > 1.2,
         "mean accepted {mean:.2}: the shipped head looks untrained"
+    );
+    let rates = positions.rates();
+    eprintln!(
+        "shipped head: acceptance by position {:?}",
+        rates.conditional
+    );
+    let first = rates.conditional[0].expect("speculative steps drafted a token");
+    assert!(
+        first > 0.3,
+        "the first draft token is accepted in {first:.2} of the passes: the head regressed"
     );
 }
