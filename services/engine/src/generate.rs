@@ -376,7 +376,6 @@ const COST_ROUNDS: usize = 5;
 
 /// Times target forwards of n new tokens after a 64-token prefix, for n up to
 /// [`AUTO_MAX_TOKENS`]; each point is the fastest of [`COST_ROUNDS`] rounds over all sizes.
-
 pub fn measure_costs(target: &TargetModel) -> Result<CostProfile> {
     let prefix: Vec<u32> = (0..64u32)
         .map(|i| (i * 7919 + 13) % target.cfg.vocab_size as u32)

@@ -169,8 +169,12 @@ pub fn generate<R>(
     let mut next = man.records_read;
     let mut records = records.skip(man.records_read);
     let chunk_len = cfg.regen.as_ref().map_or(1, |(r, _)| r.batch.max(1));
+    let over_budget = |man: &Manifest, shard: &ShardWriter| {
+        cfg.max_tokens
+            .is_some_and(|b| man.tokens + shard.tokens() >= b)
+    };
     let mut exhausted = false;
-    'input: while !exhausted {
+    'input: while !exhausted && !over_budget(&man, &shard) {
         // Up to `chunk_len` samples (and the records skipped on the way), in input order,
         // each with its record number.
         let mut chunk: Vec<(usize, Result<Prepared>)> = Vec::new();
@@ -192,11 +196,7 @@ pub fn generate<R>(
             regenerate(target, &mut chunk, eos, rc, cfg.max_len)?;
         }
         for (rec_no, item) in chunk {
-            if budget_met(&man)
-                || (cfg
-                    .max_tokens
-                    .is_some_and(|b| man.tokens + shard.tokens() >= b))
-            {
+            if over_budget(&man, &shard) {
                 // The rest of the chunk is read again by the next run.
                 exhausted = false;
                 break 'input;
