@@ -252,8 +252,15 @@ const STATE: &str = "trainer_state.json";
 const OPTIMIZER: &str = "optimizer.safetensors";
 
 /// Writes a checkpoint whole: into `checkpoint.tmp` (the state file last), then in place of
-/// the previous one, so a run killed while writing keeps a complete checkpoint.
-fn write_checkpoint(out: &Path, params: &Params, opt: &AdamW, state: &TrainerState) -> Result<()> {
+/// the previous one, so a run killed while writing keeps a complete checkpoint. Records
+/// AdamW's step count in `state`.
+fn write_checkpoint(
+    out: &Path,
+    params: &Params,
+    opt: &AdamW,
+    state: &mut TrainerState,
+) -> Result<()> {
+    state.adam_t = Some(opt.steps());
     let (dir, tmp) = (out.join(CHECKPOINT), out.join(format!("{CHECKPOINT}.tmp")));
     let _ = std::fs::remove_dir_all(&tmp);
     params.save(&tmp, DType::F32)?;
@@ -610,7 +617,9 @@ pub fn train(
             || cfg.time_limit.is_some_and(|d| t0.elapsed() >= d)
     };
     let mut lr = sched.lr(state.step.saturating_sub(1));
-    while state.epoch < cfg.epochs {
+    // False when a step or time limit stops the run at a checkpoint.
+    let mut finished = true;
+    'epochs: while state.epoch < cfg.epochs {
         let epoch = state.epoch + 1;
         let mut order = train_ids.clone();
         shuffle(
@@ -644,18 +653,12 @@ pub fn train(
                 .checkpoint_every
                 .is_some_and(|n| n > 0 && state.step.is_multiple_of(n));
             if stop || periodic {
-                state.adam_t = Some(opt.steps());
-                write_checkpoint(out, &params, &opt, &state)?;
+                write_checkpoint(out, &params, &opt, &mut state)?;
                 events(TrainEvent::Checkpoint { step: state.step });
             }
             if stop {
-                return Ok(TrainSummary {
-                    log,
-                    out: out.to_path_buf(),
-                    finished: false,
-                    step: state.step,
-                    vocab_coverage,
-                });
+                finished = false;
+                break 'epochs;
             }
         }
         events(TrainEvent::Evaluating);
@@ -683,10 +686,10 @@ pub fn train(
             step: state.step,
             batch: 0,
             meter: Meter::default(),
-            adam_t: Some(opt.steps()),
+            adam_t: state.adam_t,
             best,
         };
-        write_checkpoint(out, &params, &opt, &state)?;
+        write_checkpoint(out, &params, &opt, &mut state)?;
         let patience_out =
             matches!((cfg.patience, best), (Some(p), Some((_, since))) if since >= p);
         if patience_out {
@@ -694,22 +697,18 @@ pub fn train(
             break;
         }
         if limit_reached(state.step) && state.epoch < cfg.epochs {
-            return Ok(TrainSummary {
-                log,
-                out: out.to_path_buf(),
-                finished: false,
-                step: state.step,
-                vocab_coverage,
-            });
+            finished = false;
+            break;
         }
     }
-    if cfg.patience.is_none() {
+    // With patience, the best head is already in `out`; a stopped run writes none yet.
+    if finished && cfg.patience.is_none() {
         params.save(out, cfg.save_dtype)?;
     }
     Ok(TrainSummary {
         log,
         out: out.to_path_buf(),
-        finished: true,
+        finished,
         step: state.step,
         vocab_coverage,
     })
