@@ -155,26 +155,23 @@ pub fn generate<R>(
                 old
             }
         };
-    let budget_met = |m: &Manifest| cfg.max_tokens.is_some_and(|b| m.tokens >= b);
+    // Whether `tokens` stored meet the budget.
+    let over_budget = |tokens: usize| cfg.max_tokens.is_some_and(|b| tokens >= b);
     let mut prog = DataProgress {
         records: man.records_read,
         conversations: man.conversations,
         tokens: man.tokens,
     };
     progress(&prog);
-    if man.complete || budget_met(&man) {
+    if man.complete || over_budget(man.tokens) {
         return Ok(man);
     }
     let mut shard = ShardWriter::new(cfg.dtype, hidden);
     let mut next = man.records_read;
     let mut records = records.skip(man.records_read);
     let chunk_len = cfg.regen.as_ref().map_or(1, |(r, _)| r.batch.max(1));
-    let over_budget = |man: &Manifest, shard: &ShardWriter| {
-        cfg.max_tokens
-            .is_some_and(|b| man.tokens + shard.tokens() >= b)
-    };
     let mut exhausted = false;
-    'input: while !exhausted && !over_budget(&man, &shard) {
+    'input: while !exhausted && !over_budget(man.tokens + shard.tokens()) {
         // Up to `chunk_len` samples (and the records skipped on the way), in input order,
         // each with its record number.
         let mut chunk: Vec<(usize, Result<Prepared>)> = Vec::new();
@@ -196,7 +193,7 @@ pub fn generate<R>(
             regenerate(target, &mut chunk, eos, rc, cfg.max_len)?;
         }
         for (rec_no, item) in chunk {
-            if over_budget(&man, &shard) {
+            if over_budget(man.tokens + shard.tokens()) {
                 // The rest of the chunk is read again by the next run.
                 exhausted = false;
                 break 'input;
