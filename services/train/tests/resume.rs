@@ -44,6 +44,24 @@ fn config(max_tokens: Option<usize>) -> DataConfig {
     }
 }
 
+/// The samples stored as data of the tiny target under `tag`, and the target's frozen parts.
+fn training_data(tag: &str) -> (Dataset, FrozenTarget) {
+    let target = tiny_target();
+    let data_dir = scratch(tag);
+    let records = samples().into_iter().map(Ok);
+    generate(
+        &target,
+        records,
+        Prepared::Sample,
+        &data_dir,
+        &config(None),
+        &mut |_| {},
+    )
+    .unwrap();
+    let frozen = FrozenTarget::from_target(&target);
+    (Dataset::open(&data_dir).unwrap(), frozen)
+}
+
 /// One stored conversation: ids, mask, feature bytes, held out.
 type Stored = (Vec<u32>, Vec<u8>, Vec<u8>, bool);
 
@@ -132,19 +150,7 @@ fn data_generation_resumes_where_it_stopped() {
 
 #[test]
 fn training_resumes_from_its_checkpoint() {
-    let target = tiny_target();
-    let data_dir = scratch("resume-data");
-    generate(
-        &target,
-        samples().into_iter().map(Ok),
-        Prepared::Sample,
-        &data_dir,
-        &config(None),
-        &mut |_| {},
-    )
-    .unwrap();
-    let data = Dataset::open(&data_dir).unwrap();
-    let frozen = FrozenTarget::from_target(&target);
+    let (data, frozen) = training_data("resume-data");
     let out = scratch("resume-head");
     let mut cfg = TrainConfig {
         epochs: 2,
@@ -167,7 +173,7 @@ fn training_resumes_from_its_checkpoint() {
     assert_eq!(lines.lines().count(), 4);
     // The head keeps its draft vocabulary through the checkpoint.
     let head =
-        eagle_engine::head::EagleHead::load(&out, &target.cfg, DType::F32, &frozen.device).unwrap();
+        eagle_engine::head::EagleHead::load(&out, &frozen.cfg, DType::F32, &frozen.device).unwrap();
     assert_eq!(head.draft_vocab.unwrap().d2t.len(), 64);
 }
 
@@ -176,19 +182,7 @@ fn training_resumes_from_its_checkpoint() {
 /// checkpoint holds the AdamW moments, the batch reached and the epoch's running sums.
 #[test]
 fn a_resumed_run_equals_an_uninterrupted_one_bit_for_bit() {
-    let target = tiny_target();
-    let data_dir = scratch("exact-data");
-    generate(
-        &target,
-        samples().into_iter().map(Ok),
-        Prepared::Sample,
-        &data_dir,
-        &config(None),
-        &mut |_| {},
-    )
-    .unwrap();
-    let data = Dataset::open(&data_dir).unwrap();
-    let frozen = FrozenTarget::from_target(&target);
+    let (data, frozen) = training_data("exact-data");
     let cfg = TrainConfig {
         epochs: 2,
         lr: 3e-3,
@@ -258,19 +252,7 @@ fn a_resumed_run_equals_an_uninterrupted_one_bit_for_bit() {
 /// is the best one (here the weights cannot move: a learning rate of zero).
 #[test]
 fn patience_ends_a_run_that_stopped_improving() {
-    let target = tiny_target();
-    let data_dir = scratch("patience-data");
-    generate(
-        &target,
-        samples().into_iter().map(Ok),
-        Prepared::Sample,
-        &data_dir,
-        &config(None),
-        &mut |_| {},
-    )
-    .unwrap();
-    let data = Dataset::open(&data_dir).unwrap();
-    let frozen = FrozenTarget::from_target(&target);
+    let (data, frozen) = training_data("patience-data");
     let out = scratch("patience-head");
     let cfg = TrainConfig {
         epochs: 6,
