@@ -71,10 +71,17 @@ fn wait_log(log: &Mutex<Vec<String>>, needle: &str, within: Duration) {
     }
 }
 
-type Runs = Arc<Mutex<Vec<(Instant, Result<(), Code>)>>>;
+type Run = (Instant, Result<(), Code>);
+type Runs = Arc<Mutex<Vec<Run>>>;
+
+/// Requests of `runs` that ended well after `since`.
+fn served_after(runs: &[Run], since: Instant) -> usize {
+    runs.iter().filter(|(t, r)| *t > since && r.is_ok()).count()
+}
 
 /// Requests in a loop until stopped, each one's end and outcome recorded.
 struct RequestLoop {
+    started: Instant,
     stop: Arc<AtomicBool>,
     runs: Runs,
     task: tokio::task::JoinHandle<()>,
@@ -82,6 +89,7 @@ struct RequestLoop {
 
 impl RequestLoop {
     fn start(addr: &str) -> Self {
+        let started = Instant::now();
         let url = format!("http://{addr}");
         let stop = Arc::new(AtomicBool::new(false));
         let runs: Runs = Arc::default();
@@ -102,44 +110,39 @@ impl RequestLoop {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         });
-        RequestLoop { stop, runs, task }
+        RequestLoop {
+            started,
+            stop,
+            runs,
+            task,
+        }
+    }
+
+    /// Waits (at most 60 s) until `n` requests ended well after `since`; says whether they did.
+    /// A slow machine takes longer per request, so checks wait for counts, not fixed times.
+    async fn wait_served(&self, since: Instant, n: usize) -> bool {
+        let t0 = Instant::now();
+        while served_after(&self.runs.lock().unwrap(), since) < n {
+            if t0.elapsed() > Duration::from_secs(60) {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        true
     }
 
     /// Waits (at most 60 s) until 3 requests were served.
     async fn until_serving(&self) {
-        let t0 = Instant::now();
-        while self
-            .runs
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, r)| r.is_ok())
-            .count()
-            < 3
-        {
-            assert!(t0.elapsed() < Duration::from_secs(60), "no requests served");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        assert!(
+            self.wait_served(self.started, 3).await,
+            "no requests served"
+        );
     }
 
-    /// Waits (at most 60 s) until `n` requests ended well after `killed`: a slow machine takes
-    /// longer per request, so the check waits for the count rather than a fixed time.
+    /// Waits (at most 60 s) until `n` requests ended well after `killed` (stop_and_check
+    /// reports how many there were if fewer).
     async fn until_served_after(&self, killed: Instant, n: usize) {
-        let t0 = Instant::now();
-        while self
-            .runs
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(t, r)| *t > killed && r.is_ok())
-            .count()
-            < n
-        {
-            if t0.elapsed() > Duration::from_secs(60) {
-                return; // stop_and_check reports how many there were
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.wait_served(killed, n).await;
     }
 
     /// Stops the loop and checks a kill at `killed` cost at most 2 requests, each failing with
@@ -154,10 +157,7 @@ impl RequestLoop {
             "only requests on {on} may fail, with UNAVAILABLE: {failed:?}"
         );
         assert!(failed.len() <= 2, "{} requests failed", failed.len());
-        let after = runs
-            .iter()
-            .filter(|(t, r)| *t > killed && r.is_ok())
-            .count();
+        let after = served_after(&runs, killed);
         assert!(after >= 5, "only {after} requests succeeded after the kill");
         println!(
             "MEASURE {measure}: {} requests, {} failed, {after} served after the kill",
