@@ -414,6 +414,10 @@ impl Cluster {
         let worker_bin = sibling("eagle-worker")?;
         let mut worker_extra = dev.clone();
         worker_extra.extend(["--tp".to_string(), a.tp.to_string()]);
+        if let Some(h) = &head {
+            // The workers send the features the head reads (EAGLE-3: three inner layers).
+            worker_extra.extend(["--draft-features".to_string(), head_features(h)?]);
+        }
         if a.tp > 1 {
             // A group whose rank died exits, and the supervisor starts it again whole.
             worker_extra.push("--tp-exit-on-break".to_string());
@@ -707,4 +711,14 @@ impl Drop for RemoteBench {
             self.rt.block_on(c.stop());
         }
     }
+}
+
+/// The worker's `--draft-features` for the head in `dir`, from its config.json.
+fn head_features(dir: &std::path::Path) -> Result<String> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading the head's {}", path.display()))?;
+    let config: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("parsing the head's {}", path.display()))?;
+    Ok(eagle_engine::head::draft_features(&config))
 }

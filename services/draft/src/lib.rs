@@ -133,8 +133,8 @@ impl DraftService {
             )));
         }
         let f = feats.ok_or_else(|| invalid("tokens without features"))?;
-        let hidden = drafter.head.cfg.hidden_size;
-        let t = features_from_wire(f, hidden, &drafter.head.device)?;
+        let width = drafter.head.feature_width();
+        let t = features_from_wire(f, width, &drafter.head.device)?;
         s.ds.push(tokens, &t).map_err(|e| from_engine(&e))
     }
 }

@@ -149,7 +149,7 @@ impl Engine {
             },
             &opts.device,
         )?;
-        let target = TargetModel::load_with(
+        let mut target = TargetModel::load_with(
             opened.source.as_ref(),
             opened.config,
             opts.dtype,
@@ -167,6 +167,7 @@ impl Engine {
                     head_quant(opts.quant),
                     &opts.device,
                 )?;
+                target.set_draft_layers(head.kind.target_layers())?;
                 Some(Drafter::new(Arc::new(head), &target))
             }
             None => None,
@@ -179,7 +180,19 @@ impl Engine {
         })
     }
 
-    pub fn from_parts(target: TargetModel, head: Option<EagleHead>, tokenizer: Tokenizer) -> Self {
+    /// An engine over a loaded target and head; the target gives the features the head reads.
+    /// Panics when the head reads a layer the target does not have (`EagleHead::load` checks
+    /// this against the target's config).
+    pub fn from_parts(
+        mut target: TargetModel,
+        head: Option<EagleHead>,
+        tokenizer: Tokenizer,
+    ) -> Self {
+        if let Some(h) = &head {
+            target
+                .set_draft_layers(h.kind.target_layers())
+                .expect("the head was built for this target");
+        }
         let drafter = head.map(|h| Drafter::new(Arc::new(h), &target));
         Engine {
             target: Arc::new(target),

@@ -16,7 +16,7 @@ use crate::error::Result;
 use crate::kernels::attention::Visibility;
 use crate::kv_cache::KvCache;
 use crate::layers::use_cpu_kernels;
-use crate::models::{Rows, TargetModel};
+use crate::models::{Rows, States, TargetModel};
 use crate::sampling::{Rng, SamplingParams};
 use crate::tree::DraftTree;
 use crate::verify::{verify_greedy, verify_sampling_with, AcceptRule, Recursive, Verdict};
@@ -28,8 +28,8 @@ pub struct TargetSession {
     pub cache: KvCache,
 }
 
-/// Verification's result: the verdict and the features of the kept nodes (the root and the
-/// accepted path), one row each, which the draft side pairs with the new tokens.
+/// Verification's result: the verdict and the draft features of the kept nodes (the root and
+/// the accepted path), one row each, which the draft side pairs with the new tokens.
 pub struct Verified {
     pub verdict: Verdict,
     pub features: Tensor,
@@ -51,7 +51,8 @@ pub enum Work<'a> {
 
 /// What one session got from a pass.
 pub enum Done {
-    /// The features [m, hidden] of the tokens run, and the last one's logits if asked for.
+    /// The draft features [m, width] of the tokens run (see [`TargetModel::forward_batch_states`]),
+    /// and the last one's logits if asked for.
     Extended {
         features: Tensor,
         logits: Option<Vec<f32>>,
@@ -133,18 +134,19 @@ pub fn run_batch(
             Err(e) => results[i] = Some(Err(e)),
         }
     }
-    let feats = if rows.is_empty() {
+    let states = if rows.is_empty() {
         Vec::new()
     } else {
-        target.forward_batch(&mut rows)?
+        target.forward_batch_states(&mut rows)?
     };
     drop(rows);
-    let mut ready = batch_logits(target, &ran, &plans, &feats)?;
-    for (&i, feats) in ran.iter().zip(feats) {
+    let last: Vec<&Tensor> = states.iter().map(|s| &s.last).collect();
+    let mut ready = batch_logits(target, &ran, &plans, &last)?;
+    for (&i, states) in ran.iter().zip(states) {
         let (sess, work) = &mut jobs[i];
         let done = match work {
             Work::Extend { .. } => Ok(Done::Extended {
-                features: feats,
+                features: states.draft,
                 logits: ready[i].pop().map(|(_, l)| l),
             }),
             Work::Verify {
@@ -157,7 +159,7 @@ pub fn run_batch(
                     target,
                     plans[i].start,
                     tree,
-                    feats,
+                    states,
                     std::mem::take(&mut ready[i]),
                     sampling,
                     rng,
@@ -182,7 +184,7 @@ fn batch_logits(
     target: &TargetModel,
     ran: &[usize],
     plans: &[Plan],
-    feats: &[Tensor],
+    feats: &[&Tensor],
 ) -> Result<Vec<ReadyLogits>> {
     let mut out: Vec<ReadyLogits> = plans.iter().map(|_| Vec::new()).collect();
     let mut picked = Vec::new();
@@ -276,7 +278,7 @@ impl TargetSession {
     }
 
     /// After the tree's pass: walks it (with the logits `ready` for some nodes, the rest on
-    /// demand), compacts the cache to the root and the accepted path, and keeps their
+    /// demand), compacts the cache to the root and the accepted path, and keeps their draft
     /// features.
     #[allow(clippy::too_many_arguments)]
     fn walk(
@@ -284,7 +286,7 @@ impl TargetSession {
         target: &TargetModel,
         start: usize,
         tree: &DraftTree,
-        feats: Tensor,
+        states: States,
         mut ready: ReadyLogits,
         sampling: &SamplingParams,
         rng: &mut Rng,
@@ -295,7 +297,7 @@ impl TargetSession {
                 return Ok(ready.swap_remove(k).1);
             }
             Ok(target
-                .logits(&feats.i(i..i + 1)?)?
+                .logits(&states.last.i(i..i + 1)?)?
                 .squeeze(0)?
                 .to_vec1::<f32>()?)
         };
@@ -307,8 +309,8 @@ impl TargetSession {
         let kept = verdict.kept_nodes();
         self.cache.compact(start, &kept)?;
         let idx: Vec<u32> = kept.iter().map(|&k| k as u32).collect();
-        let idx = Tensor::new(idx.as_slice(), feats.device())?;
-        let features = feats.index_select(&idx, 0)?;
+        let idx = Tensor::new(idx.as_slice(), states.draft.device())?;
+        let features = states.draft.index_select(&idx, 0)?;
         Ok(Verified { verdict, features })
     }
 }

@@ -63,7 +63,8 @@ pub fn features_from_wire(
 ) -> Result<Tensor, Status> {
     if f.hidden as usize != hidden {
         return Err(Status::invalid_argument(format!(
-            "features are {} wide, the model's hidden size is {hidden}",
+            "features are {} wide, the EAGLE head reads {hidden} per token (an EAGLE-3 head reads \
+             3 x hidden: start the worker with --draft-features as its config.json says)",
             f.hidden
         )));
     }

@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 use eagle_engine::config::ModelConfig;
-use eagle_engine::head::{DraftVocab, EagleHead};
+use eagle_engine::head::{DraftVocab, EagleHead, HeadKind};
 use eagle_engine::layers::{Linear, Matrix};
 use eagle_engine::loader::{open_model, Weights};
 use eagle_engine::models::target::embed_rows;
@@ -291,6 +291,7 @@ fn noise_seed(seed: u64, epoch: usize, batch: usize) -> u64 {
 /// The trainable head: f32 variables under published names, plus a frozen draft vocabulary.
 struct Params {
     cfg: ModelConfig,
+    kind: HeadKind,
     vars: Vec<(String, Var)>,
     draft: Option<DraftVocab>,
     device: Device,
@@ -311,6 +312,7 @@ impl Params {
         }
         Ok(Params {
             cfg: head.cfg.clone(),
+            kind: head.kind.clone(),
             vars,
             draft: head.draft_vocab.clone(),
             device: device.clone(),
@@ -330,6 +332,7 @@ impl Params {
         Ok(EagleHead::from_tensors(
             map,
             self.cfg.clone(),
+            self.kind.clone(),
             dtype,
             &self.device,
         )?)

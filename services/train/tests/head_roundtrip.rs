@@ -127,7 +127,7 @@ fn round_trip(head: EagleHead, tag: &str) {
 
 fn head_clone(h: &EagleHead) -> EagleHead {
     let map: HashMap<String, Tensor> = h.tensors().unwrap();
-    EagleHead::from_tensors(map, h.cfg.clone(), DType::F32, &Device::Cpu).unwrap()
+    EagleHead::from_tensors(map, h.cfg.clone(), h.kind.clone(), DType::F32, &Device::Cpu).unwrap()
 }
 
 #[test]

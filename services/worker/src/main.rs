@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use eagle_engine::device::{check_precision, parse_device, parse_dtype, parse_precision};
 use eagle_engine::generate::measure_costs;
+use eagle_engine::head::HeadKind;
 use eagle_engine::loader::open_model;
 use eagle_engine::models::TargetModel;
 use eagle_engine::parallel::Shard;
@@ -46,6 +47,12 @@ struct Args {
     /// The dtype features travel in to the draft side: bf16 (compact), f16 or f32.
     #[arg(long, env = "EAGLE_WIRE_DTYPE", default_value = "bf16")]
     wire_dtype: String,
+    /// The target features sent to the draft side, as the EAGLE head reads them: `last` (an
+    /// EAGLE-1/2 head: the last layer's, after the final norm), `eagle3` (an EAGLE-3 head: the
+    /// outputs of layers 1, L/2-1 and L-4 side by side) or three layer indices `a,b,c`.
+    /// `eagle cluster up` sets it from the head's config.json.
+    #[arg(long, env = "EAGLE_DRAFT_FEATURES", default_value = "last")]
+    draft_features: String,
     /// Memory for all sessions' KV caches, in MiB; a session past it is refused.
     #[arg(long, env = "EAGLE_WORKER_CACHE_MB", default_value_t = 4096)]
     cache_mb: u64,
@@ -149,7 +156,9 @@ async fn run(a: Args) -> Result<()> {
         } else {
             (Shard::single(), None)
         };
-        let target = TargetModel::load_with(
+        let features = HeadKind::parse_features(&me.draft_features, opened.config.num_layers)
+            .context("--draft-features")?;
+        let mut target = TargetModel::load_with(
             opened.source.as_ref(),
             opened.config,
             dtype,
@@ -158,6 +167,7 @@ async fn run(a: Args) -> Result<()> {
             shard,
             &mut tp::progress(0),
         )?;
+        target.set_draft_layers(features.target_layers())?;
         if let Some((g, _)) = &group {
             // Ranks load at their own pace; meet before the measurements' first collective.
             g.tcp().barrier(tp::JOIN_WAIT)?;

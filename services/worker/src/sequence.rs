@@ -68,7 +68,7 @@ impl Sequence {
 
     fn row_bytes(&self, target: &TargetModel) -> usize {
         self.wire
-            .map_or(0, |w| target.cfg.hidden_size * w.size_in_bytes())
+            .map_or(0, |w| target.draft_feature_width() * w.size_in_bytes())
     }
 
     /// Records tokens just run into the cache and, where features are sent, returns theirs in
@@ -228,7 +228,7 @@ impl Sequence {
                 // The step's features cover every token the cache now holds.
                 let all = f.map(|f| Features {
                     rows: self.cached.len() as u32,
-                    hidden: target.cfg.hidden_size as u32,
+                    hidden: target.draft_feature_width() as u32,
                     dtype: f.dtype,
                     data: self.features.clone(),
                 });

@@ -64,7 +64,8 @@ pub struct DraftSession {
 }
 
 impl DraftSession {
-    /// Queues committed (token, feature) pairs: `tokens[i]` pairs with `features` row i.
+    /// Queues committed (token, feature) pairs: `tokens[i]` pairs with `features` row i (the
+    /// target's draft features, [m, head feature width]).
     pub fn push(&mut self, tokens: &[u32], features: &Tensor) -> Result<()> {
         if features.dim(0)? != tokens.len() {
             return Err(EngineError::InvalidRequest(format!(
@@ -221,13 +222,13 @@ impl Drafter {
     /// Seconds one draft level takes with a frontier of `k` nodes: a head pass over them after
     /// a 64-pair prefix, and their LM head rows (best of 3). Sizes automatic trees.
     pub fn measure_level_cost(&self, k: usize) -> Result<f64> {
-        let h = self.head.cfg.hidden_size;
+        let width = self.head.feature_width();
         let prefix = 64;
         let mut sess = self.open(prefix + k + 1)?;
         let tokens: Vec<u32> = (0..prefix as u32)
             .map(|i| (i * 7919 + 13) % self.vocab as u32)
             .collect();
-        let feats = Tensor::zeros((prefix, h), DType::F32, &self.head.device)?;
+        let feats = Tensor::zeros((prefix, width), DType::F32, &self.head.device)?;
         sess.push(&tokens, &feats)?;
         let root_hidden = self.absorb(&mut sess)?;
         let committed = sess.cache.len();
@@ -258,20 +259,22 @@ impl Drafter {
         })
     }
 
-    /// LM-head rows (over the draft vocabulary) of several [m_i, H] head outputs: on the CPU
-    /// kernels one pass over all their rows, whose results do not depend on each other.
+    /// LM-head rows (over the draft vocabulary) of several [m_i, H] head outputs (through an
+    /// EAGLE-3 head's output norm first): on the CPU kernels one pass over all their rows,
+    /// whose results do not depend on each other.
     fn lm_rows(&self, hiddens: &[Tensor]) -> Result<Vec<Vec<Vec<f32>>>> {
         let cpu = use_cpu_kernels(&self.head.device);
+        let scores = |h: &Tensor| lm_head(&self.lm_head, &self.head.lm_input(h)?, cpu);
         if !cpu || hiddens.len() == 1 {
             return hiddens
                 .iter()
-                .map(|h| Ok(lm_head(&self.lm_head, h, cpu)?.to_vec2::<f32>()?))
+                .map(|h| Ok(scores(h)?.to_vec2::<f32>()?))
                 .collect();
         }
         if hiddens.is_empty() {
             return Ok(Vec::new());
         }
-        let mut all = lm_head(&self.lm_head, &Tensor::cat(hiddens, 0)?, cpu)?
+        let mut all = scores(&Tensor::cat(hiddens, 0)?)?
             .to_vec2::<f32>()?
             .into_iter();
         Ok(hiddens
@@ -555,7 +558,7 @@ impl Drafter {
                     self.vocab,
                     &self.head.device,
                 )?;
-                let feats = Tensor::cat(&sess.pending_features, 0)?;
+                let feats = self.head.fuse(&Tensor::cat(&sess.pending_features, 0)?)?;
                 Ok((embeds, feats))
             });
             sess.pending_tokens.clear();

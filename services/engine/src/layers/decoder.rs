@@ -1,6 +1,8 @@
-//! The pre-norm decoder layer of LLaMA / Qwen2, shared by targets and the EAGLE head.
-//! x = x + attn(norm1(x)); x = x + mlp(norm2(x)). EAGLE heads have no `norm1`. Mixtral's layer
-//! is the same with routed experts in place of the MLP.
+//! The pre-norm decoder layer of LLaMA / Qwen2, shared by targets and the EAGLE heads.
+//! x = x + attn(norm1(x)); x = x + mlp(norm2(x)). EAGLE-1/2 heads have no `norm1`; an EAGLE-3
+//! head's attention reads a wider input than the residual stream (its embedding and feature
+//! side by side, each normalised by the head: the `*_reading` paths), x = x + attn(a).
+//! Mixtral's layer is the same with routed experts in place of the MLP.
 
 use candle_core::Tensor;
 
@@ -55,6 +57,17 @@ impl DecoderLayer {
     /// Loads one layer under `w` (e.g. `model.layers.3`): this rank's part of it when `shard`
     /// is one of a tensor-parallel group (norms are replicated).
     pub fn load(w: &Weights, cfg: &ModelConfig, input_norm: bool, shard: &Shard) -> Result<Self> {
+        Self::load_reading(w, cfg, input_norm, shard, cfg.hidden_size)
+    }
+
+    /// [`DecoderLayer::load`] with an attention that reads `attn_in` columns (2H for EAGLE-3).
+    pub fn load_reading(
+        w: &Weights,
+        cfg: &ModelConfig,
+        input_norm: bool,
+        shard: &Shard,
+        attn_in: usize,
+    ) -> Result<Self> {
         let h = cfg.hidden_size;
         let input_norm = if input_norm {
             Some(RmsNorm::load(w, "input_layernorm", h, cfg.rms_norm_eps)?)
@@ -63,7 +76,7 @@ impl DecoderLayer {
         };
         Ok(DecoderLayer {
             input_norm,
-            attn: Attention::load(&w.pp("self_attn"), cfg, h, shard)?,
+            attn: Attention::load(&w.pp("self_attn"), cfg, attn_in, shard)?,
             post_norm: RmsNorm::load(w, "post_attention_layernorm", h, cfg.rms_norm_eps)?,
             mlp: if cfg.arch == Arch::Mixtral {
                 FeedForward::Sparse(SparseMoe::load(
@@ -91,7 +104,7 @@ impl DecoderLayer {
     /// step but attention runs row by row over the whole batch.
     pub fn forward_cpu(
         &self,
-        mut x: Vec<f32>,
+        x: Vec<f32>,
         m: usize,
         rope: &RopeAt,
         parts: &mut [KvPart<'_>],
@@ -100,7 +113,26 @@ impl DecoderLayer {
             Some(n) => self.attn.forward_cpu(&n.forward_cpu(&x)?, m, rope, parts)?,
             None => self.attn.forward_cpu(&x, m, rope, parts)?,
         };
-        for (xi, ai) in x.iter_mut().zip(&a) {
+        self.finish_cpu(x, &a, m)
+    }
+
+    /// [`DecoderLayer::forward_cpu`] with attention reading `attn_in` [m, attention width]
+    /// instead of the residual stream `x` (EAGLE-3).
+    pub fn forward_cpu_reading(
+        &self,
+        x: Vec<f32>,
+        attn_in: &[f32],
+        m: usize,
+        rope: &RopeAt,
+        parts: &mut [KvPart<'_>],
+    ) -> Result<Vec<f32>> {
+        let a = self.attn.forward_cpu(attn_in, m, rope, parts)?;
+        self.finish_cpu(x, &a, m)
+    }
+
+    /// The rest of the layer after attention: both residual additions and the MLP.
+    fn finish_cpu(&self, mut x: Vec<f32>, a: &[f32], m: usize) -> Result<Vec<f32>> {
+        for (xi, ai) in x.iter_mut().zip(a) {
             *xi += ai;
         }
         let f = self.mlp.forward_cpu(&self.post_norm.forward_cpu(&x)?, m)?;
@@ -119,20 +151,55 @@ impl DecoderLayer {
         start: usize,
         vis: &Visibility,
     ) -> Result<Tensor> {
-        self.residual(x, |h| self.attn.forward(h, rope, kv, start, vis))
+        self.residual(x, None, |h| self.attn.forward(h, rope, kv, start, vis))
+    }
+
+    /// [`DecoderLayer::forward`] with attention reading `attn_in` (EAGLE-3).
+    pub fn forward_reading(
+        &self,
+        x: &Tensor,
+        attn_in: &Tensor,
+        rope: &RopeAt,
+        kv: &mut LayerKv,
+        start: usize,
+        vis: &Visibility,
+    ) -> Result<Tensor> {
+        self.residual(x, Some(attn_in), |h| {
+            self.attn.forward(h, rope, kv, start, vis)
+        })
     }
 
     /// Device-generic path without a cache, rows attending as the additive `mask` [m, m] says;
     /// differentiable end to end (see [`Attention::forward_masked`]).
     pub fn forward_masked(&self, x: &Tensor, rope: &RopeAt, mask: &Tensor) -> Result<Tensor> {
-        self.residual(x, |h| self.attn.forward_masked(h, rope, mask))
+        self.residual(x, None, |h| self.attn.forward_masked(h, rope, mask))
     }
 
-    /// The layer's residual structure around an attention function.
-    fn residual(&self, x: &Tensor, attn: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
-        let a = match &self.input_norm {
-            Some(n) => attn(&n.forward(x)?)?,
-            None => attn(x)?,
+    /// [`DecoderLayer::forward_masked`] with attention reading `attn_in` (EAGLE-3).
+    pub fn forward_masked_reading(
+        &self,
+        x: &Tensor,
+        attn_in: &Tensor,
+        rope: &RopeAt,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
+        self.residual(x, Some(attn_in), |h| {
+            self.attn.forward_masked(h, rope, mask)
+        })
+    }
+
+    /// The layer's residual structure around an attention function, which reads `attn_in`
+    /// when given, else the (normalised) residual stream.
+    fn residual(
+        &self,
+        x: &Tensor,
+        attn_in: Option<&Tensor>,
+        attn: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let a = match (attn_in, &self.input_norm) {
+            (Some(a), _) => attn(a)?,
+            (None, Some(n)) => attn(&n.forward(x)?)?,
+            (None, None) => attn(x)?,
         };
         let x = (x + a)?;
         let f = self.mlp.forward(&self.post_norm.forward(&x)?)?;

@@ -5,4 +5,4 @@
 pub mod random;
 pub mod target;
 
-pub use target::{Rows, TargetModel};
+pub use target::{Rows, States, TargetModel};

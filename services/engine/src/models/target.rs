@@ -7,6 +7,10 @@
 //! vector the LM head reads, which is what published EAGLE heads were trained on (HF
 //! `hidden_states[-1]`).
 //!
+//! An EAGLE-3 head reads other features: the outputs of three inner layers, side by side and
+//! before any norm ([`TargetModel::set_draft_layers`]). [`TargetModel::forward_batch_states`]
+//! returns them next to the last features; the LM head still reads the last ones.
+//!
 //! A target can be one rank of a tensor-parallel group (see `crate::parallel`): it then holds
 //! its slice of every layer and a vocab-parallel block of the embedding and LM head, and its
 //! `forward` and `logits` return the whole group's result on every rank.
@@ -44,6 +48,18 @@ pub struct TargetModel {
     pub device: Device,
     pub dtype: DType,
     pub shard: Shard,
+    /// Layers whose outputs are the draft side's features (EAGLE-3), low to high; empty: the
+    /// last features.
+    pub draft_layers: Vec<usize>,
+}
+
+/// What a pass gives for one sequence's rows.
+pub struct States {
+    /// [m, hidden]: the last features, which the LM head reads.
+    pub last: Tensor,
+    /// [m, draft feature width]: what the draft side reads (`last` itself, or the outputs of
+    /// the draft layers side by side).
+    pub draft: Tensor,
 }
 
 /// The token embedding [vocab, hidden] and the LM head (the embedding itself when tied, or when
@@ -156,7 +172,31 @@ impl TargetModel {
             device: device.clone(),
             dtype,
             shard,
+            draft_layers: Vec::new(),
         })
+    }
+
+    /// Makes the draft features the outputs of `layers` (0-based, low to high) side by side,
+    /// as an EAGLE-3 head reads them; empty restores the last features.
+    pub fn set_draft_layers(&mut self, layers: &[usize]) -> Result<()> {
+        let n = self.cfg.num_layers;
+        if let Some(&bad) = layers.iter().find(|&&l| l >= n) {
+            return Err(EngineError::Config(format!(
+                "draft features from layer {bad}, but the target has {n} layers"
+            )));
+        }
+        if layers.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(EngineError::Config(format!(
+                "draft feature layers must rise, low to high: {layers:?}"
+            )));
+        }
+        self.draft_layers = layers.to_vec();
+        Ok(())
+    }
+
+    /// Values per token of the draft features.
+    pub fn draft_feature_width(&self) -> usize {
+        self.cfg.hidden_size * self.draft_layers.len().max(1)
     }
 
     fn cpu(&self) -> bool {
@@ -261,6 +301,15 @@ impl TargetModel {
     ///
     /// [`check_rows`]: TargetModel::check_rows
     pub fn forward_batch(&self, batch: &mut [Rows<'_>]) -> Result<Vec<Tensor>> {
+        Ok(self
+            .forward_batch_states(batch)?
+            .into_iter()
+            .map(|s| s.last)
+            .collect())
+    }
+
+    /// [`TargetModel::forward_batch`] that also returns the draft features of every row.
+    pub fn forward_batch_states(&self, batch: &mut [Rows<'_>]) -> Result<Vec<States>> {
         for rows in batch.iter() {
             self.check_rows(rows)?;
         }
@@ -284,6 +333,7 @@ impl TargetModel {
             .embed_tokens(&tokens)?
             .flatten_all()?
             .to_vec1::<f32>()?;
+        let mut kept: Vec<Vec<f32>> = Vec::with_capacity(self.draft_layers.len());
         for (l, layer) in self.layers.iter().enumerate() {
             let mut parts: Vec<KvPart<'_>> = batch
                 .iter_mut()
@@ -295,17 +345,29 @@ impl TargetModel {
                 })
                 .collect();
             x = layer.forward_cpu(x, m, &rope, &mut parts)?;
+            if self.draft_layers.contains(&l) {
+                kept.push(x.clone());
+            }
         }
         let x = self.norm.forward_cpu(&x)?;
         let mut out = Vec::with_capacity(batch.len());
         let mut row = 0;
         for r in batch.iter_mut() {
             let n = r.tokens.len();
-            out.push(Tensor::from_slice(
-                &x[row * h..(row + n) * h],
-                (n, h),
-                &self.device,
-            )?);
+            let last = Tensor::from_slice(&x[row * h..(row + n) * h], (n, h), &self.device)?;
+            let draft = if kept.is_empty() {
+                last.clone()
+            } else {
+                // Row i: the kept layers' outputs of row i, low to high.
+                let mut d = Vec::with_capacity(n * h * kept.len());
+                for i in row..row + n {
+                    for k in &kept {
+                        d.extend_from_slice(&k[i * h..(i + 1) * h]);
+                    }
+                }
+                Tensor::from_vec(d, (n, h * kept.len()), &self.device)?
+            };
+            out.push(States { last, draft });
             r.cache.advance(n);
             row += n;
         }
@@ -313,15 +375,30 @@ impl TargetModel {
     }
 
     /// The device-generic path for one sequence.
-    fn forward_device(&self, r: &mut Rows<'_>) -> Result<Tensor> {
+    fn forward_device(&self, r: &mut Rows<'_>) -> Result<States> {
         let start = r.cache.len();
         let rope = self.rope.at(r.positions);
         let mut x = self.embed_tokens(r.tokens)?;
-        for (layer, kv) in self.layers.iter().zip(r.cache.layers.iter_mut()) {
+        let mut kept = Vec::with_capacity(self.draft_layers.len());
+        for (l, (layer, kv)) in self
+            .layers
+            .iter()
+            .zip(r.cache.layers.iter_mut())
+            .enumerate()
+        {
             x = layer.forward(&x, &rope, kv, start, r.vis)?;
+            if self.draft_layers.contains(&l) {
+                kept.push(x.to_dtype(DType::F32)?);
+            }
         }
         r.cache.advance(r.tokens.len());
-        self.norm.forward(&x)
+        let last = self.norm.forward(&x)?;
+        let draft = if kept.is_empty() {
+            last.clone()
+        } else {
+            Tensor::cat(&kept, 1)?
+        };
+        Ok(States { last, draft })
     }
 
     /// LM head over features [m, hidden] -> logits [m, vocab] f32. A sharded rank computes its
