@@ -20,6 +20,10 @@ Tensor-parallel split (Megatron style):
   * MLP: gate/up column-split, down row-split, by intermediate; each Mixtral expert is split
     the same way on every rank (not expert-parallel); the router is replicated;
   * norms replicated; embedding and LM head either replicated or vocab-parallel (rows split).
+EAGLE heads: EAGLE-1/2 (fc 2H->H with a bias, one layer, the target's LM head) and EAGLE-3
+(fc 3H->H without a bias, one layer whose q/k/v read 2H, three more norms, its own LM head
+over a reduced draft vocabulary). Their features travel as bf16 rows, H values per token for
+EAGLE-1/2 and 3H for EAGLE-3 (three target layers side by side).
 """
 
 import sys
@@ -82,13 +86,17 @@ def kv_note(m, tp):
     return "split, no replication"
 
 
-def decoder_layer_bytes(m, tp, input_norm=True, dense=False):
-    """One decoder layer's bytes on one rank (tp=1: the whole layer)."""
+def decoder_layer_bytes(m, tp, input_norm=True, dense=False, attn_in=None):
+    """One decoder layer's bytes on one rank (tp=1: the whole layer).
+
+    attn_in: the width q/k/v read (default the hidden size; 2H for an EAGLE-3 head's layer).
+    """
     h, hd = m.hidden, m.head_dim
+    a = attn_in or h
     assert m.heads % tp == 0 and m.intermediate % tp == 0
     q = m.heads // tp * hd
     kv = kv_heads_per_rank(m, tp) * hd
-    b = BF16 * (h * q + 2 * h * kv + q * h)  # q, k, v, o
+    b = BF16 * (a * q + 2 * a * kv + q * h)  # q, k, v, o
     if m.qkv_bias:
         b += F32 * (q + 2 * kv)
     mlp = BF16 * 3 * h * (m.intermediate // tp)  # gate, up, down
@@ -123,6 +131,29 @@ def eagle_head_bytes(m, tp=1):
     h = m.hidden
     fc = BF16 * 2 * h * h // tp + F32 * h
     return fc + decoder_layer_bytes(m, tp, input_norm=False, dense=True)
+
+
+def eagle3_head_bytes(m, tp=1):
+    """EAGLE-3 head: fc 3H->H (no bias) and one decoder layer (`midlayer`) whose q/k/v read 2H.
+
+    The layer is split like eagle_head_bytes'; its input_layernorm (on the embedding) is
+    counted, and so are the head's two other norms, hidden_norm (on the feature) and the
+    output norm, all replicated. The own LM head is not included (draft_lm_head_bytes).
+    """
+    h = m.hidden
+    fc = BF16 * 3 * h * h // tp
+    layer = decoder_layer_bytes(m, tp, input_norm=True, dense=True, attn_in=2 * h)
+    return fc + layer + F32 * 2 * h
+
+
+def draft_lm_head_bytes(m):
+    """A head's own LM head over DRAFT_VOCAB rows, replicated (d2t / t2d, under 1 MB, left out)."""
+    return BF16 * DRAFT_VOCAB * m.hidden
+
+
+def feature_bytes_per_token(m, layers):
+    """Target features per token on the wire (bf16): H values per target layer sent."""
+    return layers * m.hidden * BF16
 
 
 def kv_bytes_per_token(m, tp):
@@ -254,10 +285,57 @@ def render():
         rows,
     )
 
+    L += ["", "### EAGLE-3 head (bf16; always with its own LM head)", ""]
+    rows = []
+    for m in MODELS:
+        head = eagle3_head_bytes(m)
+        lm = draft_lm_head_bytes(m)
+        rows.append(
+            [
+                m.name,
+                f"{head / 1e6:.1f} MB ({head:,})",
+                f"{eagle3_head_bytes(m, 8) / 1e6:.1f} MB",
+                f"{1000 * head_kv_bytes_per_token(m) / 1e6:.2f} MB",
+                f"{lm / 1e6:.1f} MB ({lm:,})",
+                f"{(head + lm) / 1e6:.1f} MB ({head + lm:,})",
+            ]
+        )
+    L += table(
+        [
+            "target",
+            "head, replicated (fc 3H->H + midlayer)",
+            "head, TP 8 split",
+            "head KV per 1k tokens",
+            f"own LM head, {DRAFT_VOCAB // 1000}k draft vocab",
+            "total, replicated (head + own LM head)",
+        ],
+        rows,
+    )
+
+    L += ["", "### Features per token (bf16 on the wire; the worker keeps a host copy per session)", ""]
+    rows = []
+    for m in MODELS:
+        row = [m.name, m.hidden]
+        per_tok = [feature_bytes_per_token(m, n) for n in (1, 3)]
+        row += [f"{b:,} B ({b / 1024:.0f} KiB)" for b in per_tok]
+        row += [f"{1000 * b / 1e6:.2f} MB ({1000 * b:,})" for b in per_tok]
+        rows.append(row)
+    L += table(
+        [
+            "target",
+            "H",
+            "EAGLE-1/2 per token (H x 2)",
+            "EAGLE-3 per token (3H x 2)",
+            "host copy per 1k tokens, EAGLE-1/2",
+            "host copy per 1k tokens, EAGLE-3",
+        ],
+        rows,
+    )
+
     L += [
         "",
         f"### What fits: KV tokens left per rank (thousands), vocab-parallel embedding + LM head,"
-        f" EAGLE head replicated, {int(WORKSPACE * 100)}% kept for activations",
+        f" EAGLE-1/2 head replicated, {int(WORKSPACE * 100)}% kept for activations",
         "",
         f"Cell: tokens of KV room (target + head KV), summed over all sequences. "
         f"`ok` at least {MIN_KV_TOKENS // 1024}k, `tight` below that, `no` if the weights do not fit.",
@@ -309,6 +387,34 @@ def render():
                         ]
                     )
     L += table(["model", "TP", "GPU", "vocab-parallel", "replicated"], rows) if rows else ["(none)"]
+
+    L += [
+        "",
+        f"EAGLE-3 head with its own {DRAFT_VOCAB // 1000}k LM head instead, replicated, vocab-parallel"
+        f" target (only where the verdict changes):",
+        "",
+    ]
+    rows = []
+    for m in MODELS:
+        for tp in TPS:
+            for g, cap in GPUS:
+                usable = cap * GIB * (1 - WORKSPACE)
+                per_tok = kv_bytes_per_token(m, tp) + head_kv_bytes_per_token(m)
+                verdicts = []
+                for head in (eagle_head_bytes(m), eagle3_head_bytes(m) + draft_lm_head_bytes(m)):
+                    left = usable - weights_bytes(m, tp, True) - head
+                    toks = left / per_tok
+                    verdicts.append(
+                        (
+                            "no" if left <= 0 else ("ok" if toks >= MIN_KV_TOKENS else "tight"),
+                            max(toks, 0),
+                        )
+                    )
+                if verdicts[0][0] != verdicts[1][0]:
+                    rows.append(
+                        [m.name, tp, g, verdict_cell(*verdicts[0]), verdict_cell(*verdicts[1])]
+                    )
+    L += table(["model", "TP", "GPU", "EAGLE-1/2", "EAGLE-3"], rows) if rows else ["(none)"]
 
     L += [
         "",

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use eagle_engine::chat::ChatTemplate;
+use eagle_engine::head::HeadKind;
 use eagle_engine::loader::open_model;
 use eagle_engine::models::TargetModel;
 use eagle_train::data::{generate, DataConfig, Prepared, Sample, SkipReason};
@@ -81,6 +82,10 @@ pub struct DataArgs {
     /// (more is faster where the device has room: 16 on a few CPU cores, 256 on a GPU).
     #[arg(long, env = "EAGLE_DATA_REGEN_BATCH", default_value_t = 16)]
     pub regen_batch: usize,
+    /// Also store the outputs of three target layers per token, which EAGLE-3 heads train on:
+    /// `eagle3` (layers 1, L/2-1 and L-4, as the reference) or `a,b,c`. Triples the data.
+    #[arg(long, env = "EAGLE_DATA_FEATURE_LAYERS")]
+    pub feature_layers: Option<String>,
 }
 
 /// Reads the input's bytes; `sharegpt` is fetched with pip first.
@@ -114,7 +119,7 @@ pub fn run(a: DataArgs) -> Result<()> {
             .expect("template")
             .progress_chars("=> "),
     );
-    let target = TargetModel::load(
+    let mut target = TargetModel::load(
         opened.source.as_ref(),
         opened.config.clone(),
         parse_dtype(&a.dtype)?,
@@ -122,6 +127,14 @@ pub fn run(a: DataArgs) -> Result<()> {
         &mut |d, _| bar.set_position(d as u64),
     )?;
     bar.finish_and_clear();
+    if let Some(spec) = &a.feature_layers {
+        let kind =
+            HeadKind::parse_features(spec, target.cfg.num_layers).context("--feature-layers")?;
+        if kind.target_layers().is_empty() {
+            bail!("--feature-layers names the layers an EAGLE-3 head reads: eagle3 or a,b,c");
+        }
+        target.set_draft_layers(kind.target_layers())?;
+    }
     let cfg = DataConfig {
         model: a.model.clone(),
         input: a.input.clone(),

@@ -343,3 +343,121 @@ fn a_published_eagle3_head_drafts_for_smollm2_and_eagle_equals_vanilla() {
     assert!(tree.tokens[1..].iter().all(|t| draft_ids.contains(t)));
     eprintln!("random EAGLE-3 head: {accepted} draft tokens accepted over 4 prompts");
 }
+
+/// The training-time test's attention (EAGLE-3's training): step k of a row sees the first
+/// step's rows its mask allows and its own row of steps 1..k. Running the steps one at a time
+/// through `forward_ttt` equals one masked pass over every step's rows with that visibility
+/// spelled out in full.
+#[test]
+fn the_training_time_test_attends_to_the_first_step_and_its_own_row_of_later_ones() {
+    let dir = scratch("ttt");
+    let cfg = tiny_config(&dir);
+    let head = EagleHead::init_random_kind(
+        &cfg,
+        HeadKind::Eagle3 { layers: [1, 3, 4] },
+        9,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let h = cfg.hidden_size;
+    let mut rng = Rng::new(7);
+    // Two packed conversations of 3 and 2 rows.
+    let (m, steps) = (5, 3);
+    let conv = [0, 0, 0, 1, 1];
+    let pos0 = [0usize, 1, 2, 0, 1];
+    let visible = |t: usize, j: usize| conv[t] == conv[j] && j <= t;
+    let mut mask0 = vec![f32::NEG_INFINITY; m * m];
+    for t in 0..m {
+        for j in 0..m {
+            if visible(t, j) {
+                mask0[t * m + j] = 0.0;
+            }
+        }
+    }
+    let mask0 = Tensor::from_vec(mask0, (m, m), &Device::Cpu).unwrap();
+    let embeds: Vec<Tensor> = (0..steps)
+        .map(|_| tensor(&random_rows(&mut rng, m, h, 1.0)))
+        .collect();
+    let fused = head
+        .fuse_masked(&tensor(&random_rows(&mut rng, m, 3 * h, 1.0)))
+        .unwrap();
+    // Step by step.
+    let mut past = eagle_engine::layers::TttKv::default();
+    let mut inputs = vec![fused.clone()];
+    let mut out = fused;
+    for (s, e) in embeds.iter().enumerate() {
+        let positions: Vec<usize> = pos0.iter().map(|p| p + s).collect();
+        out = head
+            .forward_ttt(e, &out, &positions, &mask0, &mut past)
+            .unwrap();
+        inputs.push(out.clone());
+    }
+    // All steps in one pass: row (s, t) is s * m + t.
+    let n = steps * m;
+    let mut mask = vec![f32::NEG_INFINITY; n * n];
+    for s in 0..steps {
+        for t in 0..m {
+            let row = (s * m + t) * n;
+            for j in 0..m {
+                if visible(t, j) {
+                    mask[row + j] = 0.0;
+                }
+            }
+            for s2 in 1..=s {
+                mask[row + s2 * m + t] = 0.0;
+            }
+        }
+    }
+    let mask = Tensor::from_vec(mask, (n, n), &Device::Cpu).unwrap();
+    let positions: Vec<usize> = (0..steps)
+        .flat_map(|s| pos0.iter().map(move |p| p + s))
+        .collect();
+    let all = head
+        .forward_masked(
+            &Tensor::cat(&embeds, 0).unwrap(),
+            &Tensor::cat(&inputs[..steps], 0).unwrap(),
+            &positions,
+            &mask,
+        )
+        .unwrap();
+    let last_step = all.narrow(0, (steps - 1) * m, m).unwrap();
+    let diff = (last_step - &out)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 1e-5, "step-by-step and one-pass differ by {diff}");
+    // A step that saw every row of the earlier steps would differ: the mask matters.
+    let mut loose = vec![f32::NEG_INFINITY; n * n];
+    for r in 0..n {
+        for c in 0..n {
+            if c % m <= r % m && conv[c % m] == conv[r % m] && c / m <= r / m {
+                loose[r * n + c] = 0.0;
+            }
+        }
+    }
+    let loose = Tensor::from_vec(loose, (n, n), &Device::Cpu).unwrap();
+    let other = head
+        .forward_masked(
+            &Tensor::cat(&embeds, 0).unwrap(),
+            &Tensor::cat(&inputs[..steps], 0).unwrap(),
+            &positions,
+            &loose,
+        )
+        .unwrap()
+        .narrow(0, (steps - 1) * m, m)
+        .unwrap();
+    let gap = (other - &out)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(gap > 1e-4, "a looser mask gave the same result ({gap})");
+}

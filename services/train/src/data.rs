@@ -19,7 +19,7 @@ use std::path::Path;
 
 use candle_core::{DType, Tensor};
 use eagle_engine::kernels::attention::Visibility;
-use eagle_engine::models::TargetModel;
+use eagle_engine::models::{Rows, States, TargetModel};
 
 use crate::error::{Result, TrainError};
 use crate::regen::{answer, Prompt, RegenConfig};
@@ -70,14 +70,23 @@ pub struct DataProgress {
 
 /// The target's features for `ids`: [T, H] f32 on the target's device.
 pub fn features(target: &TargetModel, ids: &[u32]) -> Result<Tensor> {
+    Ok(states(target, ids)?.last)
+}
+
+/// The target's features for `ids` and, when it has draft layers (EAGLE-3), those layers'
+/// outputs side by side (`draft`), f32 on the target's device.
+pub fn states(target: &TargetModel, ids: &[u32]) -> Result<States> {
     let mut cache = target.new_cache(ids.len())?;
     let positions: Vec<usize> = (0..ids.len()).collect();
-    Ok(target.forward(
-        &mut cache,
-        ids,
-        &positions,
-        &Visibility::causal(0, ids.len()),
-    )?)
+    let vis = Visibility::causal(0, ids.len());
+    Ok(target
+        .forward_batch_states(&mut [Rows {
+            cache: &mut cache,
+            tokens: ids,
+            positions: &positions,
+            vis: &vis,
+        }])?
+        .remove(0))
 }
 
 /// What to do with one input record.
@@ -107,6 +116,7 @@ pub fn generate<R>(
 ) -> Result<Manifest> {
     std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
     let hidden = target.cfg.hidden_size;
+    let layers = target.draft_layers.clone();
     let fresh = Manifest {
         format: MANIFEST_FORMAT.into(),
         model: cfg.model.clone(),
@@ -120,6 +130,7 @@ pub fn generate<R>(
             Some((r, _)) => r.describe(),
             None => "dataset".into(),
         },
+        feature_layers: layers.clone(),
         shards: Vec::new(),
         conversations: 0,
         held_out_conversations: 0,
@@ -129,32 +140,38 @@ pub fn generate<R>(
         skip_examples: Vec::new(),
         complete: false,
     };
-    let mut man =
-        match Manifest::load(out)? {
-            None => fresh,
-            Some(old) => {
-                let same = old.model == fresh.model
-                    && old.hidden_size == fresh.hidden_size
-                    && old.vocab_size == fresh.vocab_size
-                    && old.dtype == fresh.dtype
-                    && old.max_len == fresh.max_len
-                    && old.held_out_frac == fresh.held_out_frac
-                    && old.input == fresh.input
-                    && old.answers == fresh.answers;
-                if !same {
-                    return Err(TrainError::data(
-                        out.join(crate::shards::MANIFEST),
-                        format!(
+    let mut man = match Manifest::load(out)? {
+        None => fresh,
+        Some(old) => {
+            let same = old.model == fresh.model
+                && old.hidden_size == fresh.hidden_size
+                && old.vocab_size == fresh.vocab_size
+                && old.dtype == fresh.dtype
+                && old.max_len == fresh.max_len
+                && old.held_out_frac == fresh.held_out_frac
+                && old.input == fresh.input
+                && old.answers == fresh.answers
+                && old.feature_layers == fresh.feature_layers;
+            if !same {
+                return Err(TrainError::data(
+                    out.join(crate::shards::MANIFEST),
+                    format!(
                         "this directory holds data made with other settings (model {}, input {}, \
-                         answers {}, dtype {}, max_len {}, held-out {}); use another --out or the \
-                         same settings",
-                        old.model, old.input, old.answers, old.dtype, old.max_len, old.held_out_frac
+                         answers {}, dtype {}, max_len {}, held-out {}, feature layers {:?}); use \
+                         another --out or the same settings",
+                        old.model,
+                        old.input,
+                        old.answers,
+                        old.dtype,
+                        old.max_len,
+                        old.held_out_frac,
+                        old.feature_layers
                     ),
-                    ));
-                }
-                old
+                ));
             }
-        };
+            old
+        }
+    };
     // Whether `tokens` stored meet the budget.
     let over_budget = |tokens: usize| cfg.max_tokens.is_some_and(|b| tokens >= b);
     let mut prog = DataProgress {
@@ -166,7 +183,7 @@ pub fn generate<R>(
     if man.complete || over_budget(man.tokens) {
         return Ok(man);
     }
-    let mut shard = ShardWriter::new(cfg.dtype, hidden);
+    let mut shard = ShardWriter::with_layers(cfg.dtype, hidden, layers.len());
     let mut next = man.records_read;
     let mut records = records.skip(man.records_read);
     let chunk_len = cfg.regen.as_ref().map_or(1, |(r, _)| r.batch.max(1));
@@ -224,12 +241,13 @@ pub fn generate<R>(
                 man.skipped.no_assistant += 1;
                 continue;
             }
-            let f = features(target, &ids)?;
+            let st = states(target, &ids)?;
             shard.push(
                 &sample.id,
                 &ids,
                 &mask,
-                &f,
+                &st.last,
+                (!layers.is_empty()).then_some(&st.draft),
                 is_held_out(&sample.id, cfg.held_out_frac),
             )?;
             prog.conversations = man.conversations + shard.conversations();
@@ -320,6 +338,6 @@ fn flush(
     man.tokens += shard.tokens();
     man.records_read = next_record;
     man.save(out)?;
-    *shard = ShardWriter::new(cfg.dtype, hidden);
+    *shard = ShardWriter::with_layers(cfg.dtype, hidden, man.feature_layers.len());
     Ok(())
 }

@@ -62,8 +62,25 @@ pub fn smooth_l1(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
 /// The loss of predicted features `pred` [n, H] (in the autograd graph) against the target's
 /// next features `next` [n, H] (constants), both f32, over the n loss-masked rows.
 pub fn eagle_loss(pred: &Tensor, next: &Tensor, heads: &LossHeads, w_cls: f64) -> Result<LossOut> {
-    let n = pred.dim(0)?;
     let vloss_t = smooth_l1(pred, next)?;
+    let mut out = classification(pred, next, heads, w_cls)?;
+    out.objective = (&vloss_t + out.objective)?;
+    out.vloss = vloss_t.to_scalar::<f32>()? as f64;
+    Ok(out)
+}
+
+/// The classification term alone, weighted by `w_cls`: the soft cross-entropy of the draft LM
+/// head on `lm_in` [n, H] (in the graph; for EAGLE-3 the head's normalised output) against
+/// the target's distribution at `next`. EAGLE-3 trains on this only, summed over the steps of
+/// its training-time test; `vloss` is 0.
+pub fn classification(
+    lm_in: &Tensor,
+    next: &Tensor,
+    heads: &LossHeads,
+    w_cls: f64,
+) -> Result<LossOut> {
+    let pred = lm_in;
+    let n = pred.dim(0)?;
     let target_logits = heads.target.forward(next)?;
     let target_top = target_logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
     let restricted = match &heads.d2t {
@@ -80,8 +97,7 @@ pub fn eagle_loss(pred: &Tensor, next: &Tensor, heads: &LossHeads, w_cls: f64) -
         .matmul(w)?
         .to_dtype(DType::F32)?;
     let g = (g * (w_cls / n.max(1) as f64))?.detach();
-    let surrogate = (pred * g)?.sum_all()?;
-    let objective = (&vloss_t + surrogate)?;
+    let objective = (pred * g)?.sum_all()?;
     let draft_top = z.argmax(D::Minus1)?.to_vec1::<u32>()?;
     let correct = draft_top
         .iter()
@@ -96,7 +112,7 @@ pub fn eagle_loss(pred: &Tensor, next: &Tensor, heads: &LossHeads, w_cls: f64) -
         .count();
     Ok(LossOut {
         objective,
-        vloss: vloss_t.to_scalar::<f32>()? as f64,
+        vloss: 0.0,
         ploss: ploss.to_scalar::<f32>()? as f64,
         correct,
         rows: n,

@@ -29,16 +29,16 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use eagle_engine::config::ModelConfig;
 use eagle_engine::head::{DraftVocab, EagleHead, HeadKind};
-use eagle_engine::layers::{Linear, Matrix};
+use eagle_engine::layers::{Linear, Matrix, TttKv};
 use eagle_engine::loader::{open_model, Weights};
 use eagle_engine::models::target::embed_rows;
 use eagle_engine::models::TargetModel;
 use eagle_engine::sampling::Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::batch::{build, pack, Batch};
+use crate::batch::{build_with, pack, Batch, BatchShape};
 use crate::error::{Result, TrainError};
-use crate::loss::{eagle_loss, LossHeads, LossOut};
+use crate::loss::{classification, eagle_loss, LossHeads, LossOut};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::Schedule;
 use crate::shards::Dataset;
@@ -87,6 +87,13 @@ pub struct TrainConfig {
     pub patience: Option<usize>,
     /// Start from this head instead of a random one.
     pub init: Option<PathBuf>,
+    /// Train an EAGLE-3 head (on data with the target's layer features) instead of EAGLE-1/2.
+    pub eagle3: bool,
+    /// Steps of the training-time test (EAGLE-3): the head is unrolled on its own outputs this
+    /// many steps per row, step k weighted 0.8^k; 1 trains one step, as EAGLE-1/2 do.
+    pub ttt_steps: usize,
+    /// Steps the held-out evaluation unrolls, for its accuracy by step (at least `ttt_steps`).
+    pub eval_steps: usize,
 }
 
 impl Default for TrainConfig {
@@ -113,8 +120,16 @@ impl Default for TrainConfig {
             time_limit: None,
             patience: None,
             init: None,
+            eagle3: false,
+            ttt_steps: 1,
+            eval_steps: 5,
         }
     }
+}
+
+/// The weight of step k's loss in a training-time test (the reference's 0.8^k).
+fn step_weight(k: usize) -> f64 {
+    0.8f64.powi(k as i32)
 }
 
 /// What the head borrows from the target, frozen.
@@ -171,6 +186,12 @@ pub struct EpochLog {
     /// Top-1: the draft's argmax equals the target's next-token argmax.
     pub heldout_acc: f64,
     pub heldout_positions: usize,
+    /// Held-out top-1 by step of the unrolled head (step 0 is `heldout_acc`): at step k the
+    /// head reads its own outputs of the k steps before with the true tokens, so on greedy
+    /// target answers this is the chance that a chain's k-th draft token is accepted given
+    /// the ones before were (EAGLE's per-position acceptance at T = 0).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub heldout_acc_by_step: Vec<f64>,
     pub elapsed_s: f64,
 }
 
@@ -195,6 +216,7 @@ impl EpochLog {
             heldout_ploss: held.ploss(),
             heldout_acc: held.acc(),
             heldout_positions: held.rows,
+            heldout_acc_by_step: held.acc_by_step(),
             elapsed_s: t0.elapsed().as_secs_f64(),
         }
     }
@@ -373,14 +395,31 @@ struct Meter {
     p: f64,
     correct: usize,
     rows: usize,
+    /// (correct, rows) by step of the unrolled head.
+    #[serde(default)]
+    by_step: Vec<(usize, usize)>,
 }
 
 impl Meter {
-    fn add(&mut self, o: &LossOut) {
+    fn add(&mut self, s: &Scored) {
+        let o = &s.step0;
         self.v += o.vloss * o.rows as f64;
         self.p += o.ploss * o.rows as f64;
         self.correct += o.correct;
         self.rows += o.rows;
+        if self.by_step.len() < s.by_step.len() {
+            self.by_step.resize(s.by_step.len(), (0, 0));
+        }
+        for (m, (c, r)) in self.by_step.iter_mut().zip(&s.by_step) {
+            m.0 += c;
+            m.1 += r;
+        }
+    }
+    fn acc_by_step(&self) -> Vec<f64> {
+        self.by_step
+            .iter()
+            .map(|&(c, r)| c as f64 / r.max(1) as f64)
+            .collect()
     }
     fn vloss(&self) -> f64 {
         self.v / self.rows.max(1) as f64
@@ -430,7 +469,17 @@ fn noise(shape: (usize, usize), half: f64, seed: u64, device: &Device) -> Result
     Ok(Tensor::rand(-half as f32, half as f32, shape, device)?)
 }
 
-/// Forward pass of one batch: the loss over its loss rows.
+/// One batch's losses: the objective of every step together, step 0's figures, and the top-1
+/// counts of every step.
+struct Scored {
+    objective: Tensor,
+    step0: LossOut,
+    by_step: Vec<(usize, usize)>,
+}
+
+/// Forward pass of one batch: the loss over its loss rows, at every step of the training-time
+/// test it carries. `inputs` are step 0's features (the stored ones, or for EAGLE-3 the target
+/// layers' outputs, which the head fuses first).
 fn batch_loss(
     head: &EagleHead,
     target: &FrozenTarget,
@@ -438,20 +487,66 @@ fn batch_loss(
     b: &Batch,
     inputs: &Tensor,
     w_cls: f64,
-) -> Result<Option<LossOut>> {
+) -> Result<Option<Scored>> {
     if b.n_loss == 0 {
         return Ok(None);
     }
-    let embeds = embed_rows(
-        &target.embed,
-        &b.tokens,
-        target.cfg.vocab_size,
-        &target.device,
-    )?;
-    let pred = head.forward_masked(&embeds, inputs, &b.positions, &b.mask)?;
-    let pred = pred.index_select(&b.loss_rows, 0)?;
-    let next = b.next.index_select(&b.loss_rows, 0)?;
-    Ok(Some(eagle_loss(&pred, &next, heads, w_cls)?))
+    let embed =
+        |tokens: &[u32]| embed_rows(&target.embed, tokens, target.cfg.vocab_size, &target.device);
+    let eagle3 = head.eagle3.is_some();
+    // Step k's loss over `rows`, weighted 0.8^k.
+    let score = |pred: &Tensor, rows: &Tensor, next: &Tensor, k: usize| -> Result<LossOut> {
+        let pred = pred.index_select(rows, 0)?;
+        let next = next.index_select(rows, 0)?;
+        if eagle3 {
+            return classification(&head.lm_input_masked(&pred)?, &next, heads, step_weight(k));
+        }
+        let mut o = eagle_loss(&pred, &next, heads, w_cls)?;
+        if k > 0 {
+            o.objective = (o.objective * step_weight(k))?;
+        }
+        Ok(o)
+    };
+    let features = head.fuse_masked(inputs)?;
+    let embeds = embed(&b.tokens)?;
+    let mut past = TttKv::default();
+    let mut pred = if b.later.is_empty() {
+        head.forward_masked(&embeds, &features, &b.positions, &b.mask)?
+    } else {
+        head.forward_ttt(&embeds, &features, &b.positions, &b.mask, &mut past)?
+    };
+    let step0 = score(&pred, &b.loss_rows, &b.next, 0)?;
+    let mut objective = step0.objective.clone();
+    let mut by_step = vec![(step0.correct, step0.rows)];
+    for (k, step) in (1..).zip(&b.later) {
+        pred = head.forward_ttt(
+            &embed(&step.tokens)?,
+            &pred,
+            &step.positions,
+            &b.mask,
+            &mut past,
+        )?;
+        if step.n_loss == 0 {
+            by_step.push((0, 0));
+            continue;
+        }
+        let o = score(&pred, &step.loss_rows, &step.next, k)?;
+        objective = (objective + o.objective)?;
+        by_step.push((o.correct, o.rows));
+    }
+    Ok(Some(Scored {
+        objective,
+        step0,
+        by_step,
+    }))
+}
+
+/// The batch layout of training (`steps` = its training-time test) or evaluation.
+fn shape(cfg: &TrainConfig, steps: usize) -> BatchShape {
+    BatchShape {
+        layer_inputs: cfg.eagle3,
+        steps: steps.max(1),
+    }
 }
 
 fn evaluate(
@@ -463,9 +558,16 @@ fn evaluate(
     cfg: &TrainConfig,
 ) -> Result<Meter> {
     let head = params.head(cfg.compute_dtype, false)?;
+    let steps = cfg.eval_steps.max(cfg.ttt_steps);
     let mut m = Meter::default();
     for convs in batches {
-        let b = build(data, convs, cfg.batch_tokens, &target.device)?;
+        let b = build_with(
+            data,
+            convs,
+            cfg.batch_tokens,
+            shape(cfg, steps),
+            &target.device,
+        )?;
         if let Some(o) = batch_loss(&head, target, heads, &b, &b.inputs, cfg.w_cls)? {
             m.add(&o);
         }
@@ -511,6 +613,34 @@ pub fn train(
     let device = target.device.clone();
     let resume_from = cfg.resume.then(|| find_checkpoint(out)).flatten();
 
+    let kind = if cfg.eagle3 {
+        let layers: [usize; 3] = data
+            .manifest
+            .feature_layers
+            .clone()
+            .try_into()
+            .map_err(|_| {
+                TrainError::data(
+                    &data.dir,
+                    format!(
+                    "an EAGLE-3 head trains on the outputs of three target layers (`eagle data \
+                     --feature-layers eagle3`); this data holds layers {:?}",
+                    data.manifest.feature_layers
+                ),
+                )
+            })?;
+        HeadKind::Eagle3 { layers }
+    } else {
+        HeadKind::Eagle
+    };
+    if cfg.ttt_steps == 0 {
+        return Err(TrainError::Config(
+            "ttt_steps must be at least 1 (1: no training-time test)".into(),
+        ));
+    }
+    // The loss logged: EAGLE-3 trains on the classification term alone.
+    let w_log = if cfg.eagle3 { 1.0 } else { cfg.w_cls };
+
     // The starting head and where in the run we are.
     let (head, mut state) = if let Some(ckpt) = &resume_from {
         let state_path = ckpt.join(STATE);
@@ -523,9 +653,15 @@ pub fn train(
         let h = EagleHead::load(dir, tc, DType::F32, &device)?;
         (h, TrainerState::default())
     } else {
-        let h = EagleHead::init_random(tc, cfg.seed, DType::F32, &Device::Cpu)?;
+        let h = EagleHead::init_random_kind(tc, kind.clone(), cfg.seed, DType::F32, &Device::Cpu)?;
         (h, TrainerState::default())
     };
+    if head.kind != kind {
+        return Err(TrainError::Config(format!(
+            "the starting head is {:?}, but this run trains {kind:?}",
+            head.kind
+        )));
+    }
     let mut params = Params::from_head(&head, &device)?;
     let mut vocab_coverage = None;
     match (&params.draft, cfg.draft_vocab) {
@@ -611,7 +747,7 @@ pub fn train(
         let _ = std::fs::remove_file(&log_path);
         events(TrainEvent::Evaluating);
         let m = evaluate(&params, target, &heads, data, &held_batches, cfg)?;
-        let line = EpochLog::new((0, 0, 0.0), None, &m, cfg.w_cls, t0);
+        let line = EpochLog::new((0, 0, 0.0), None, &m, w_log, t0);
         events(TrainEvent::Epoch(&line));
         write_log(&line, &mut log)?;
     }
@@ -631,9 +767,15 @@ pub fn train(
         );
         let batches = pack(data, &order, cfg.batch_tokens);
         for (k, convs) in batches.iter().enumerate().skip(state.batch) {
-            let b = build(data, convs, cfg.batch_tokens, &device)?;
+            let b = build_with(
+                data,
+                convs,
+                cfg.batch_tokens,
+                shape(cfg, cfg.ttt_steps),
+                &device,
+            )?;
             let seed = noise_seed(cfg.seed, epoch, k);
-            let inputs = (&b.inputs + noise((b.len(), data.hidden()), cfg.noise, seed, &device)?)?;
+            let inputs = (&b.inputs + noise(b.inputs.dims2()?, cfg.noise, seed, &device)?)?;
             let head = params.head(cfg.compute_dtype, false)?;
             state.batch = k + 1;
             let Some(o) = batch_loss(&head, target, &heads, &b, &inputs, cfg.w_cls)? else {
@@ -648,7 +790,7 @@ pub fn train(
             state.meter.add(&o);
             events(TrainEvent::Step {
                 step: state.step,
-                loss: o.total(cfg.w_cls),
+                loss: o.step0.total(w_log),
                 lr,
             });
             let stop = limit_reached(state.step) && state.batch < batches.len();
@@ -666,13 +808,7 @@ pub fn train(
         }
         events(TrainEvent::Evaluating);
         let m = evaluate(&params, target, &heads, data, &held_batches, cfg)?;
-        let line = EpochLog::new(
-            (epoch, state.step, lr),
-            Some(&state.meter),
-            &m,
-            cfg.w_cls,
-            t0,
-        );
+        let line = EpochLog::new((epoch, state.step, lr), Some(&state.meter), &m, w_log, t0);
         events(TrainEvent::Epoch(&line));
         write_log(&line, &mut log)?;
         let best = match state.best {

@@ -76,12 +76,19 @@ impl HeadKind {
         Ok(kind)
     }
 
-    /// The target layers must exist.
+    /// The target layers must exist and rise, low to high.
     pub fn check(&self, num_layers: usize) -> Result<()> {
         if let HeadKind::Eagle3 { layers } = self {
             if let Some(&bad) = layers.iter().find(|&&l| l >= num_layers) {
                 return Err(EngineError::Config(format!(
                     "the EAGLE-3 head reads target layer {bad}, but the target has {num_layers}"
+                )));
+            }
+            if layers.windows(2).any(|w| w[0] >= w[1]) {
+                return Err(EngineError::Config(format!(
+                    "an EAGLE-3 head reads three distinct target layers, low to high, not \
+                     {layers:?} (a target of {num_layers} layers is too shallow for the default \
+                     choice: name them in eagle_config.eagle_aux_hidden_state_layer_ids)"
                 )));
             }
         }

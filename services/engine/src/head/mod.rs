@@ -30,7 +30,7 @@ use crate::config::{HfConfig, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::kernels::attention::Visibility;
 use crate::kv_cache::KvCache;
-use crate::layers::{use_cpu_kernels, DecoderLayer, KvPart, Linear, RmsNorm, Rope};
+use crate::layers::{use_cpu_kernels, DecoderLayer, KvPart, Linear, RmsNorm, Rope, TttKv};
 use crate::loader::safetensors::SafetensorsSource;
 use crate::loader::{Quant, WeightSource, Weights};
 use crate::parallel::Shard;
@@ -449,6 +449,23 @@ impl EagleHead {
             (x, None) => self.layer.forward_masked(&x, &rope, mask),
             (x, Some(a)) => self.layer.forward_masked_reading(&x, &a, &rope, mask),
         }
+    }
+
+    /// One step of a training-time test over `m` rows (EAGLE-3's training; see
+    /// [`crate::layers::Attention::forward_ttt`]): the first call attends as `mask` says, each
+    /// later one also to its own row of the steps since; `positions` move on by one a step.
+    /// Returns the head outputs [m, H]; differentiable.
+    pub fn forward_ttt(
+        &self,
+        embeds: &Tensor,
+        features: &Tensor,
+        positions: &[usize],
+        mask: &Tensor,
+        past: &mut TttKv,
+    ) -> Result<Tensor> {
+        let rope = self.rope.at(positions);
+        let (x, a) = self.layer_inputs(embeds, features)?;
+        self.layer.forward_ttt(&x, a.as_ref(), &rope, mask, past)
     }
 
     /// The decoder layer's residual stream and, for EAGLE-3, what its attention reads, from

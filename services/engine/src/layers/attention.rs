@@ -161,6 +161,57 @@ impl Attention {
         self.attend(&q, &k, &v, mask)
     }
 
+    /// Training-time test (EAGLE-3, Li et al., 2025; reference `traineagle3/cnets.py`): the
+    /// head unrolled for several steps over the same m rows. At the first step (`past` empty)
+    /// the rows attend as `mask` [m, m] says; at step k each row also sees its own row of the
+    /// keys of steps 1..k (this one included), one score each, all under one softmax. Keys
+    /// and values of every step are kept in `past` for the next. Differentiable candle ops.
+    pub fn forward_ttt(
+        &self,
+        x: &Tensor,
+        rope: &RopeAt,
+        mask: &Tensor,
+        past: &mut TttKv,
+    ) -> Result<Tensor> {
+        let (q, k, v) = self.project(x, rope)?;
+        let Some((k0, v0)) = past.first.clone() else {
+            past.first = Some((k.clone(), v.clone()));
+            return self.attend(&q, &k, &v, mask);
+        };
+        past.later.push((k, v));
+        let (qd, _) = self.dims();
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let (m, group) = (q.dim(0)?, nh / nkv);
+        let scale = 1.0 / (hd as f64).sqrt();
+        // [m, kv_dim] -> [m, nh, hd], each KV head repeated for its query heads.
+        let per_head = |c: &Tensor| -> Result<Tensor> {
+            Ok(c.reshape((m, nkv, 1, hd))?
+                .broadcast_as((m, nkv, group, hd))?
+                .reshape((m, nh, hd))?)
+        };
+        let qh = q.transpose(0, 1)?.contiguous()?; // [nh, m, hd]
+        let keys0 = per_head(&k0)?.transpose(0, 1)?.contiguous()?;
+        let values0 = per_head(&v0)?.transpose(0, 1)?.contiguous()?;
+        let main = (qh.matmul(&keys0.t()?)? * scale)?.broadcast_add(mask)?; // [nh, m, m]
+        let mut scores = vec![main];
+        let mut diag_values = Vec::with_capacity(past.later.len());
+        for (ki, vi) in &past.later {
+            let s = (&q * per_head(ki)?)?.sum(D::Minus1)? * scale; // [m, nh]
+            scores.push(s?.transpose(0, 1)?.unsqueeze(2)?); // [nh, m, 1]
+            diag_values.push(per_head(vi)?.transpose(0, 1)?); // [nh, m, hd]
+        }
+        let scores = Tensor::cat(&scores, 2)?;
+        let max = scores.max_keepdim(D::Minus1)?;
+        let e = scores.broadcast_sub(&max)?.exp()?;
+        let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+        let mut ctx = p.narrow(2, 0, m)?.contiguous()?.matmul(&values0)?; // [nh, m, hd]
+        for (i, vi) in diag_values.iter().enumerate() {
+            ctx = (ctx + p.narrow(2, m + i, 1)?.broadcast_mul(vi)?)?;
+        }
+        let ctx = ctx.transpose(0, 1)?.reshape((m, qd))?;
+        self.o.forward(&ctx)
+    }
+
     /// The rotated queries [m, heads, head_dim], and rotated keys and values [m, kv_dim].
     fn project(&self, x: &Tensor, rope: &RopeAt) -> Result<(Tensor, Tensor, Tensor)> {
         let device = x.device().clone();
@@ -203,6 +254,14 @@ impl Attention {
         let ctx = p.matmul(&values)?.transpose(0, 1)?.reshape((m, qd))?;
         self.o.forward(&ctx)
     }
+}
+
+/// The keys and values of the steps of a training-time test so far (see
+/// [`Attention::forward_ttt`]): the first step's, then each later step's, [m, kv_dim] each.
+#[derive(Default)]
+pub struct TttKv {
+    pub first: Option<(Tensor, Tensor)>,
+    pub later: Vec<(Tensor, Tensor)>,
 }
 
 /// [m, total] additive mask: 0 where visible, -inf elsewhere; built once per pass (see

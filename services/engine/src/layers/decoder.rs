@@ -6,6 +6,7 @@
 
 use candle_core::Tensor;
 
+use super::attention::TttKv;
 use super::{Attention, KvPart, Mlp, RmsNorm, RopeAt, SparseMoe};
 use crate::config::{Arch, ModelConfig};
 use crate::error::Result;
@@ -186,6 +187,19 @@ impl DecoderLayer {
         self.residual(x, Some(attn_in), |h| {
             self.attn.forward_masked(h, rope, mask)
         })
+    }
+
+    /// One step of a training-time test (see [`Attention::forward_ttt`]), attention reading
+    /// `attn_in` when given (EAGLE-3); differentiable.
+    pub fn forward_ttt(
+        &self,
+        x: &Tensor,
+        attn_in: Option<&Tensor>,
+        rope: &RopeAt,
+        mask: &Tensor,
+        past: &mut TttKv,
+    ) -> Result<Tensor> {
+        self.residual(x, attn_in, |h| self.attn.forward_ttt(h, rope, mask, past))
     }
 
     /// The layer's residual structure around an attention function, which reads `attn_in`

@@ -14,7 +14,7 @@ pub mod moe;
 pub mod norm;
 pub mod rotary;
 
-pub use attention::{Attention, KvPart};
+pub use attention::{Attention, KvPart, TttKv};
 pub use decoder::{DecoderLayer, FeedForward};
 pub use linear::Linear;
 pub use matrix::Matrix;

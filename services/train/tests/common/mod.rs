@@ -49,7 +49,13 @@ pub fn tiny_config() -> ModelConfig {
 /// depend mostly on the current token, a little on the context (small attention and MLP
 /// outputs on the residual stream): structure a head can learn from a few thousand pairs.
 pub fn tiny_target() -> TargetModel {
-    let c = tiny_config();
+    tiny_target_layers(2)
+}
+
+/// [`tiny_target`] with `layers` layers (the first two are `tiny_target`'s).
+pub fn tiny_target_layers(layers: usize) -> TargetModel {
+    let mut c = tiny_config();
+    c.num_layers = layers;
     let mut rng = Rng::new(1234);
     let mut t = |r: usize, k: usize, scale: f64| {
         let v: Vec<f32> = (0..r * k)
