@@ -175,3 +175,39 @@ async fn stop_strings_cut_the_text_and_end_the_generation() {
     assert!(u.tokens.len() < want.len() && want.starts_with(&u.tokens));
     assert_eq!(u.tokens, s.tokens);
 }
+
+/// An EAGLE-3 head through the real services: the worker sends three layers' outputs
+/// (`--draft-features eagle3`, 3H values per token), the draft service fuses them, and the
+/// text is the engine's greedy text. A worker left sending the last features is refused by the
+/// draft service (the feature width does not match the head), and the coordinator decodes
+/// plainly: the text stays the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eagle3_head_serves_losslessly_and_a_mismatched_worker_falls_back() {
+    for (features, fallback) in [(Some("eagle3"), false), (None, true)] {
+        let cluster = TestCluster::start(ClusterOpts {
+            head: Some(eagle3_head()),
+            worker_args: features
+                .map(|f| vec!["--draft-features".to_string(), f.to_string()])
+                .unwrap_or_default(),
+            ..ClusterOpts::default()
+        });
+        let mut c = cluster.client().await;
+        for p in &PROMPTS[..3] {
+            let req = chat_request(p, 24);
+            let want = reference_tokens(&req);
+            let u = unary(&mut c, req.clone()).await;
+            assert_eq!(u.tokens, want, "EAGLE-3 head, features {features:?}, {p:?}");
+            assert_eq!(
+                u.fallback > 0,
+                fallback,
+                "features {features:?}: {} plain fallback steps",
+                u.fallback
+            );
+            let s = stream(&mut c, req).await;
+            assert_eq!(s.tokens, want);
+        }
+        cluster
+            .expect_no_sessions(std::time::Duration::from_secs(5))
+            .await;
+    }
+}

@@ -557,3 +557,33 @@ pub const PROMPTS: &[&str] = &[
     "Tell me a fun fact about octopuses.",
     "import numpy as np\n\n# compute the mean of an array\n",
 ];
+
+/// A random EAGLE-3 head for SmolLM2 in the published layout (`midlayer.*`, fc [H, 3H], its
+/// own 2,048-token LM head), written by `scripts/make-eagle3-head.py`; the same one for every
+/// test of a run.
+pub fn eagle3_head() -> PathBuf {
+    static HEAD: OnceLock<PathBuf> = OnceLock::new();
+    HEAD.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("eagle-test-eagle3-{}", std::process::id()));
+        let c = &reference_engine().target.cfg;
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/make-eagle3-head.py");
+        let dims = [
+            ("--hidden", c.hidden_size),
+            ("--intermediate", c.intermediate_size),
+            ("--heads", c.num_heads),
+            ("--kv-heads", c.num_kv_heads),
+            ("--head-dim", c.head_dim),
+            ("--vocab", c.vocab_size),
+            ("--draft-vocab", 2048),
+        ];
+        let mut cmd = Command::new("python3");
+        cmd.arg(&script).arg("--out").arg(&dir);
+        for (flag, v) in dims {
+            cmd.args([flag, &v.to_string()]);
+        }
+        cmd.args(["--rope-theta", &c.rope_theta.to_string(), "--seed", "2"]);
+        succeed(&mut cmd);
+        dir
+    })
+    .clone()
+}
