@@ -421,6 +421,27 @@ def tp_statefulsets_replicas_and_gpus():
 
 
 @test
+def workers_send_the_features_the_head_reads():
+    """draft.headFeatures reaches every worker rank as --draft-features (an EAGLE-3 head reads
+    three layers' outputs); the default is the last features; a value the worker would refuse
+    is refused by the schema before anything renders."""
+    for label, _, docs in all_renders():
+        for sts in worker_sets(docs):
+            args = pod_spec(sts)["containers"][0]["args"]
+            assert arg(args, "--draft-features") == "last", (label, args)
+    for features in ("eagle3", "1,14,26"):
+        docs = manifests(render({"draft": {"headFeatures": features}}))
+        for sts in worker_sets(docs):
+            assert arg(pod_spec(sts)["containers"][0]["args"], "--draft-features") == features
+    try:
+        render({"draft": {"headFeatures": "layer 3"}})
+    except helm.HelmValuesError as e:
+        assert "headFeatures" in str(e), e
+    else:
+        raise AssertionError("the schema let headFeatures 'layer 3' through")
+
+
+@test
 def probes_point_at_grpc_health_ports():
     """Every eagle container that serves gRPC has startup, readiness and liveness probes, all
     native gRPC probes on its own grpc port (grpc.health.v1), and that port is what its

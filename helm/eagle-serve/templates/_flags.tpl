@@ -97,6 +97,7 @@ rank-0-only flags.
   "--dtype" $g.dtype
   "--device" (include "eagle-serve.flags.device" (dict "root" $root "gpus" $g.gpusPerPod))
   "--wire-dtype" (toString $w.wireDtype)
+  "--draft-features" (toString $v.draft.headFeatures)
   "--cache-mb" (toString (int64 $g.cacheMb))
   "--idle-timeout-s" (toString $w.idleTimeoutSeconds)
   "--tp" (toString (int $g.tp))
