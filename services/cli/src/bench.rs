@@ -407,6 +407,11 @@ fn run_prompts(a: BenchArgs, prompts: &mut Vec<PromptLine>) -> Result<()> {
         let c = &cluster_totals;
         let ms_step = |t: &Totals| t.wall * 1e3 / t.steps.max(1) as f64;
         let hidden = r.hidden;
+        // Values per token the workers send: H, or 3H for an EAGLE-3 head.
+        let layers = engine
+            .drafter
+            .as_ref()
+            .map_or(1, |d| d.head.feature_width() / hidden.max(1));
         eprintln!(
             "cluster        eagle {:>7.1} tok/s ({:.1} ms/step in-process, {:.1} ms/step through \
              the cluster: +{:.1} ms), identical {cluster_identical}/{}",
@@ -423,8 +428,8 @@ fn run_prompts(a: BenchArgs, prompts: &mut Vec<PromptLine>) -> Result<()> {
             "ms_per_step": ms_step(c),
             "in_process_ms_per_step": ms_step(e),
             "added_ms_per_step": ms_step(c) - ms_step(e),
-            "feature_bytes_per_token": hidden * 2,
-            "feature_bytes_per_token_at_hidden_8192": 8192 * 2,
+            "feature_bytes_per_token": hidden * layers * 2,
+            "feature_bytes_per_token_at_hidden_8192": 8192 * layers * 2,
         });
         drop(r);
     }

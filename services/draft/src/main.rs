@@ -93,7 +93,21 @@ async fn run(a: Args) -> Result<()> {
         .with_context(|| format!("loading the EAGLE head {}", head.display()))
     })
     .await??;
-    tracing::info!(model = %a.model_name, head = %a.head.display(), "draft head loaded");
+    // The workers must send the features this head reads (eagle-worker --draft-features).
+    let features = match drafter.head.kind.target_layers() {
+        [] => "last".to_string(),
+        l => l
+            .iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+    };
+    tracing::info!(
+        model = %a.model_name,
+        head = %a.head.display(),
+        worker_draft_features = %features,
+        "draft head loaded"
+    );
     let model_name = a.model_name.clone();
     let svc = DraftService::new(
         drafter,

@@ -238,7 +238,7 @@ impl TargetSession {
         }
     }
 
-    /// Runs one token. Returns its features [1, H] and logits.
+    /// Runs one token. Returns its draft features [1, width] and logits.
     pub fn decode(&mut self, target: &TargetModel, token: u32) -> Result<(Tensor, Vec<f32>)> {
         self.prefill(target, &[token])
     }

@@ -161,6 +161,34 @@ fn a_published_eagle3_checkpoint_computes_what_the_reference_computes() {
         worst < 1e-4,
         "the engine's EAGLE-3 forward differs from the reference by {worst}"
     );
+    // The device-generic path (candle ops: CUDA serving and training) computes the same.
+    let mut mask = vec![f32::NEG_INFINITY; m * m];
+    for t in 0..m {
+        mask[t * m..=t * m + t].fill(0.0);
+    }
+    let mask = Tensor::from_vec(mask, (m, m), &Device::Cpu).unwrap();
+    let fused = head.fuse_masked(&tensor(&features)).unwrap();
+    let positions: Vec<usize> = (0..m).collect();
+    let out = head
+        .forward_masked(&tensor(&embeds), &fused, &positions, &mask)
+        .unwrap();
+    let dv = head.draft_vocab.as_ref().unwrap();
+    let generic: Vec<Vec<f32>> = dv
+        .lm_head
+        .forward(&head.lm_input_masked(&out).unwrap())
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let mut worst = 0f32;
+    for (a, b) in generic.iter().zip(&theirs) {
+        for (x, y) in a.iter().zip(b) {
+            worst = worst.max((x - y).abs() / (1.0 + y.abs()));
+        }
+    }
+    assert!(
+        worst < 1e-4,
+        "the generic EAGLE-3 path differs from the reference by {worst}"
+    );
     // A wrong feature width is refused with a clear error, not a shape panic.
     let narrow = Tensor::zeros((2, cfg.hidden_size), DType::F32, &Device::Cpu).unwrap();
     let err = head.fuse(&narrow).unwrap_err().to_string();
@@ -256,12 +284,31 @@ fn an_eagle3_head_reads_the_named_layers_before_the_final_norm() {
     };
     let last_feats = states.last.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(normed, last_feats);
-    // The lower blocks are earlier layers' outputs, not copies of the top one.
-    let low = states.draft.narrow(1, 0, h).unwrap();
-    assert_ne!(
-        low.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        top.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-    );
+    // The lower blocks are the outputs of layers 0 and 14: what a target cut after that layer
+    // gives as its own draft feature, bit for bit.
+    for (block, layer) in [(0, 0), (1, 14)] {
+        let mut cut_cfg = opened.config.clone();
+        cut_cfg.num_layers = layer + 1;
+        let mut cut = common::load_target(&opened, cut_cfg, DType::F32);
+        cut.set_draft_layers(&[layer]).unwrap();
+        let mut cache = cut.new_cache(tokens.len()).unwrap();
+        let alone = cut
+            .forward_batch_states(&mut [Rows {
+                cache: &mut cache,
+                tokens: &tokens,
+                positions: &positions,
+                vis: &vis,
+            }])
+            .unwrap()
+            .remove(0)
+            .draft;
+        let ours = states.draft.narrow(1, block * h, h).unwrap();
+        assert_eq!(
+            ours.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            alone.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "block {block} is not layer {layer}'s output"
+        );
+    }
 }
 
 #[test]

@@ -1,4 +1,7 @@
-//! Training an EAGLE head (Li et al., 2024) on stored features, with candle autograd.
+//! Training an EAGLE head (Li et al., 2024) on stored features, with candle autograd: EAGLE-1/2
+//! heads on the target's last features, EAGLE-3 heads (Li et al., 2025) on three of its
+//! layers' outputs, either one step ahead or unrolled on their own outputs for several steps
+//! (EAGLE-3's training-time test, `EagleHead::forward_ttt`; see `batch.rs`).
 //!
 //! Invariants:
 //! - The head that trains is the engine's head: each step builds an [`EagleHead`] from the
@@ -20,7 +23,10 @@
 //!
 //! Recipe (EAGLE paper): input features get uniform noise U(-0.1, 0.1); loss = SmoothL1 + 0.1 x
 //! soft cross-entropy on assistant positions; AdamW (betas 0.9, 0.95), linear warm-up then decay,
-//! gradient clipping by global norm.
+//! gradient clipping by global norm. EAGLE-3: the soft cross-entropy alone, through the head's
+//! own output norm; step k of a training-time test weighted 0.8^k (the reference's). One
+//! deviation from the EAGLE-3 reference: a reduced draft vocabulary's LM head (rows of the
+//! target's) stays frozen here, as for EAGLE-1/2 heads, where the reference trains it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -488,7 +494,7 @@ fn batch_loss(
     inputs: &Tensor,
     w_cls: f64,
 ) -> Result<Option<Scored>> {
-    if b.n_loss == 0 {
+    if b.n_loss == 0 && b.later.iter().all(|s| s.n_loss == 0) {
         return Ok(None);
     }
     let embed =
@@ -515,7 +521,17 @@ fn batch_loss(
     } else {
         head.forward_ttt(&embeds, &features, &b.positions, &b.mask, &mut past)?
     };
-    let step0 = score(&pred, &b.loss_rows, &b.next, 0)?;
+    let step0 = if b.n_loss > 0 {
+        score(&pred, &b.loss_rows, &b.next, 0)?
+    } else {
+        LossOut {
+            objective: Tensor::zeros((), DType::F32, &target.device)?,
+            vloss: 0.0,
+            ploss: 0.0,
+            correct: 0,
+            rows: 0,
+        }
+    };
     let mut objective = step0.objective.clone();
     let mut by_step = vec![(step0.correct, step0.rows)];
     for (k, step) in (1..).zip(&b.later) {
@@ -633,6 +649,13 @@ pub fn train(
     } else {
         HeadKind::Eagle
     };
+    if cfg.eagle3 && cfg.draft_vocab.is_none() && cfg.init.is_none() && !cfg.resume {
+        return Err(TrainError::Config(
+            "an EAGLE-3 head carries its own LM head: give it a draft vocabulary (--draft-vocab N; \
+             the target's vocabulary size for all of it)"
+                .into(),
+        ));
+    }
     if cfg.ttt_steps == 0 {
         return Err(TrainError::Config(
             "ttt_steps must be at least 1 (1: no training-time test)".into(),

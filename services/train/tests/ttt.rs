@@ -1,8 +1,9 @@
 //! EAGLE-3 training with a training-time test (Li et al., 2025): on a tiny random target of 4
 //! layers, data holding three layers' outputs trains an EAGLE-3 head, and unrolling the head on
 //! its own outputs during training (4 steps) makes its held-out top-1 at steps 1..3 clearly
-//! higher than that of the same head trained one step at a time, evaluated the same way. The
-//! TTT head drafts losslessly.
+//! higher than that of the same head trained one step at a time, evaluated the same way, and
+//! gives more tokens per target pass when drafting (both losslessly). The later steps' rows of
+//! a batch are checked one by one.
 
 mod common;
 
@@ -12,6 +13,7 @@ use eagle_engine::sampling::{sample, warp, Rng, SamplingParams};
 use eagle_engine::session::TargetSession;
 use eagle_engine::spec::SpecConfig;
 use eagle_engine::{Engine, GenerateRequest, Mode};
+use eagle_train::batch::{build_with, BatchShape};
 use eagle_train::data::{generate, DataConfig, Prepared, Sample};
 use eagle_train::shards::Dataset;
 use eagle_train::trainer::{train, EpochLog, FrozenTarget, TrainConfig};
@@ -110,6 +112,7 @@ fn unrolled_training_beats_single_step_training_at_later_steps() {
     assert_eq!(man.feature_layers, FEATURE_LAYERS.to_vec());
     let data = Dataset::open(&data_dir).unwrap();
     assert_eq!(data.layer_width(), 3 * data.hidden());
+    later_steps_read_and_score_the_right_rows(&data);
 
     let single = train_head(&data, &dir.join("single"), 1);
     let unrolled = train_head(&data, &dir.join("unrolled"), STEPS);
@@ -141,24 +144,31 @@ fn unrolled_training_beats_single_step_training_at_later_steps() {
     );
     assert!(u.heldout_acc_by_step[STEPS - 1] > s.heldout_acc_by_step[STEPS - 1]);
 
-    // The trained EAGLE-3 head drafts with EAGLE output equal to vanilla.
-    let head = EagleHead::load(
-        &dir.join("unrolled"),
-        &target().cfg,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    // Both heads draft with EAGLE output equal to vanilla; the unrolled one gets more tokens
+    // per target pass.
+    let tau = |name: &str| mean_accepted(&dir.join(name), &dir.join("tok"));
+    let (tau_single, tau_unrolled) = (tau("single"), tau("unrolled"));
+    eprintln!("tokens per target pass: single-step {tau_single:.3}, unrolled {tau_unrolled:.3}");
+    assert!(
+        tau_unrolled > tau_single,
+        "tokens per pass: unrolled {tau_unrolled:.3} vs single-step {tau_single:.3}"
+    );
+}
+
+/// Mean tokens per target pass of greedy EAGLE with the head in `head_dir`, checking every
+/// output against vanilla decoding.
+fn mean_accepted(head_dir: &std::path::Path, tok_dir: &std::path::Path) -> f64 {
+    let head = EagleHead::load(head_dir, &target().cfg, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(
         head.kind,
         HeadKind::Eagle3 {
             layers: FEATURE_LAYERS
         }
     );
-    let engine = Engine::from_parts(target(), Some(head), tiny_tokenizer(&dir.join("tok")));
+    let engine = Engine::from_parts(target(), Some(head), tiny_tokenizer(tok_dir));
     let mut rng = Rng::new(99);
     let (mut tokens, mut steps) = (0, 0);
-    for _ in 0..6 {
+    for _ in 0..12 {
         let prompt: Vec<u32> = (0..PROMPT_LEN)
             .map(|_| 1 + (rng.uniform() * (TINY_VOCAB - 1) as f64) as u32)
             .collect();
@@ -175,8 +185,49 @@ fn unrolled_training_beats_single_step_training_at_later_steps() {
         tokens += eagle.tokens.len();
         steps += eagle.steps;
     }
-    eprintln!(
-        "TTT EAGLE-3 head: {:.2} tokens per target pass",
-        tokens as f64 / steps as f64
-    );
+    tokens as f64 / steps as f64
+}
+
+/// A batch's later steps: at step k row (conversation c, pair j) reads t_{j+1+k} at position
+/// j+k, is scored against f_{j+1+k} (step 0's target of pair j+k) when that token is an
+/// assistant token inside the conversation, and reads token 0 without a loss past its end.
+fn later_steps_read_and_score_the_right_rows(data: &Dataset) {
+    let convs = [0usize, 1];
+    let shape = BatchShape {
+        layer_inputs: true,
+        steps: 3,
+    };
+    let b = build_with(data, &convs, 4096, shape, &Device::Cpu).unwrap();
+    assert_eq!(b.later.len(), 2);
+    assert_eq!(b.inputs.dims(), [b.len(), 3 * data.hidden()]);
+    let next0 = b.next.to_vec2::<f32>().unwrap();
+    let mut row = 0;
+    for &c in &convs {
+        let (ids, mask) = data.ids_mask(&data.convs[c]);
+        let pairs = ids.len() - 1;
+        for j in 0..pairs {
+            for (k, step) in (1..).zip(&b.later) {
+                let at = j + 1 + k;
+                let inside = at < ids.len();
+                assert_eq!(step.tokens[row + j], if inside { ids[at] } else { 0 });
+                assert_eq!(step.positions[row + j], j + k);
+                let scored = step
+                    .loss_rows
+                    .to_vec1::<u32>()
+                    .unwrap()
+                    .contains(&((row + j) as u32));
+                assert_eq!(
+                    scored,
+                    inside && mask[at] == 1,
+                    "conv {c} pair {j} step {k}"
+                );
+                if j + k < pairs {
+                    let next = step.next.to_vec2::<f32>().unwrap();
+                    assert_eq!(next[row + j], next0[row + j + k]);
+                }
+            }
+        }
+        row += pairs;
+    }
+    assert_eq!(row, b.len());
 }

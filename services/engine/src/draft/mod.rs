@@ -61,17 +61,20 @@ pub struct DraftSession {
     cache: KvCache,
     pending_tokens: Vec<u32>,
     pending_features: Vec<Tensor>,
+    /// Values per token of the target features the head reads.
+    feature_width: usize,
 }
 
 impl DraftSession {
     /// Queues committed (token, feature) pairs: `tokens[i]` pairs with `features` row i (the
     /// target's draft features, [m, head feature width]).
     pub fn push(&mut self, tokens: &[u32], features: &Tensor) -> Result<()> {
-        if features.dim(0)? != tokens.len() {
+        let (rows, width) = features.dims2()?;
+        if rows != tokens.len() || width != self.feature_width {
             return Err(EngineError::InvalidRequest(format!(
-                "{} tokens but {} feature rows",
+                "{} tokens with features [{rows}, {width}]: the head reads {} values per token",
                 tokens.len(),
-                features.dim(0)?
+                self.feature_width
             )));
         }
         self.pending_tokens.extend_from_slice(tokens);
@@ -256,6 +259,7 @@ impl Drafter {
             cache: self.head.new_cache(capacity)?,
             pending_tokens: Vec::new(),
             pending_features: Vec::new(),
+            feature_width: self.head.feature_width(),
         })
     }
 

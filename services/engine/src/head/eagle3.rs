@@ -11,7 +11,10 @@
 //!
 //! Invariant: the layers are the reference's: the inputs of target layers 2, L/2 and L-3, that
 //! is the outputs of layers 1, L/2-1 and L-4 (0-based), unless the head's `config.json` names
-//! others in `eagle_config.eagle_aux_hidden_state_layer_ids` (SpecForge's key, output indices).
+//! others in `eagle_config.eagle_aux_hidden_state_layer_ids` (SpecForge's and SGLang's key, read
+//! as they read it: output indices, 0-based; vLLM's speculators format counts inputs instead,
+//! id j being the output of layer j-1, and names its architecture `Eagle3Speculator`, which
+//! this loader does not read).
 
 use crate::error::{EngineError, Result};
 use crate::layers::RmsNorm;

@@ -1,5 +1,6 @@
-//! A head's files in the published layout: `config.json` (a valid Hugging Face LLaMA config)
-//! and `model.safetensors` under the reference's tensor names: `layers.0.*` for EAGLE-1/2,
+//! A head's files in the published layout, read and written: `config.json` (a valid Hugging
+//! Face LLaMA config; `architectures` says the kind) and `model.safetensors` (or a PyTorch
+//! `pytorch_model.bin`) under the reference's tensor names: `layers.0.*` for EAGLE-1/2,
 //! `midlayer.*`, `norm.weight` and `fc.weight` [H, 3H] for EAGLE-3 (see `eagle3.rs`).
 //!
 //! Invariant: `EagleHead::load` of what `save` wrote gives the same tensors, bit for bit in the
@@ -12,8 +13,10 @@ use candle_core::{DType, Device, Tensor};
 
 use super::eagle3::{HeadKind, ARCHITECTURE};
 use super::EagleHead;
+use crate::config::{HfConfig, ModelConfig};
 use crate::error::{EngineError, Result};
-use crate::loader::WeightSource;
+use crate::loader::safetensors::SafetensorsSource;
+use crate::loader::{Quant, WeightSource};
 
 /// Tensors held in memory (a `pytorch_model.bin`, or a freshly initialised head).
 pub(super) struct MapSource {
@@ -42,6 +45,88 @@ pub fn hf_dtype_name(dtype: DType) -> &'static str {
 }
 
 impl EagleHead {
+    /// Loads a head directory and checks it against the target it will draft for.
+    pub fn load(dir: &Path, target: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with(dir, target, dtype, Quant::None, device)
+    }
+
+    /// [`EagleHead::load`] with matrices quantized as `quant` says. A quantized head drafts
+    /// faster and loses nothing: the target decides every token.
+    pub fn load_with(
+        dir: &Path,
+        target: &ModelConfig,
+        dtype: DType,
+        quant: Quant,
+        device: &Device,
+    ) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(EngineError::MissingFile {
+                path: dir.to_path_buf(),
+                what: "an EAGLE head directory (config.json + model.safetensors)".into(),
+            });
+        }
+        let cfg_path = dir.join("config.json");
+        if !cfg_path.exists() {
+            return Err(EngineError::MissingFile {
+                path: cfg_path,
+                what: "the head's config.json".into(),
+            });
+        }
+        let mut hf = HfConfig::from_file(&cfg_path)?;
+        if hf.model_type.is_none() {
+            hf.model_type = Some("llama".into());
+        }
+        let cfg = hf.into_config()?;
+        let raw = std::fs::read(&cfg_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .unwrap_or_default();
+        let draft_vocab_size = raw
+            .get("draft_vocab_size")
+            .and_then(|n| n.as_u64())
+            .map(|n| n as usize);
+        let kind = HeadKind::from_config(&raw, target.num_layers)?;
+        if cfg.hidden_size != target.hidden_size || cfg.vocab_size != target.vocab_size {
+            return Err(EngineError::Config(format!(
+                "head {} has hidden {} and vocab {}, but the target has hidden {} and vocab {}",
+                dir.display(),
+                cfg.hidden_size,
+                cfg.vocab_size,
+                target.hidden_size,
+                target.vocab_size
+            )));
+        }
+        let st = dir.join("model.safetensors");
+        let bin = dir.join("pytorch_model.bin");
+        let src: Box<dyn WeightSource> = if st.exists() {
+            Box::new(SafetensorsSource::open(&st)?)
+        } else if bin.exists() {
+            let tensors = candle_core::pickle::read_all(&bin).map_err(|e| {
+                EngineError::malformed(&bin, format!("cannot read PyTorch weights: {e}"))
+            })?;
+            Box::new(MapSource {
+                map: tensors.into_iter().collect(),
+                desc: bin.display().to_string(),
+            })
+        } else {
+            return Err(EngineError::MissingFile {
+                path: dir.to_path_buf(),
+                what: "model.safetensors or pytorch_model.bin".into(),
+            });
+        };
+        let head = Self::from_source(src.as_ref(), cfg, kind, dtype, quant, device)?;
+        let found = head.draft_vocab.as_ref().map(|d| d.d2t.len());
+        if draft_vocab_size.is_some() && draft_vocab_size != found {
+            return Err(EngineError::Config(format!(
+                "head {}: config.json says draft_vocab_size {:?}, but the weights hold a draft \
+                 vocabulary of {found:?} (d2t and lm_head.weight)",
+                dir.display(),
+                draft_vocab_size
+            )));
+        }
+        Ok(head)
+    }
+
     /// Where the decoder layer's tensors live: `layers.0` (EAGLE-1/2) or `midlayer` (EAGLE-3).
     pub fn layer_prefix(&self) -> &'static str {
         layer_prefix(&self.kind)

@@ -9,6 +9,10 @@
 //! same layer `[embedding, feature]` side by side and has its own output norm and LM head
 //! (`eagle3.rs`). Both feed their own output back as the feature of the next draft step.
 //!
+//! Invariant: a head pass over the rows of several sessions gives each session the bits it
+//! gets alone (on the CPU kernels every row is computed independently; attention stays within
+//! a session's cache), and the CPU and device-generic paths compute the same function.
+//!
 //! Files (`files.rs`): `config.json` (LLaMA-style; `architectures` says the kind) and
 //! `model.safetensors` or `pytorch_model.bin`, with tensors `fc.weight` [H, 2H], `fc.bias` [H]
 //! (optional), `layers.0.self_attn.*`, `layers.0.mlp.*`,
@@ -22,16 +26,14 @@
 //! vocabulary; tokens outside them get draft probability zero.
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::{HfConfig, ModelConfig};
+use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kernels::attention::Visibility;
 use crate::kv_cache::KvCache;
 use crate::layers::{use_cpu_kernels, DecoderLayer, KvPart, Linear, RmsNorm, Rope, TttKv};
-use crate::loader::safetensors::SafetensorsSource;
 use crate::loader::{Quant, WeightSource, Weights};
 use crate::parallel::Shard;
 
@@ -61,88 +63,6 @@ pub struct EagleHead {
 }
 
 impl EagleHead {
-    /// Loads a head directory and checks it against the target it will draft for.
-    pub fn load(dir: &Path, target: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
-        Self::load_with(dir, target, dtype, Quant::None, device)
-    }
-
-    /// [`EagleHead::load`] with matrices quantized as `quant` says. A quantized head drafts
-    /// faster and loses nothing: the target decides every token.
-    pub fn load_with(
-        dir: &Path,
-        target: &ModelConfig,
-        dtype: DType,
-        quant: Quant,
-        device: &Device,
-    ) -> Result<Self> {
-        if !dir.is_dir() {
-            return Err(EngineError::MissingFile {
-                path: dir.to_path_buf(),
-                what: "an EAGLE head directory (config.json + model.safetensors)".into(),
-            });
-        }
-        let cfg_path = dir.join("config.json");
-        if !cfg_path.exists() {
-            return Err(EngineError::MissingFile {
-                path: cfg_path,
-                what: "the head's config.json".into(),
-            });
-        }
-        let mut hf = HfConfig::from_file(&cfg_path)?;
-        if hf.model_type.is_none() {
-            hf.model_type = Some("llama".into());
-        }
-        let cfg = hf.into_config()?;
-        let raw = std::fs::read(&cfg_path)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .unwrap_or_default();
-        let draft_vocab_size = raw
-            .get("draft_vocab_size")
-            .and_then(|n| n.as_u64())
-            .map(|n| n as usize);
-        let kind = HeadKind::from_config(&raw, target.num_layers)?;
-        if cfg.hidden_size != target.hidden_size || cfg.vocab_size != target.vocab_size {
-            return Err(EngineError::Config(format!(
-                "head {} has hidden {} and vocab {}, but the target has hidden {} and vocab {}",
-                dir.display(),
-                cfg.hidden_size,
-                cfg.vocab_size,
-                target.hidden_size,
-                target.vocab_size
-            )));
-        }
-        let st = dir.join("model.safetensors");
-        let bin = dir.join("pytorch_model.bin");
-        let src: Box<dyn WeightSource> = if st.exists() {
-            Box::new(SafetensorsSource::open(&st)?)
-        } else if bin.exists() {
-            let tensors = candle_core::pickle::read_all(&bin).map_err(|e| {
-                EngineError::malformed(&bin, format!("cannot read PyTorch weights: {e}"))
-            })?;
-            Box::new(MapSource {
-                map: tensors.into_iter().collect(),
-                desc: bin.display().to_string(),
-            })
-        } else {
-            return Err(EngineError::MissingFile {
-                path: dir.to_path_buf(),
-                what: "model.safetensors or pytorch_model.bin".into(),
-            });
-        };
-        let head = Self::from_source(src.as_ref(), cfg, kind, dtype, quant, device)?;
-        let found = head.draft_vocab.as_ref().map(|d| d.d2t.len());
-        if draft_vocab_size.is_some() && draft_vocab_size != found {
-            return Err(EngineError::Config(format!(
-                "head {}: config.json says draft_vocab_size {:?}, but the weights hold a draft \
-                 vocabulary of {found:?} (d2t and lm_head.weight)",
-                dir.display(),
-                draft_vocab_size
-            )));
-        }
-        Ok(head)
-    }
-
     /// A head of `kind` from tensors under their published names (see the module docs),
     /// converted to `dtype` on `device`. Conversions are candle ops, so a head built from
     /// trainable variables is differentiable through [`EagleHead::forward_masked`].
@@ -193,6 +113,13 @@ impl EagleHead {
             DecoderLayer::load_reading(&w.pp(l), &layer_cfg, false, &Shard::single(), attn_in)?;
         let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling.as_ref());
         let draft_vocab = match src.get("d2t")? {
+            None if eagle3.is_some() && src.get("lm_head.weight")?.is_some() => {
+                return Err(EngineError::Config(format!(
+                    "{}: an EAGLE-3 head with lm_head.weight but no d2t (the map from its \
+                     LM head's rows to target ids)",
+                    src.describe()
+                )))
+            }
             None => None,
             Some(d2t) => {
                 let offsets = d2t.to_dtype(DType::I64)?.to_vec1::<i64>()?;
