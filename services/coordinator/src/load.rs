@@ -139,8 +139,9 @@ impl Estimate {
     /// Speculation's rate against plain decoding's with `sessions` sessions per pass.
     pub fn pays(&self, cost: &CostProfile, sessions: usize) -> bool {
         let b = sessions.max(1);
-        let rows = (b as f64 * self.nodes).round().max(b as f64) as usize;
-        let spec = self.tokens_per_pass / (self.draft_s + cost.cost(rows));
+        // The mean rows, not rounded: trees of 1.4 nodes cost more than plain steps' 1.
+        let rows = (b as f64 * self.nodes).max(b as f64);
+        let spec = self.tokens_per_pass / (self.draft_s + cost.cost_of(rows));
         let plain = 1.0 / cost.cost(b);
         spec >= plain
     }
@@ -190,6 +191,14 @@ mod tests {
             ..e
         };
         assert!(!poor.pays(&cpu(), 1));
+        // Nor do small trees that gain less than their extra rows cost: 1.4 nodes a tree for
+        // 1.05 tokens (rounding the rows down to one would call it a win).
+        let small = Estimate {
+            tokens_per_pass: 1.05,
+            nodes: 1.4,
+            draft_s: 0.0001,
+        };
+        assert!(!small.pays(&cpu(), 1));
     }
 
     #[test]

@@ -192,17 +192,23 @@ pub struct CostProfile {
 impl CostProfile {
     /// Cost of n tokens, linearly interpolated (and extrapolated past the last point).
     pub fn cost(&self, n: usize) -> f64 {
+        self.cost_of(n as f64)
+    }
+
+    /// [`CostProfile::cost`] of a mean number of rows, which may be fractional (a pass whose
+    /// trees average 1.4 nodes costs more than one of 1 node).
+    pub fn cost_of(&self, n: f64) -> f64 {
         let p = &self.points;
         if p.is_empty() {
-            return n as f64;
+            return n;
         }
-        if n <= p[0].0 {
+        if n <= p[0].0 as f64 {
             return p[0].1;
         }
         for w in p.windows(2) {
             let ((a, ta), (b, tb)) = (w[0], w[1]);
-            if n <= b {
-                return ta + (tb - ta) * (n - a) as f64 / (b - a) as f64;
+            if n <= b as f64 {
+                return ta + (tb - ta) * (n - a as f64) / (b - a) as f64;
             }
         }
         let (a, ta) = p[p.len() - 2.min(p.len())];
@@ -210,7 +216,7 @@ impl CostProfile {
         if b == a {
             return tb;
         }
-        tb + (tb - ta) / (b - a) as f64 * (n - b) as f64
+        tb + (tb - ta) / (b - a) as f64 * (n - b as f64)
     }
 
     /// The cost of one more verified token, as a fraction of a one-token step (the average
