@@ -63,8 +63,9 @@ pub fn features_from_wire(
 ) -> Result<Tensor, Status> {
     if f.hidden as usize != hidden {
         return Err(Status::invalid_argument(format!(
-            "features are {} wide, the EAGLE head reads {hidden} per token (an EAGLE-3 head reads \
-             3 x hidden: start the worker with --draft-features as its config.json says)",
+            "features are {} wide, but the EAGLE head reads {hidden} values per token (the \
+             hidden size; an EAGLE-3 head reads 3 x the hidden size: start the worker with \
+             --draft-features as the head's config.json says)",
             f.hidden
         )));
     }

@@ -70,10 +70,15 @@ impl DraftSession {
     /// target's draft features, [m, head feature width]).
     pub fn push(&mut self, tokens: &[u32], features: &Tensor) -> Result<()> {
         let (rows, width) = features.dims2()?;
-        if rows != tokens.len() || width != self.feature_width {
+        if rows != tokens.len() {
             return Err(EngineError::InvalidRequest(format!(
-                "{} tokens with features [{rows}, {width}]: the head reads {} values per token",
-                tokens.len(),
+                "{} tokens but {rows} feature rows",
+                tokens.len()
+            )));
+        }
+        if width != self.feature_width {
+            return Err(EngineError::InvalidRequest(format!(
+                "features {width} wide: the head reads {} values per token",
                 self.feature_width
             )));
         }
