@@ -184,6 +184,30 @@ def params(m):
     return m.layers * (attn + mlp + 2 * h) + h + 2 * m.vocab * h
 
 
+def fit(m, tp, cap, vocab_parallel=True, head_bytes=None):
+    """(verdict, KV tokens left) for model m at TP degree tp on a GPU of cap GiB: `no` if the
+    weights and the head (the EAGLE-1/2 head unless head_bytes) do not fit, `ok` with at least
+    MIN_KV_TOKENS of KV room, else `tight`."""
+    usable = cap * GIB * (1 - WORKSPACE)
+    head = eagle_head_bytes(m) if head_bytes is None else head_bytes
+    left = usable - weights_bytes(m, tp, vocab_parallel) - head
+    toks = left / (kv_bytes_per_token(m, tp) + head_kv_bytes_per_token(m))
+    return ("no" if left <= 0 else ("ok" if toks >= MIN_KV_TOKENS else "tight"), max(toks, 0))
+
+
+def verdict_changes(a, b):
+    """Rows [model, TP, GPU, a's cell, b's cell] where two fits (functions of model, TP and GPU
+    capacity) give different verdicts."""
+    rows = []
+    for m in MODELS:
+        for tp in TPS:
+            for g, cap in GPUS:
+                va, vb = a(m, tp, cap), b(m, tp, cap)
+                if va[0] != vb[0]:
+                    rows.append([m.name, tp, g, verdict_cell(*va), verdict_cell(*vb)])
+    return rows
+
+
 def verdict_cell(verdict, toks):
     return "no" if verdict == "no" else f"{verdict} {toks / 1000:.0f}k"
 
@@ -345,47 +369,11 @@ def render():
     rows = []
     for m in MODELS:
         for tp in TPS:
-            row = [m.name, tp]
-            for _, cap in GPUS:
-                usable = cap * GIB * (1 - WORKSPACE)
-                left = usable - weights_bytes(m, tp, True) - eagle_head_bytes(m)
-                per_tok = kv_bytes_per_token(m, tp) + head_kv_bytes_per_token(m)
-                if left <= 0:
-                    row.append("no")
-                    continue
-                toks = left / per_tok
-                mark = "ok" if toks >= MIN_KV_TOKENS else "tight"
-                row.append(f"{mark} {toks / 1000:.0f}k")
-            rows.append(row)
+            rows.append([m.name, tp] + [verdict_cell(*fit(m, tp, cap)) for _, cap in GPUS])
     L += table(header, rows)
 
     L += ["", "Replicated embedding + LM head instead (only where the verdict changes):", ""]
-    rows = []
-    for m in MODELS:
-        for tp in TPS:
-            for g, cap in GPUS:
-                usable = cap * GIB * (1 - WORKSPACE)
-                per_tok = kv_bytes_per_token(m, tp) + head_kv_bytes_per_token(m)
-                verdicts = []
-                for vp in (True, False):
-                    left = usable - weights_bytes(m, tp, vp) - eagle_head_bytes(m)
-                    toks = left / per_tok
-                    verdicts.append(
-                        (
-                            "no" if left <= 0 else ("ok" if toks >= MIN_KV_TOKENS else "tight"),
-                            max(toks, 0),
-                        )
-                    )
-                if verdicts[0][0] != verdicts[1][0]:
-                    rows.append(
-                        [
-                            m.name,
-                            tp,
-                            g,
-                            verdict_cell(*verdicts[0]),
-                            verdict_cell(*verdicts[1]),
-                        ]
-                    )
+    rows = verdict_changes(fit, lambda m, tp, cap: fit(m, tp, cap, vocab_parallel=False))
     L += table(["model", "TP", "GPU", "vocab-parallel", "replicated"], rows) if rows else ["(none)"]
 
     L += [
@@ -394,26 +382,10 @@ def render():
         f" target (only where the verdict changes):",
         "",
     ]
-    rows = []
-    for m in MODELS:
-        for tp in TPS:
-            for g, cap in GPUS:
-                usable = cap * GIB * (1 - WORKSPACE)
-                per_tok = kv_bytes_per_token(m, tp) + head_kv_bytes_per_token(m)
-                verdicts = []
-                for head in (eagle_head_bytes(m), eagle3_head_bytes(m) + draft_lm_head_bytes(m)):
-                    left = usable - weights_bytes(m, tp, True) - head
-                    toks = left / per_tok
-                    verdicts.append(
-                        (
-                            "no" if left <= 0 else ("ok" if toks >= MIN_KV_TOKENS else "tight"),
-                            max(toks, 0),
-                        )
-                    )
-                if verdicts[0][0] != verdicts[1][0]:
-                    rows.append(
-                        [m.name, tp, g, verdict_cell(*verdicts[0]), verdict_cell(*verdicts[1])]
-                    )
+    rows = verdict_changes(
+        fit,
+        lambda m, tp, cap: fit(m, tp, cap, head_bytes=eagle3_head_bytes(m) + draft_lm_head_bytes(m)),
+    )
     L += table(["model", "TP", "GPU", "EAGLE-1/2", "EAGLE-3"], rows) if rows else ["(none)"]
 
     L += [
