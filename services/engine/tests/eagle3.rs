@@ -110,6 +110,15 @@ fn draft_logits(head: &EagleHead, embeds: &Tensor, features: &Tensor) -> Vec<Vec
         .unwrap()
 }
 
+/// The largest gap between two sets of logits, relative to 1 + |reference|.
+fn worst_gap(ours: &[Vec<f32>], reference: &[Vec<f32>]) -> f32 {
+    ours.iter()
+        .zip(reference)
+        .flat_map(|(a, b)| a.iter().zip(b))
+        .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
+        .fold(0.0, f32::max)
+}
+
 #[test]
 fn a_published_eagle3_checkpoint_computes_what_the_reference_computes() {
     let dir = scratch("reference");
@@ -151,12 +160,7 @@ fn a_published_eagle3_checkpoint_computes_what_the_reference_computes() {
             .map(|r| serde_json::from_value(r.clone()).unwrap())
             .collect();
     assert_eq!((ours.len(), ours[0].len()), (m, 40));
-    let mut worst = 0f32;
-    for (a, b) in ours.iter().zip(&theirs) {
-        for (x, y) in a.iter().zip(b) {
-            worst = worst.max((x - y).abs() / (1.0 + y.abs()));
-        }
-    }
+    let worst = worst_gap(&ours, &theirs);
     assert!(
         worst < 1e-4,
         "the engine's EAGLE-3 forward differs from the reference by {worst}"
@@ -179,12 +183,7 @@ fn a_published_eagle3_checkpoint_computes_what_the_reference_computes() {
         .unwrap()
         .to_vec2()
         .unwrap();
-    let mut worst = 0f32;
-    for (a, b) in generic.iter().zip(&theirs) {
-        for (x, y) in a.iter().zip(b) {
-            worst = worst.max((x - y).abs() / (1.0 + y.abs()));
-        }
-    }
+    let worst = worst_gap(&generic, &theirs);
     assert!(
         worst < 1e-4,
         "the generic EAGLE-3 path differs from the reference by {worst}"

@@ -7,79 +7,22 @@ mod common;
 
 use candle_core::{DType, Device};
 use eagle_engine::head::EagleHead;
-use eagle_engine::sampling::{sample, warp, Rng, SamplingParams};
-use eagle_engine::session::TargetSession;
-use eagle_engine::spec::SpecConfig;
-use eagle_engine::{Engine, GenerateRequest, Mode};
-use eagle_train::data::{generate, DataConfig, Prepared, Sample};
+use eagle_engine::Engine;
+use eagle_train::data::{generate, DataConfig, Prepared};
 use eagle_train::shards::Dataset;
 use eagle_train::trainer::{train, FrozenTarget, TrainConfig};
 
-use common::{scratch, tiny_target, tiny_tokenizer, TINY_VOCAB};
+use common::{sampled_sequences, scratch, tiny_target, tiny_tokenizer, tokens_per_pass};
 
 const PROMPT_LEN: usize = 4;
 const SEQ_LEN: usize = 64;
 
-/// `n` sequences: a random prompt, then the target's own continuation sampled at T = 0.7.
-fn sampled_sequences(n: usize, seed: u64) -> Vec<Sample> {
-    let target = tiny_target();
-    let mut rng = Rng::new(seed);
-    let params = SamplingParams {
-        temperature: 0.7,
-        ..SamplingParams::greedy()
-    };
-    (0..n)
-        .map(|k| {
-            let mut ids: Vec<u32> = (0..PROMPT_LEN)
-                .map(|_| 1 + (rng.uniform() * (TINY_VOCAB - 1) as f64) as u32)
-                .collect();
-            let mut sess = TargetSession::new(&target, SEQ_LEN + 1).unwrap();
-            let (_, mut logits) = sess.prefill(&target, &ids).unwrap();
-            while ids.len() < SEQ_LEN {
-                let t = sample(&warp(&logits, &params), &mut rng);
-                ids.push(t);
-                logits = sess.decode(&target, t).unwrap().1;
-            }
-            let mut mask = vec![0u8; PROMPT_LEN];
-            mask.resize(SEQ_LEN, 1);
-            Sample {
-                id: format!("seq-{seed}-{k}"),
-                ids,
-                mask,
-            }
-        })
-        .collect()
-}
-
-/// Mean tokens per target pass of greedy EAGLE over a few prompts, checking each output
-/// against vanilla decoding.
+/// Mean tokens per target pass of greedy EAGLE with `head` over a few prompts, checking each
+/// output against vanilla decoding.
 fn mean_accepted(head: EagleHead) -> f64 {
     let tok = tiny_tokenizer(&scratch("tok"));
     let engine = Engine::from_parts(tiny_target(), Some(head), tok);
-    let mut rng = Rng::new(99);
-    let (mut tokens, mut steps) = (0usize, 0usize);
-    for _ in 0..8 {
-        let prompt: Vec<u32> = (0..PROMPT_LEN)
-            .map(|_| 1 + (rng.uniform() * (TINY_VOCAB - 1) as f64) as u32)
-            .collect();
-        let mut req = GenerateRequest::new(prompt, 48);
-        req.spec = SpecConfig {
-            total_token: 24,
-            depth: 5,
-            top_k: 6,
-            ..SpecConfig::default()
-        };
-        let eagle = engine.generate(&req).unwrap();
-        req.mode = Mode::Vanilla;
-        let vanilla = engine.generate(&req).unwrap();
-        assert_eq!(
-            eagle.tokens, vanilla.tokens,
-            "EAGLE output differs from vanilla"
-        );
-        tokens += eagle.tokens.len();
-        steps += eagle.steps;
-    }
-    tokens as f64 / steps as f64
+    tokens_per_pass(&engine, 8, PROMPT_LEN, 48)
 }
 
 #[test]
@@ -87,7 +30,7 @@ fn training_lowers_loss_and_raises_acceptance() {
     let dir = scratch("tiny");
     let data_dir = dir.join("data");
     let target = tiny_target();
-    let samples = sampled_sequences(320, 5);
+    let samples = sampled_sequences(&target, 320, 5, PROMPT_LEN, SEQ_LEN);
     let cfg = DataConfig {
         model: "tiny".into(),
         input: "sampled".into(),

@@ -9,16 +9,13 @@ mod common;
 
 use candle_core::{DType, Device};
 use eagle_engine::head::{EagleHead, HeadKind};
-use eagle_engine::sampling::{sample, warp, Rng, SamplingParams};
-use eagle_engine::session::TargetSession;
-use eagle_engine::spec::SpecConfig;
-use eagle_engine::{Engine, GenerateRequest, Mode};
+use eagle_engine::Engine;
 use eagle_train::batch::{build_with, BatchShape};
-use eagle_train::data::{generate, DataConfig, Prepared, Sample};
+use eagle_train::data::{generate, DataConfig, Prepared};
 use eagle_train::shards::Dataset;
 use eagle_train::trainer::{train, EpochLog, FrozenTarget, TrainConfig};
 
-use common::{scratch, tiny_target_layers, tiny_tokenizer, TINY_VOCAB};
+use common::{sampled_sequences, scratch, tiny_target_layers, tiny_tokenizer, tokens_per_pass};
 
 const LAYERS: usize = 4;
 const FEATURE_LAYERS: [usize; 3] = [1, 2, 3];
@@ -30,37 +27,6 @@ fn target() -> eagle_engine::models::TargetModel {
     let mut t = tiny_target_layers(LAYERS);
     t.set_draft_layers(&FEATURE_LAYERS).unwrap();
     t
-}
-
-/// `n` sequences: a random prompt, then the target's own continuation sampled at T = 0.7.
-fn sequences(n: usize, seed: u64) -> Vec<Sample> {
-    let target = target();
-    let mut rng = Rng::new(seed);
-    let params = SamplingParams {
-        temperature: 0.7,
-        ..SamplingParams::greedy()
-    };
-    (0..n)
-        .map(|k| {
-            let mut ids: Vec<u32> = (0..PROMPT_LEN)
-                .map(|_| 1 + (rng.uniform() * (TINY_VOCAB - 1) as f64) as u32)
-                .collect();
-            let mut sess = TargetSession::new(&target, SEQ_LEN + 1).unwrap();
-            let (_, mut logits) = sess.prefill(&target, &ids).unwrap();
-            while ids.len() < SEQ_LEN {
-                let t = sample(&warp(&logits, &params), &mut rng);
-                ids.push(t);
-                logits = sess.decode(&target, t).unwrap().1;
-            }
-            let mut mask = vec![0u8; PROMPT_LEN];
-            mask.resize(SEQ_LEN, 1);
-            Sample {
-                id: format!("seq-{seed}-{k}"),
-                ids,
-                mask,
-            }
-        })
-        .collect()
 }
 
 fn train_head(data: &Dataset, out: &std::path::Path, ttt_steps: usize) -> Vec<EpochLog> {
@@ -102,7 +68,9 @@ fn unrolled_training_beats_single_step_training_at_later_steps() {
     };
     let man = generate(
         &target(),
-        sequences(400, 8).into_iter().map(Ok),
+        sampled_sequences(&target(), 400, 8, PROMPT_LEN, SEQ_LEN)
+            .into_iter()
+            .map(Ok),
         Prepared::Sample,
         &data_dir,
         &cfg,
@@ -166,26 +134,7 @@ fn mean_accepted(head_dir: &std::path::Path, tok_dir: &std::path::Path) -> f64 {
         }
     );
     let engine = Engine::from_parts(target(), Some(head), tiny_tokenizer(tok_dir));
-    let mut rng = Rng::new(99);
-    let (mut tokens, mut steps) = (0, 0);
-    for _ in 0..12 {
-        let prompt: Vec<u32> = (0..PROMPT_LEN)
-            .map(|_| 1 + (rng.uniform() * (TINY_VOCAB - 1) as f64) as u32)
-            .collect();
-        let mut req = GenerateRequest::new(prompt, 40);
-        req.spec = SpecConfig {
-            total_token: 24,
-            depth: 5,
-            top_k: 6,
-            ..SpecConfig::default()
-        };
-        let eagle = engine.generate(&req).unwrap();
-        req.mode = Mode::Vanilla;
-        assert_eq!(eagle.tokens, engine.generate(&req).unwrap().tokens);
-        tokens += eagle.tokens.len();
-        steps += eagle.steps;
-    }
-    tokens as f64 / steps as f64
+    tokens_per_pass(&engine, 12, PROMPT_LEN, 40)
 }
 
 /// A batch's later steps: at step k row (conversation c, pair j) reads t_{j+1+k} at position

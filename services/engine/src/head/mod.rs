@@ -194,7 +194,7 @@ impl EagleHead {
     /// its three layers with `fc` (on the CPU kernels, row by row); EAGLE-1/2 features are used
     /// as they are.
     pub fn fuse(&self, target_features: &Tensor) -> Result<Tensor> {
-        let (m, w) = target_features.dims2()?;
+        let (_, w) = target_features.dims2()?;
         if w != self.feature_width() {
             return Err(EngineError::InvalidRequest(format!(
                 "the head reads target features of width {}, got {w}",
@@ -204,19 +204,8 @@ impl EagleHead {
         if self.eagle3.is_none() {
             return Ok(target_features.clone());
         }
-        if !self.cpu() {
-            return self.fc.forward(target_features);
-        }
-        let x = target_features
-            .contiguous()?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let y = self.fc.forward_cpu(&x, m)?;
-        Ok(Tensor::from_vec(
-            y,
-            (m, self.cfg.hidden_size),
-            &self.device,
-        )?)
+        // The same CPU-kernel-or-candle application of a linear map the LM heads use.
+        crate::models::target::lm_head(&self.fc, target_features, self.cpu())
     }
 
     /// [`EagleHead::fuse`] through differentiable candle ops only (training).

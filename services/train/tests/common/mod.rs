@@ -156,3 +156,80 @@ pub fn pip_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/eagle"));
     home.join("pip")
 }
+
+/// `n` sequences from `target`: a random prompt of `prompt_len` tokens, then the target's own
+/// continuation sampled at T = 0.7 up to `seq_len` tokens, with the loss mask on the
+/// continuation.
+pub fn sampled_sequences(
+    target: &TargetModel,
+    n: usize,
+    seed: u64,
+    prompt_len: usize,
+    seq_len: usize,
+) -> Vec<eagle_train::data::Sample> {
+    use eagle_engine::sampling::{sample, warp, SamplingParams};
+    let mut rng = Rng::new(seed);
+    let params = SamplingParams {
+        temperature: 0.7,
+        ..SamplingParams::greedy()
+    };
+    (0..n)
+        .map(|k| {
+            let mut ids = random_prompt(&mut rng, prompt_len);
+            let mut sess = eagle_engine::session::TargetSession::new(target, seq_len + 1).unwrap();
+            let (_, mut logits) = sess.prefill(target, &ids).unwrap();
+            while ids.len() < seq_len {
+                let t = sample(&warp(&logits, &params), &mut rng);
+                ids.push(t);
+                logits = sess.decode(target, t).unwrap().1;
+            }
+            let mut mask = vec![0u8; prompt_len];
+            mask.resize(seq_len, 1);
+            eagle_train::data::Sample {
+                id: format!("seq-{seed}-{k}"),
+                ids,
+                mask,
+            }
+        })
+        .collect()
+}
+
+/// `len` random token ids of the tiny vocabulary, none of them the EOS `t0`.
+fn random_prompt(rng: &mut Rng, len: usize) -> Vec<u32> {
+    (0..len)
+        .map(|_| 1 + (rng.uniform() * (TINY_VOCAB - 1) as f64) as u32)
+        .collect()
+}
+
+/// Mean tokens per target pass of greedy EAGLE on `engine` over `prompts` random prompts of
+/// `prompt_len` tokens, `new_tokens` each (trees of 24 nodes, depth 5, top-k 6), checking every
+/// output against vanilla decoding.
+pub fn tokens_per_pass(
+    engine: &eagle_engine::Engine,
+    prompts: usize,
+    prompt_len: usize,
+    new_tokens: usize,
+) -> f64 {
+    use eagle_engine::{GenerateRequest, Mode};
+    let mut rng = Rng::new(99);
+    let (mut tokens, mut steps) = (0usize, 0usize);
+    for _ in 0..prompts {
+        let mut req = GenerateRequest::new(random_prompt(&mut rng, prompt_len), new_tokens);
+        req.spec = eagle_engine::spec::SpecConfig {
+            total_token: 24,
+            depth: 5,
+            top_k: 6,
+            ..Default::default()
+        };
+        let eagle = engine.generate(&req).unwrap();
+        req.mode = Mode::Vanilla;
+        let vanilla = engine.generate(&req).unwrap();
+        assert_eq!(
+            eagle.tokens, vanilla.tokens,
+            "EAGLE output differs from vanilla"
+        );
+        tokens += eagle.tokens.len();
+        steps += eagle.steps;
+    }
+    tokens as f64 / steps as f64
+}
