@@ -130,7 +130,7 @@ fn quantized_tree_nodes_equal_sequential_decoding_on_every_path() {
     for quant in [Quant::Native, Quant::Q8_0] {
         let model = common::load_target_quant(&opened, opened.config.clone(), quant);
         let mut reference: Option<Vec<Vec<f32>>> = None;
-        for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni] {
+        for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni, Isa::Amx] {
             if !isa.available() {
                 eprintln!(
                     "{quant:?}: skipping the {} path: this CPU lacks it",

@@ -1,8 +1,8 @@
 //! Quantized weights that stay quantized, and integer dot products over them.
 //!
 //! Invariant: a row's output is bit-identical whatever the other rows of the call are, however
-//! many there are, and whichever ISA path runs (AVX-512 VNNI, AVX2, portable). Three facts
-//! give it:
+//! many there are, and whichever ISA path runs (AMX tiles, AVX-512 VNNI, AVX2, portable).
+//! Three facts give it:
 //! - activations are quantized per row (`activation.rs`), by the same scalar code everywhere;
 //! - a block's dot product is an integer sum, exact in any order;
 //! - each output value combines its blocks with one fixed sequence of f32 operations (given by
@@ -17,9 +17,11 @@
 //!
 //! Layout of this folder: one file per block family (its layout, its portable definition and
 //! its ISA variants side by side), `ggml.rs` for reading GGUF's blocks, `activation.rs` for
-//! the int8 activations. `QMatrix` below is what a layer holds.
+//! the int8 activations, `amx.rs` for the AMX tile plumbing (permission, configuration, tile
+//! instructions) the families' tile kernels use. `QMatrix` below is what a layer holds.
 
 pub mod activation;
+pub mod amx;
 pub mod ggml;
 pub mod q4;
 pub mod q8;
@@ -37,10 +39,12 @@ pub const LANES: usize = 8;
 /// 32 vector registers, AVX2 16.
 fn rows_per_pass(isa: Isa) -> usize {
     match isa {
-        Isa::Avx512Vnni => 8,
+        Isa::Avx512Vnni | Isa::Amx => 8,
         _ => 4,
     }
 }
+/// Fewest rows the AMX path computes on tiles (see `matmul_with`).
+const AMX_MIN_ROWS: usize = 2;
 /// Parallel tasks per thread: few and large, so each thread streams long contiguous runs of
 /// weights (what the hardware prefetchers follow), yet enough to even out the threads.
 const TASKS_PER_THREAD: usize = 3;
@@ -105,6 +109,9 @@ pub enum Family {
 /// Which code computes the dot products.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
+    /// Intel AMX-INT8 tiles for the integer sums (Sapphire Rapids and later; `amx.rs`), with
+    /// the f32 finish on AVX2 registers.
+    Amx,
     Avx512Vnni,
     Avx2,
     Portable,
@@ -115,6 +122,7 @@ impl Isa {
     pub fn available(self) -> bool {
         match self {
             Isa::Portable => true,
+            Isa::Amx => amx::available(),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => {
                 is_x86_feature_detected!("avx2")
@@ -134,13 +142,14 @@ impl Isa {
 
     pub fn name(self) -> &'static str {
         match self {
+            Isa::Amx => "amx",
             Isa::Avx512Vnni => "avx512vnni",
             Isa::Avx2 => "avx2",
             Isa::Portable => "portable",
         }
     }
 
-    pub const ALL: [Isa; 3] = [Isa::Avx512Vnni, Isa::Avx2, Isa::Portable];
+    pub const ALL: [Isa; 4] = [Isa::Amx, Isa::Avx512Vnni, Isa::Avx2, Isa::Portable];
 }
 
 /// A path forced by [`force_isa`] (0: none; else 1 + the index in `Isa::ALL`).
@@ -159,7 +168,7 @@ pub fn force_isa(isa: Option<Isa>) {
     FORCED.store(v, Ordering::SeqCst);
 }
 
-/// The best path this CPU has, chosen once. `EAGLE_KERNEL_ISA=portable|avx2|avx512vnni`
+/// The best path this CPU has, chosen once. `EAGLE_KERNEL_ISA=portable|avx2|avx512vnni|amx`
 /// narrows it (`EAGLE_PORTABLE_KERNELS` forces the portable path, as for the float kernels).
 pub fn isa() -> Isa {
     match FORCED.load(Ordering::Relaxed) {
@@ -383,6 +392,7 @@ impl Packed {
             (Family::Q4, Isa::Avx2) => unsafe {
                 q4::x86::group_avx2(blocks, nb, self.scale, xs, out)
             },
+            (_, Isa::Amx) => unreachable!("the AMX path runs whole row tiles (groups_amx)"),
             (Family::Q4, _) => q4::group_portable(blocks, nb, self.scale, xs, out),
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
@@ -395,6 +405,91 @@ impl Packed {
                 q8::x86::group_avx2(blocks, nb, sub, self.scale, xs, out)
             },
             (Family::Q8 { sub }, _) => q8::group_portable(blocks, nb, sub, self.scale, xs, out),
+        }
+    }
+
+    /// Groups `g0..` (as many as `out_t` holds) for all rows of `acts`, each written
+    /// column-major into its [8][m] of `out_t`.
+    fn groups_all_rows(&self, isa: Isa, g0: usize, acts: &QActs, out_t: &mut [f32]) {
+        if isa == Isa::Amx {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `isa` is only ever a path this CPU has (checked by `matmul_with`).
+            unsafe {
+                return self.groups_amx(g0, acts, out_t);
+            }
+        }
+        for (j, og) in out_t.chunks_mut(LANES * acts.m).enumerate() {
+            self.group_all_rows(isa, g0 + j, acts, og);
+        }
+    }
+
+    /// The AMX path: tiles of up to 16 rows, each tile shape configured once for all groups;
+    /// the 4-bit family takes two groups per tile product (a lone last group is computed
+    /// twice).
+    ///
+    /// # Safety
+    /// [`amx::available`] must be true.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn groups_amx(&self, g0: usize, acts: &QActs, out_t: &mut [f32]) {
+        let (m, nb, bb) = (acts.m, self.k / BLOCK, self.block_bytes());
+        let (kb, lanes) = match self.family {
+            Family::Q4 => (BLOCK, 2 * LANES),
+            Family::Q8 { sub } => (BLOCK / sub, LANES),
+        };
+        let group = |g: usize| &self.data[g * nb * bb..(g + 1) * nb * bb];
+        let mut r0 = 0;
+        while r0 < m {
+            let rows = (m - r0).min(amx::TILE_ROWS);
+            let _tiles = amx::Tiles::configure(rows, kb, lanes);
+            for (j, og) in out_t.chunks_mut(lanes * m).enumerate() {
+                let g = g0 + j * lanes / LANES;
+                // Output lane `c` of this chunk, as many as it holds.
+                let n = og.len() / m;
+                macro_rules! rows {
+                    ($r:literal) => {{
+                        match self.family {
+                            Family::Q4 => {
+                                let pair = [group(g), group(if n > LANES { g + 1 } else { g })];
+                                let mut o = [[0f32; 2 * LANES]; $r];
+                                q4::x86::group_pair_amx(pair, nb, self.scale, acts, r0, &mut o);
+                                scatter(&o, og, m, r0, n);
+                            }
+                            Family::Q8 { sub } => {
+                                let mut o = [[0f32; LANES]; $r];
+                                let (blocks, sc) = (group(g), self.scale);
+                                match sub {
+                                    1 => q8::x86::group_amx::<$r, 1>(
+                                        blocks, nb, sc, acts, r0, &mut o,
+                                    ),
+                                    _ => q8::x86::group_amx::<$r, 2>(
+                                        blocks, nb, sc, acts, r0, &mut o,
+                                    ),
+                                }
+                                scatter(&o, og, m, r0, n);
+                            }
+                        }
+                    }};
+                }
+                match rows {
+                    16 => rows!(16),
+                    15 => rows!(15),
+                    14 => rows!(14),
+                    13 => rows!(13),
+                    12 => rows!(12),
+                    11 => rows!(11),
+                    10 => rows!(10),
+                    9 => rows!(9),
+                    8 => rows!(8),
+                    7 => rows!(7),
+                    6 => rows!(6),
+                    5 => rows!(5),
+                    4 => rows!(4),
+                    3 => rows!(3),
+                    2 => rows!(2),
+                    _ => rows!(1),
+                }
+            }
+            r0 += rows;
         }
     }
 
@@ -427,6 +522,17 @@ impl Packed {
                 2 => rows!(2),
                 _ => rows!(1),
             }
+        }
+    }
+}
+
+/// Rows `o` (row i: activation row `r0 + i`, its first `n` lanes kept) into the column-major
+/// `out_t` [n][m].
+#[cfg(target_arch = "x86_64")]
+fn scatter<const N: usize>(o: &[[f32; N]], out_t: &mut [f32], m: usize, r0: usize, n: usize) {
+    for (i, row) in o.iter().enumerate() {
+        for (c, &v) in row[..n].iter().enumerate() {
+            out_t[c * m + r0 + i] = v;
         }
     }
 }
@@ -497,6 +603,14 @@ impl QMatrix {
             "this CPU cannot run the {} path",
             isa.name()
         );
+        // One row streams the weights once whatever the path, and the tile path's fixed cost
+        // per block (unpacking, tile stores and reloads) outweighs its arithmetic there: the
+        // vector path serves it, with the same bits.
+        let isa = if isa == Isa::Amx && m < AMX_MIN_ROWS && Isa::Avx512Vnni.available() {
+            Isa::Avx512Vnni
+        } else {
+            isa
+        };
         let acts = QActs::quantize(x, m, self.k);
         // Column-major output per part, padded to whole groups.
         let mut out = vec![0f32; m * self.n];
@@ -506,15 +620,14 @@ impl QMatrix {
             let mut out_t = vec![0f32; groups * LANES * m];
             let work = m * groups * LANES * self.k;
             if work < 1 << 16 {
-                for (g, o) in out_t.chunks_mut(LANES * m).enumerate() {
-                    p.group_all_rows(isa, g, &acts, o);
-                }
+                p.groups_all_rows(isa, 0, &acts, &mut out_t);
             } else {
-                let per = groups.div_ceil(TASKS_PER_THREAD * super::pool::threads());
+                // Whole pairs of groups per task (the AMX path computes two at once).
+                let per = groups
+                    .div_ceil(TASKS_PER_THREAD * super::pool::threads())
+                    .next_multiple_of(2);
                 super::pool::for_each_chunk(&mut out_t, per * LANES * m, &|t, o| {
-                    for (j, og) in o.chunks_mut(LANES * m).enumerate() {
-                        p.group_all_rows(isa, t * per + j, &acts, og);
-                    }
+                    p.groups_all_rows(isa, t * per, &acts, o);
                 });
             }
             // Back to row-major, writing each output row contiguously (a column-outer loop
@@ -627,15 +740,15 @@ mod tests {
     #[test]
     fn paths_agree_bitwise_and_rows_are_batch_invariant() {
         let (n, k) = (19, 256);
-        let x = data(9 * k, 11);
+        let x = data(33 * k, 11);
         for q in every_format(n, k) {
-            let reference = q.matmul_with(Isa::Portable, &x, 9);
+            let reference = q.matmul_with(Isa::Portable, &x, 33);
             for isa in Isa::ALL {
                 if !isa.available() {
                     eprintln!("skipping the {} path: this CPU lacks it", isa.name());
                     continue;
                 }
-                for m in [1, 2, 3, 4, 5, 9] {
+                for m in [1, 2, 3, 4, 5, 9, 16, 17, 33] {
                     let y = q.matmul_with(isa, &x[..m * k], m);
                     for i in 0..m {
                         for j in 0..n {

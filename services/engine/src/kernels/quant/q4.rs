@@ -185,7 +185,8 @@ pub fn group_portable<const R: usize>(
 pub mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::activation::ActRow;
+    use super::super::activation::{ActRow, QActs};
+    use super::super::amx::{self, Sums, Weights};
     use super::super::x86::load_scales;
     use super::super::{ScaleKind, BLOCK, LANES};
     use super::{block_bytes, quants_at, SUPER, SUPER_BYTES};
@@ -329,6 +330,106 @@ pub mod x86 {
         }
         for r in 0..R {
             _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+        }
+    }
+
+    /// Two groups' block as a tile's B operand: 8 rows of 64 bytes, row `s` (inputs 4s..4s+3
+    /// of each lane, the first group's 8 lanes then the second's) the low nibbles of chunk
+    /// `s`, row `4 + s` (inputs 16+4s..) its high nibbles.
+    #[repr(C, align(64))]
+    struct Unpacked([u8; 512]);
+
+    /// AMX over two groups at once (16 lanes: `pair[0]`'s then `pair[1]`'s; a lone group is
+    /// passed twice): each block's int32 sums for `R` rows (rows `r0..r0 + R` of `acts`) come
+    /// from one tile product (`tdpbsud`: signed activations, unsigned nibbles), then the
+    /// family's f32 finish on 16 lanes at a time, each lane running [`group_vnni`]'s sequence.
+    /// Blocks are unpacked a few blocks before their tile product (a tile load of memory still
+    /// in the store buffer waits for those stores to retire), the next block's tile product is
+    /// issued before this block's finish, and the weights further ahead are prefetched.
+    ///
+    /// # Safety
+    /// [`amx::available`] must be true and tiles configured on this thread for `R` rows,
+    /// 32-byte products and 16 lanes; each group must hold `nb` packed blocks and `acts` rows
+    /// `r0..r0 + R`.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+    pub unsafe fn group_pair_amx<const R: usize>(
+        pair: [&[u8]; 2],
+        nb: usize,
+        scale: ScaleKind,
+        acts: &QActs,
+        r0: usize,
+        out: &mut [[f32; 2 * LANES]; R],
+    ) {
+        let bb = block_bytes(scale);
+        assert!(pair.iter().all(|g| g.len() >= nb * bb));
+        assert!(acts.m >= r0 + R && acts.k == nb * BLOCK);
+        let mask = _mm256_set1_epi8(15);
+        let a0 = acts.q.as_ptr().add(r0 * acts.k);
+        let (xd, xs) = (acts.d.as_ptr().add(r0 * nb), acts.s.as_ptr().add(r0 * nb));
+        const RING: usize = 8;
+        const UNPACK_AHEAD: usize = 4;
+        let mut unpacked: [Unpacked; RING] = std::array::from_fn(|_| Unpacked([0; 512]));
+        let mut sums = [Sums::new(), Sums::new()];
+        let base = [pair[0].as_ptr(), pair[1].as_ptr()];
+        macro_rules! unpack {
+            ($b:expr) => {{
+                let b: usize = $b;
+                let up = unpacked[b % RING].0.as_mut_ptr();
+                for (half, g) in base.iter().enumerate() {
+                    let blk = g.add(quants_at(scale, b));
+                    let ahead = blk.wrapping_add(amx::PREFETCH_BLOCKS * bb);
+                    for line in 0..bb.div_ceil(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
+                    }
+                    let up = up.add(32 * half);
+                    for s in 0..4 {
+                        let w = _mm256_loadu_si256(blk.add(32 * s) as *const __m256i);
+                        let lo = _mm256_and_si256(w, mask);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), mask);
+                        _mm256_store_si256(up.add(64 * s) as *mut __m256i, lo);
+                        _mm256_store_si256(up.add(64 * (s + 4)) as *mut __m256i, hi);
+                    }
+                }
+            }};
+        }
+        macro_rules! issue {
+            ($b:expr) => {{
+                let b: usize = $b;
+                let (a, up) = (a0.add(b * BLOCK), unpacked[b % RING].0.as_ptr());
+                amx::product(b, Weights::Unsigned, a, acts.k, up, 64, &mut sums[b & 1]);
+            }};
+        }
+        let wide = |lo: __m256, hi: __m256| {
+            _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+                _mm512_castpd256_pd512(_mm256_castps_pd(lo)),
+                _mm256_castps_pd(hi),
+            ))
+        };
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..UNPACK_AHEAD.min(nb) {
+            unpack!(b);
+        }
+        issue!(0);
+        for b in 0..nb {
+            if b + UNPACK_AHEAD < nb {
+                unpack!(b + UNPACK_AHEAD);
+            }
+            if b + 1 < nb {
+                issue!(b + 1);
+            }
+            let (d0, m0) = load_dm(base[0], scale, b);
+            let (d1, m1) = load_dm(base[1], scale, b);
+            let (d, m) = (wide(d0, d1), wide(m0, m1));
+            let isums = &sums[b & 1].0;
+            for r in 0..R {
+                let isum = _mm512_load_si512(isums[r].as_ptr() as *const _);
+                let t = _mm512_mul_ps(d, _mm512_set1_ps(*xd.add(r * nb + b)));
+                acc[r] = _mm512_fmadd_ps(t, _mm512_cvtepi32_ps(isum), acc[r]);
+                acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(*xs.add(r * nb + b)), acc[r]);
+            }
+        }
+        for r in 0..R {
+            _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
         }
     }
 }

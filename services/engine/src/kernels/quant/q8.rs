@@ -95,7 +95,8 @@ pub fn group_portable<const R: usize>(
 pub mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::activation::ActRow;
+    use super::super::activation::{ActRow, QActs};
+    use super::super::amx::{self, Sums, Weights};
     use super::super::x86::load_scales;
     use super::super::{ScaleKind, BLOCK, LANES};
     use super::block_bytes;
@@ -189,5 +190,67 @@ pub mod x86 {
         run::<R, true>(blocks, nb, sub, scale, xs, out, |acc, a, b| {
             _mm256_dpbusd_epi32(acc, a, b)
         })
+    }
+
+    /// AMX: each sub-block's int32 sums for `R` rows (rows `r0..r0 + R` of `acts`) by the 8
+    /// lanes come from one tile product (`tdpbssd`), B read straight from the packed block (its
+    /// layout is the tile's), then the family's f32 finish. The next sub-block's tile product
+    /// is issued before this one's finish; weights a few blocks ahead are prefetched.
+    ///
+    /// # Safety
+    /// [`amx::available`] must be true and tiles configured on this thread for `R` rows and
+    /// `32 / SUB`-byte products; `blocks` must hold `nb` packed blocks with `SUB` scales each,
+    /// and `acts` rows `r0..r0 + R`.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+    pub unsafe fn group_amx<const R: usize, const SUB: usize>(
+        blocks: &[u8],
+        nb: usize,
+        scale: ScaleKind,
+        acts: &QActs,
+        r0: usize,
+        out: &mut [[f32; LANES]; R],
+    ) {
+        let bb = block_bytes(scale, SUB);
+        assert!(blocks.len() >= nb * bb && acts.m >= r0 + R && acts.k == nb * BLOCK);
+        let kb = BLOCK / SUB;
+        let a0 = acts.q.as_ptr().add(r0 * acts.k);
+        let xd = acts.d.as_ptr().add(r0 * nb);
+        let base = blocks.as_ptr();
+        let mut sums = [Sums::new(), Sums::new()];
+        // Sub-block h of block b: its activation bytes, and its kb / 4 chunks of 32 bytes.
+        macro_rules! issue {
+            ($j:expr) => {{
+                let j: usize = $j;
+                let (b, h) = (j / SUB, j % SUB);
+                let blk = base.add(b * bb);
+                if h == 0 {
+                    let ahead = blk.wrapping_add(amx::PREFETCH_BLOCKS * bb);
+                    for line in 0..bb.div_ceil(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
+                    }
+                }
+                let a = a0.add(b * BLOCK + h * kb);
+                let w = blk.add(h * (kb / 4) * 32);
+                amx::product(j, Weights::Signed, a, acts.k, w, 32, &mut sums[j & 1]);
+            }};
+        }
+        let mut acc = [_mm256_setzero_ps(); R];
+        issue!(0);
+        for j in 0..nb * SUB {
+            if j + 1 < nb * SUB {
+                issue!(j + 1);
+            }
+            let (b, h) = (j / SUB, j % SUB);
+            let d = load_scales(base.add(b * bb + 256 + h * LANES * scale.bytes()), scale);
+            let isums = &sums[j & 1].0;
+            for r in 0..R {
+                let isum = _mm256_load_si256(isums[r].as_ptr() as *const __m256i);
+                let t = _mm256_mul_ps(d, _mm256_set1_ps(*xd.add(r * nb + b)));
+                acc[r] = _mm256_fmadd_ps(t, _mm256_cvtepi32_ps(isum), acc[r]);
+            }
+        }
+        for r in 0..R {
+            _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+        }
     }
 }
