@@ -134,6 +134,8 @@ impl Isa {
                 Isa::Avx2.available()
                     && is_x86_feature_detected!("avx512vnni")
                     && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512f")
             }
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
@@ -418,8 +420,58 @@ impl Packed {
                 return self.groups_amx(g0, acts, out_t);
             }
         }
+        if isa == Isa::Avx512Vnni {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            unsafe {
+                return self.group_pairs_vnni(g0, acts, out_t);
+            }
+        }
         for (j, og) in out_t.chunks_mut(LANES * acts.m).enumerate() {
             self.group_all_rows(isa, g0 + j, acts, og);
+        }
+    }
+
+    /// The AVX-512 VNNI path: two groups per 512-bit register, up to 8 rows per pass over
+    /// their blocks (a lone last group is computed twice).
+    ///
+    /// # Safety
+    /// The CPU must have the `avx512vnni` path.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn group_pairs_vnni(&self, g0: usize, acts: &QActs, out_t: &mut [f32]) {
+        let (m, nb, bb) = (acts.m, self.k / BLOCK, self.block_bytes());
+        let group = |g: usize| &self.data[g * nb * bb..(g + 1) * nb * bb];
+        for (j, og) in out_t.chunks_mut(2 * LANES * m).enumerate() {
+            let g = g0 + 2 * j;
+            let n = og.len() / m;
+            let pair = [group(g), group(if n > LANES { g + 1 } else { g })];
+            let mut i = 0;
+            macro_rules! rows {
+                ($r:literal) => {{
+                    let xs: [ActRow; $r] = std::array::from_fn(|j| acts.row(i + j));
+                    let mut o = [[0f32; 2 * LANES]; $r];
+                    match self.family {
+                        Family::Q4 => q4::x86::group_pair_vnni(pair, nb, self.scale, &xs, &mut o),
+                        Family::Q8 { sub } => {
+                            q8::x86::group_pair_vnni(pair, nb, sub, self.scale, &xs, &mut o)
+                        }
+                    }
+                    scatter(&o, og, m, i, n);
+                    i += $r;
+                }};
+            }
+            while i < m {
+                match (m - i).min(8) {
+                    8 => rows!(8),
+                    7 => rows!(7),
+                    6 => rows!(6),
+                    5 => rows!(5),
+                    4 => rows!(4),
+                    3 => rows!(3),
+                    2 => rows!(2),
+                    _ => rows!(1),
+                }
+            }
         }
     }
 

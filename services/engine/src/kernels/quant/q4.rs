@@ -222,6 +222,15 @@ pub mod x86 {
         }
     }
 
+    /// Two groups' 8 lane scales side by side, as 16.
+    #[inline(always)]
+    unsafe fn wide(lo: __m256, hi: __m256) -> __m512 {
+        _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+            _mm512_castpd256_pd512(_mm256_castps_pd(lo)),
+            _mm256_castps_pd(hi),
+        ))
+    }
+
     #[inline(always)]
     unsafe fn bcast4(q: &[i8], at: usize) -> __m256i {
         _mm256_set1_epi32((q.as_ptr().add(at) as *const i32).read_unaligned())
@@ -333,6 +342,67 @@ pub mod x86 {
         }
     }
 
+    /// AVX-512 VNNI over two groups at once on 512-bit registers (16 lanes: `pair[0]`'s then
+    /// `pair[1]`'s; a lone group is passed twice): one load serves 16 lanes, each `vpdpbusd`
+    /// does 64 multiply-adds, and the f32 finish costs the same instructions for twice the
+    /// lanes. Each lane runs [`group_vnni`]'s sequence, so the bits are the same.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW, VL and VNNI, FMA and F16C; each group must hold `nb`
+    /// packed blocks and each row `nb` activation blocks.
+    #[target_feature(enable = "avx512vnni,avx512bw,avx512vl,avx512f,avx2,fma,f16c")]
+    pub unsafe fn group_pair_vnni<const R: usize>(
+        pair: [&[u8]; 2],
+        nb: usize,
+        scale: ScaleKind,
+        xs: &[ActRow; R],
+        out: &mut [[f32; 2 * LANES]; R],
+    ) {
+        let bb = block_bytes(scale);
+        assert!(pair.iter().all(|g| g.len() >= nb * bb));
+        assert!(xs
+            .iter()
+            .all(|x| x.q.len() >= nb * BLOCK && x.d.len() >= nb));
+        let mask = _mm512_set1_epi8(15);
+        let base = [pair[0].as_ptr(), pair[1].as_ptr()];
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..nb {
+            let (q0, q1) = (
+                base[0].add(quants_at(scale, b)),
+                base[1].add(quants_at(scale, b)),
+            );
+            let mut lo_sum = [_mm512_setzero_si512(); R];
+            let mut hi_sum = [_mm512_setzero_si512(); R];
+            for s in 0..4 {
+                let w = _mm512_inserti64x4::<1>(
+                    _mm512_castsi256_si512(_mm256_loadu_si256(q0.add(32 * s) as *const __m256i)),
+                    _mm256_loadu_si256(q1.add(32 * s) as *const __m256i),
+                );
+                let lo = _mm512_and_si512(w, mask);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(w), mask);
+                for r in 0..R {
+                    let at = xs[r].q.as_ptr().add(b * BLOCK + 4 * s) as *const i32;
+                    let (xlo, xhi) = (at.read_unaligned(), at.add(4).read_unaligned());
+                    lo_sum[r] = _mm512_dpbusd_epi32(lo_sum[r], lo, _mm512_set1_epi32(xlo));
+                    hi_sum[r] = _mm512_dpbusd_epi32(hi_sum[r], hi, _mm512_set1_epi32(xhi));
+                }
+            }
+            let (d0, m0) = load_dm(base[0], scale, b);
+            let (d1, m1) = load_dm(base[1], scale, b);
+            let (d, m) = (wide(d0, d1), wide(m0, m1));
+            for r in 0..R {
+                let isum = _mm512_add_epi32(lo_sum[r], hi_sum[r]);
+                let t = _mm512_mul_ps(d, _mm512_set1_ps(*xs[r].d.get_unchecked(b)));
+                acc[r] = _mm512_fmadd_ps(t, _mm512_cvtepi32_ps(isum), acc[r]);
+                let sx = _mm512_set1_ps(*xs[r].s.get_unchecked(b));
+                acc[r] = _mm512_fmadd_ps(m, sx, acc[r]);
+            }
+        }
+        for r in 0..R {
+            _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+        }
+    }
+
     /// Two groups' block as a tile's B operand: 8 rows of 64 bytes, row `s` (inputs 4s..4s+3
     /// of each lane, the first group's 8 lanes then the second's) the low nibbles of chunk
     /// `s`, row `4 + s` (inputs 16+4s..) its high nibbles.
@@ -399,12 +469,6 @@ pub mod x86 {
                 amx::product(b, Weights::Unsigned, a, acts.k, up, 64, &mut sums[b & 1]);
             }};
         }
-        let wide = |lo: __m256, hi: __m256| {
-            _mm512_castpd_ps(_mm512_insertf64x4::<1>(
-                _mm512_castpd256_pd512(_mm256_castps_pd(lo)),
-                _mm256_castps_pd(hi),
-            ))
-        };
         let mut acc = [_mm512_setzero_ps(); R];
         for b in 0..UNPACK_AHEAD.min(nb) {
             unpack!(b);

@@ -192,6 +192,78 @@ pub mod x86 {
         })
     }
 
+    /// AVX-512 VNNI over two groups at once on 512-bit registers (16 lanes: `pair[0]`'s then
+    /// `pair[1]`'s; a lone group is passed twice). Signed weights through the unsigned x signed
+    /// `vpdpbusd`: |w| times x negated where w < 0 (512-bit registers have no `vpsignb`; where
+    /// w = 0 the product is 0 either way). Each lane runs the family's sequence.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW, VL and VNNI, FMA and F16C; each group must hold `nb`
+    /// packed blocks with `sub` scales each, and each row `nb` activation blocks.
+    #[target_feature(enable = "avx512vnni,avx512bw,avx512vl,avx512f,avx2,fma,f16c")]
+    pub unsafe fn group_pair_vnni<const R: usize>(
+        pair: [&[u8]; 2],
+        nb: usize,
+        sub: usize,
+        scale: ScaleKind,
+        xs: &[ActRow; R],
+        out: &mut [[f32; 2 * LANES]; R],
+    ) {
+        let bb = block_bytes(scale, sub);
+        assert!(pair.iter().all(|g| g.len() >= nb * bb));
+        assert!(xs
+            .iter()
+            .all(|x| x.q.len() >= nb * BLOCK && x.d.len() >= nb));
+        let chunks = 8 / sub;
+        let zero = _mm512_setzero_si512();
+        let base = [pair[0].as_ptr(), pair[1].as_ptr()];
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..nb {
+            let (p0, p1) = (base[0].add(b * bb), base[1].add(b * bb));
+            for h in 0..sub {
+                let mut even = [_mm512_setzero_si512(); R];
+                let mut odd = [_mm512_setzero_si512(); R];
+                for s in (h * chunks..(h + 1) * chunks).step_by(2) {
+                    macro_rules! load {
+                        ($s:expr) => {
+                            _mm512_inserti64x4::<1>(
+                                _mm512_castsi256_si512(_mm256_loadu_si256(
+                                    p0.add(32 * $s) as *const __m256i
+                                )),
+                                _mm256_loadu_si256(p1.add(32 * $s) as *const __m256i),
+                            )
+                        };
+                    }
+                    let (w0, w1) = (load!(s), load!(s + 1));
+                    let (a0, a1) = (_mm512_abs_epi8(w0), _mm512_abs_epi8(w1));
+                    let (n0, n1) = (_mm512_movepi8_mask(w0), _mm512_movepi8_mask(w1));
+                    for r in 0..R {
+                        let at = xs[r].q.as_ptr().add(b * BLOCK + 4 * s) as *const i32;
+                        let x0 = _mm512_set1_epi32(at.read_unaligned());
+                        let x1 = _mm512_set1_epi32(at.add(1).read_unaligned());
+                        let x0 = _mm512_mask_sub_epi8(x0, n0, zero, x0);
+                        let x1 = _mm512_mask_sub_epi8(x1, n1, zero, x1);
+                        even[r] = _mm512_dpbusd_epi32(even[r], a0, x0);
+                        odd[r] = _mm512_dpbusd_epi32(odd[r], a1, x1);
+                    }
+                }
+                let at = 256 + h * LANES * scale.bytes();
+                let d = _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+                    _mm512_castpd256_pd512(_mm256_castps_pd(load_scales(p0.add(at), scale))),
+                    _mm256_castps_pd(load_scales(p1.add(at), scale)),
+                ));
+                for r in 0..R {
+                    let isum = _mm512_add_epi32(even[r], odd[r]);
+                    let t = _mm512_mul_ps(d, _mm512_set1_ps(*xs[r].d.get_unchecked(b)));
+                    acc[r] = _mm512_fmadd_ps(t, _mm512_cvtepi32_ps(isum), acc[r]);
+                }
+            }
+        }
+        for r in 0..R {
+            _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+        }
+    }
+
     /// AMX: each sub-block's int32 sums for `R` rows (rows `r0..r0 + R` of `acts`) by the 8
     /// lanes come from one tile product (`tdpbssd`), B read straight from the packed block (its
     /// layout is the tile's), then the family's f32 finish. The next sub-block's tile product
