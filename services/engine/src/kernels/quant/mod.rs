@@ -43,8 +43,15 @@ fn rows_per_pass(isa: Isa) -> usize {
         _ => 4,
     }
 }
-/// Fewest rows the AMX path computes on tiles (see `matmul_with`).
-const AMX_MIN_ROWS: usize = 2;
+/// Fewest rows the AMX path computes on tiles (see `matmul_with`), by family: measured with
+/// `examples/quant_bench` on a Sapphire Rapids-class Xeon, the 512-bit VNNI kernels are as fast
+/// or faster below these (docs/cpu-kernels.md).
+fn amx_min_rows(family: Family) -> usize {
+    match family {
+        Family::Q4 => 16,
+        Family::Q8 { .. } => 4,
+    }
+}
 /// Parallel tasks per thread: few and large, so each thread streams long contiguous runs of
 /// weights (what the hardware prefetchers follow), yet enough to even out the threads.
 const TASKS_PER_THREAD: usize = 3;
@@ -655,19 +662,20 @@ impl QMatrix {
             "this CPU cannot run the {} path",
             isa.name()
         );
-        // One row streams the weights once whatever the path, and the tile path's fixed cost
-        // per block (unpacking, tile stores and reloads) outweighs its arithmetic there: the
-        // vector path serves it, with the same bits.
-        let isa = if isa == Isa::Amx && m < AMX_MIN_ROWS && Isa::Avx512Vnni.available() {
-            Isa::Avx512Vnni
-        } else {
-            isa
-        };
         let acts = QActs::quantize(x, m, self.k);
         // Column-major output per part, padded to whole groups.
         let mut out = vec![0f32; m * self.n];
         let mut col0 = 0;
         for p in &self.parts {
+            // Few rows stream the weights about once whatever the path, and the tile path's
+            // fixed cost per block (unpacking, tile stores and reloads) outweighs its arithmetic
+            // there: the 512-bit vector path serves them, with the same bits.
+            let isa =
+                if isa == Isa::Amx && m < amx_min_rows(p.family) && Isa::Avx512Vnni.available() {
+                    Isa::Avx512Vnni
+                } else {
+                    isa
+                };
             let groups = p.groups();
             let mut out_t = vec![0f32; groups * LANES * m];
             let work = m * groups * LANES * self.k;
@@ -800,7 +808,9 @@ mod tests {
                     eprintln!("skipping the {} path: this CPU lacks it", isa.name());
                     continue;
                 }
-                for m in [1, 2, 3, 4, 5, 9, 16, 17, 33] {
+                // Every row count to 33: each tile height of the AMX path (a 16-row tile and
+                // a tail of 1..=16), each pass size of the vector paths.
+                for m in 1..=33 {
                     let y = q.matmul_with(isa, &x[..m * k], m);
                     for i in 0..m {
                         for j in 0..n {
