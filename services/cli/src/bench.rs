@@ -125,6 +125,75 @@ struct Totals {
     wall: f64,
     steps: usize,
     positions: PositionAcceptance,
+    /// Where EAGLE's time goes, step by step.
+    time: StepTimes,
+}
+
+/// The time of speculative decoding taken apart: prefill, drafting (per step and per draft
+/// level), verification by tree size, and the rest (plain fallback steps, feeding accepted
+/// tokens back to the draft, emitting).
+#[derive(Default)]
+struct StepTimes {
+    wall: f64,
+    prefill: f64,
+    speculative_steps: usize,
+    draft: f64,
+    levels: usize,
+    /// Tree size -> (steps, seconds of verification).
+    verify: BTreeMap<usize, (usize, f64)>,
+}
+
+impl StepTimes {
+    fn add(&mut self, o: &GenerateOutput) {
+        self.wall += o.wall_s;
+        self.prefill += o.prefill_s;
+        self.speculative_steps += o.draft_s.len();
+        self.draft += o.draft_s.iter().sum::<f64>();
+        self.levels += o.tree_depths.iter().sum::<usize>();
+        for (&n, &t) in o.tree_sizes.iter().zip(&o.verify_s) {
+            let e = self.verify.entry(n).or_default();
+            e.0 += 1;
+            e.1 += t;
+        }
+    }
+
+    /// The mean speculative step in milliseconds, as JSON and as one line for people.
+    fn json(&self) -> (serde_json::Value, String) {
+        let steps = self.speculative_steps.max(1) as f64;
+        let verify: f64 = self.verify.values().map(|v| v.1).sum();
+        let rest = self.wall - self.prefill - self.draft - verify;
+        let by_size: serde_json::Map<String, serde_json::Value> = self
+            .verify
+            .iter()
+            .map(|(n, (c, t))| (n.to_string(), serde_json::json!([c, t / *c as f64 * 1e3])))
+            .collect();
+        let draft_level = self.draft / self.levels.max(1) as f64 * 1e3;
+        let line = format!(
+            "mean EAGLE step {:.2} ms: draft {:.2} ({:.2} a level, {:.2} levels), verify {:.2}, rest {:.2}; verify by tree size: {}",
+            (self.wall - self.prefill) / steps * 1e3,
+            self.draft / steps * 1e3,
+            draft_level,
+            self.levels as f64 / steps,
+            verify / steps * 1e3,
+            rest / steps * 1e3,
+            self.verify
+                .iter()
+                .map(|(n, (c, t))| format!("{n}: {:.1} ms x{c}", t / *c as f64 * 1e3))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let json = serde_json::json!({
+            "speculative_steps": self.speculative_steps,
+            "step_ms": (self.wall - self.prefill) / steps * 1e3,
+            "draft_ms": self.draft / steps * 1e3,
+            "draft_level_ms": draft_level,
+            "draft_levels": self.levels as f64 / steps,
+            "verify_ms": verify / steps * 1e3,
+            "verify_ms_by_tree_size": by_size,
+            "rest_ms": rest / steps * 1e3,
+        });
+        (json, line)
+    }
 }
 
 impl Totals {
@@ -133,6 +202,7 @@ impl Totals {
         self.wall += o.wall_s;
         self.steps += o.steps;
         self.positions.merge(&o.position_acceptance());
+        self.time.add(o);
     }
 
     /// Per-position acceptance, as JSON and as one line for people.
@@ -317,6 +387,8 @@ fn run_prompts(a: BenchArgs, prompts: &mut Vec<PromptLine>) -> Result<()> {
                 "tree_sizes": o.tree_sizes,
                 "tree_depths": o.tree_depths,
                 "drafts_accepted": o.drafts_accepted,
+                "draft_ms": o.draft_s.iter().map(|s| s * 1e3).collect::<Vec<_>>(),
+                "verify_ms": o.verify_s.iter().map(|s| s * 1e3).collect::<Vec<_>>(),
                 "token_ids": o.tokens,
                 "text": engine.tokenizer.decode(&o.tokens)?,
             });
@@ -369,6 +441,8 @@ fn run_prompts(a: BenchArgs, prompts: &mut Vec<PromptLine>) -> Result<()> {
     let [v, e] = &totals;
     let (positions, positions_line) = e.positions_json();
     eprintln!("acceptance by position (given the ones before): {positions_line}");
+    let (step, step_line) = e.time.json();
+    eprintln!("{step_line}");
     let summary = serde_json::json!({
         "prompts": prompts.len(),
         "identical": identical,
@@ -380,6 +454,7 @@ fn run_prompts(a: BenchArgs, prompts: &mut Vec<PromptLine>) -> Result<()> {
         "categories": categories,
         "verify_cost_ms": profile.points.iter().map(|(n, s)| serde_json::json!([n, s * 1e3])).collect::<Vec<_>>(),
         "draft_level_ms": profile.draft_level_s * 1e3,
+        "eagle_step": step,
         "prompt_tokens_per_s": prompt_tokens as f64 / prefill_s.max(1e-9),
         "kernels": eagle_engine::kernels::quant::isa().name(),
         "threads": eagle_engine::kernels::pool::threads(),

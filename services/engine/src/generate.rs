@@ -88,6 +88,11 @@ pub struct GenerateOutput {
     pub tree_depths: Vec<usize>,
     /// Draft tokens accepted at each speculative step (the bonus token not counted).
     pub drafts_accepted: Vec<usize>,
+    /// Seconds each speculative step spent drafting its tree (every draft level).
+    pub draft_s: Vec<f64>,
+    /// Seconds of each speculative step's verification: the target pass over the tree and the
+    /// choice of the accepted path.
+    pub verify_s: Vec<f64>,
     pub prefill_s: f64,
     pub wall_s: f64,
 }
@@ -310,6 +315,7 @@ impl Engine {
         };
         while going {
             let room = sess.cache.len() + tree_depth < max_pos;
+            let drafting = Instant::now();
             let drafted = match (drafter, draft_sess.as_mut()) {
                 (Some(d), Some(ds)) if room => {
                     match d.draft(ds, last, spec, &req.sampling, &mut rng, &budget) {
@@ -324,9 +330,12 @@ impl Engine {
             };
             match drafted {
                 Some(tree) => {
+                    out.draft_s.push(drafting.elapsed().as_secs_f64());
                     out.tree_sizes.push(tree.len());
                     out.tree_depths.push(tree.max_depth());
+                    let verifying = Instant::now();
                     let v = sess.verify(target, &tree, &req.sampling, &mut rng)?;
+                    out.verify_s.push(verifying.elapsed().as_secs_f64());
                     let toks = v.verdict.tokens.clone();
                     out.drafts_accepted.push(toks.len() - 1);
                     last = *toks.last().expect("a verdict has a bonus token");
