@@ -220,6 +220,12 @@ pub mod x86 {
         let mut acc = [_mm512_setzero_ps(); R];
         for b in 0..nb {
             let (p0, p1) = (base[0].add(b * bb), base[1].add(b * bb));
+            for p in [p0, p1] {
+                let ahead = p.wrapping_add(super::super::q4::x86::VNNI_PREFETCH_BLOCKS * bb);
+                for line in 0..bb.div_ceil(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
+                }
+            }
             for h in 0..sub {
                 let mut even = [_mm512_setzero_si512(); R];
                 let mut odd = [_mm512_setzero_si512(); R];
