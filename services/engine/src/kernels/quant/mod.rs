@@ -720,6 +720,37 @@ mod x86 {
             }
         }
     }
+
+    /// Two groups' 8 lanes side by side as 16 (the pair kernels' scales).
+    #[inline(always)]
+    pub unsafe fn wide(lo: __m256, hi: __m256) -> __m512 {
+        _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+            _mm512_castpd256_pd512(_mm256_castps_pd(lo)),
+            _mm256_castps_pd(hi),
+        ))
+    }
+
+    /// 32 bytes at `lo` then 32 at `hi`: a chunk of two groups, 16 lanes.
+    #[inline(always)]
+    pub unsafe fn load_pair(lo: *const u8, hi: *const u8) -> __m512i {
+        _mm512_inserti64x4::<1>(
+            _mm512_castsi256_si512(_mm256_loadu_si256(lo as *const __m256i)),
+            _mm256_loadu_si256(hi as *const __m256i),
+        )
+    }
+
+    /// How many blocks ahead the 512-bit VNNI kernels prefetch each group's weights: two
+    /// streams per pair of groups, which the hardware prefetchers follow less well than one.
+    pub const VNNI_PREFETCH_BLOCKS: usize = 4;
+
+    /// Prefetches the `bytes` of a block at `at` (which may lie past the weights: a prefetch
+    /// never faults).
+    #[inline(always)]
+    pub unsafe fn prefetch_block(at: *const u8, bytes: usize) {
+        for line in 0..bytes.div_ceil(64) {
+            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64 * line) as *const i8);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -187,7 +187,7 @@ pub mod x86 {
 
     use super::super::activation::{ActRow, QActs};
     use super::super::amx::{self, Sums, Weights};
-    use super::super::x86::load_scales;
+    use super::super::x86::{load_pair, load_scales, prefetch_block, wide, VNNI_PREFETCH_BLOCKS};
     use super::super::{ScaleKind, BLOCK, LANES};
     use super::{block_bytes, quants_at, SUPER, SUPER_BYTES};
 
@@ -220,19 +220,6 @@ pub mod x86 {
                 )
             }
         }
-    }
-
-    /// How many blocks ahead the 512-bit VNNI kernels prefetch each group's weights: two
-    /// streams per pair of groups, which the hardware prefetchers follow less well than one.
-    pub(in super::super) const VNNI_PREFETCH_BLOCKS: usize = 4;
-
-    /// Two groups' 8 lane scales side by side, as 16.
-    #[inline(always)]
-    unsafe fn wide(lo: __m256, hi: __m256) -> __m512 {
-        _mm512_castpd_ps(_mm512_insertf64x4::<1>(
-            _mm512_castpd256_pd512(_mm256_castps_pd(lo)),
-            _mm256_castps_pd(hi),
-        ))
     }
 
     #[inline(always)]
@@ -376,18 +363,12 @@ pub mod x86 {
                 base[1].add(quants_at(scale, b)),
             );
             for q in [q0, q1] {
-                let ahead = q.wrapping_add(VNNI_PREFETCH_BLOCKS * bb);
-                for line in 0..bb.div_ceil(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
-                }
+                prefetch_block(q.wrapping_add(VNNI_PREFETCH_BLOCKS * bb), bb);
             }
             let mut lo_sum = [_mm512_setzero_si512(); R];
             let mut hi_sum = [_mm512_setzero_si512(); R];
             for s in 0..4 {
-                let w = _mm512_inserti64x4::<1>(
-                    _mm512_castsi256_si512(_mm256_loadu_si256(q0.add(32 * s) as *const __m256i)),
-                    _mm256_loadu_si256(q1.add(32 * s) as *const __m256i),
-                );
+                let w = load_pair(q0.add(32 * s), q1.add(32 * s));
                 let lo = _mm512_and_si512(w, mask);
                 let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(w), mask);
                 for r in 0..R {
@@ -457,10 +438,7 @@ pub mod x86 {
                 let up = unpacked[b % RING].0.as_mut_ptr();
                 for (half, g) in base.iter().enumerate() {
                     let blk = g.add(quants_at(scale, b));
-                    let ahead = blk.wrapping_add(amx::PREFETCH_BLOCKS * bb);
-                    for line in 0..bb.div_ceil(64) {
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
-                    }
+                    prefetch_block(blk.wrapping_add(amx::PREFETCH_BLOCKS * bb), bb);
                     let up = up.add(32 * half);
                     for s in 0..4 {
                         let w = _mm256_loadu_si256(blk.add(32 * s) as *const __m256i);

@@ -97,7 +97,7 @@ pub mod x86 {
 
     use super::super::activation::{ActRow, QActs};
     use super::super::amx::{self, Sums, Weights};
-    use super::super::x86::load_scales;
+    use super::super::x86::{load_pair, load_scales, prefetch_block, wide, VNNI_PREFETCH_BLOCKS};
     use super::super::{ScaleKind, BLOCK, LANES};
     use super::block_bytes;
 
@@ -221,26 +221,14 @@ pub mod x86 {
         for b in 0..nb {
             let (p0, p1) = (base[0].add(b * bb), base[1].add(b * bb));
             for p in [p0, p1] {
-                let ahead = p.wrapping_add(super::super::q4::x86::VNNI_PREFETCH_BLOCKS * bb);
-                for line in 0..bb.div_ceil(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
-                }
+                prefetch_block(p.wrapping_add(VNNI_PREFETCH_BLOCKS * bb), bb);
             }
             for h in 0..sub {
                 let mut even = [_mm512_setzero_si512(); R];
                 let mut odd = [_mm512_setzero_si512(); R];
                 for s in (h * chunks..(h + 1) * chunks).step_by(2) {
-                    macro_rules! load {
-                        ($s:expr) => {
-                            _mm512_inserti64x4::<1>(
-                                _mm512_castsi256_si512(_mm256_loadu_si256(
-                                    p0.add(32 * $s) as *const __m256i
-                                )),
-                                _mm256_loadu_si256(p1.add(32 * $s) as *const __m256i),
-                            )
-                        };
-                    }
-                    let (w0, w1) = (load!(s), load!(s + 1));
+                    let w0 = load_pair(p0.add(32 * s), p1.add(32 * s));
+                    let w1 = load_pair(p0.add(32 * s + 32), p1.add(32 * s + 32));
                     let (a0, a1) = (_mm512_abs_epi8(w0), _mm512_abs_epi8(w1));
                     let (n0, n1) = (_mm512_movepi8_mask(w0), _mm512_movepi8_mask(w1));
                     for r in 0..R {
@@ -254,10 +242,10 @@ pub mod x86 {
                     }
                 }
                 let at = 256 + h * LANES * scale.bytes();
-                let d = _mm512_castpd_ps(_mm512_insertf64x4::<1>(
-                    _mm512_castpd256_pd512(_mm256_castps_pd(load_scales(p0.add(at), scale))),
-                    _mm256_castps_pd(load_scales(p1.add(at), scale)),
-                ));
+                let d = wide(
+                    load_scales(p0.add(at), scale),
+                    load_scales(p1.add(at), scale),
+                );
                 for r in 0..R {
                     let isum = _mm512_add_epi32(even[r], odd[r]);
                     let t = _mm512_mul_ps(d, _mm512_set1_ps(*xs[r].d.get_unchecked(b)));
@@ -302,10 +290,7 @@ pub mod x86 {
                 let (b, h) = (j / SUB, j % SUB);
                 let blk = base.add(b * bb);
                 if h == 0 {
-                    let ahead = blk.wrapping_add(amx::PREFETCH_BLOCKS * bb);
-                    for line in 0..bb.div_ceil(64) {
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
-                    }
+                    prefetch_block(blk.wrapping_add(amx::PREFETCH_BLOCKS * bb), bb);
                 }
                 let a = a0.add(b * BLOCK + h * kb);
                 let w = blk.add(h * (kb / 4) * 32);
