@@ -35,14 +35,9 @@ use activation::{ActRow, QActs};
 pub const BLOCK: usize = 32;
 /// Output rows interleaved in a packed group.
 pub const LANES: usize = 8;
-/// Activation rows computed per pass over a weight group (register blocking): AVX-512VL has
-/// 32 vector registers, AVX2 16.
-fn rows_per_pass(isa: Isa) -> usize {
-    match isa {
-        Isa::Avx512Vnni | Isa::Amx => 8,
-        _ => 4,
-    }
-}
+/// Activation rows the AVX2 and portable paths compute per pass over a weight group (register
+/// blocking: AVX2 has 16 vector registers; the 512-bit paths take 8 rows, see their kernels).
+const ROWS_PER_PASS: usize = 4;
 /// Fewest rows the AMX path computes on tiles (see `matmul_with`), by family: measured with
 /// `examples/quant_bench` on a Sapphire Rapids-class Xeon, the 512-bit VNNI kernels are as fast
 /// or faster below these (docs/cpu-kernels.md).
@@ -393,21 +388,13 @@ impl Packed {
         match (self.family, isa) {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `isa` is only ever a path this CPU has (checked by `matmul_with`).
-            (Family::Q4, Isa::Avx512Vnni) => unsafe {
-                q4::x86::group_vnni(blocks, nb, self.scale, xs, out)
-            },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
             (Family::Q4, Isa::Avx2) => unsafe {
                 q4::x86::group_avx2(blocks, nb, self.scale, xs, out)
             },
-            (_, Isa::Amx) => unreachable!("the AMX path runs whole row tiles (groups_amx)"),
+            (_, Isa::Amx | Isa::Avx512Vnni) => {
+                unreachable!("the AMX and 512-bit paths run pairs of groups (groups_all_rows)")
+            }
             (Family::Q4, _) => q4::group_portable(blocks, nb, self.scale, xs, out),
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
-            (Family::Q8 { sub }, Isa::Avx512Vnni) => unsafe {
-                q8::x86::group_vnni(blocks, nb, sub, self.scale, xs, out)
-            },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
             (Family::Q8 { sub }, Isa::Avx2) => unsafe {
@@ -569,9 +556,8 @@ impl Packed {
                 i += $r;
             }};
         }
-        let most = rows_per_pass(isa);
         while i < m {
-            match (m - i).min(most) {
+            match (m - i).min(ROWS_PER_PASS) {
                 8 => rows!(8),
                 7 => rows!(7),
                 6 => rows!(6),

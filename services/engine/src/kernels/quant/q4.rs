@@ -290,53 +290,10 @@ pub mod x86 {
         }
     }
 
-    /// AVX-512 VNNI (on 256-bit registers, 32 of them with AVX-512VL): `vpdpbusd` sums four
-    /// u8 x i8 products per lane straight into 32 bits; low and high nibbles feed two
-    /// accumulators, so each row carries two short dependency chains instead of one long one.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512 VNNI and VL, AVX2 and FMA; sizes as for [`group_avx2`].
-    #[target_feature(enable = "avx512vnni,avx512vl,avx2,fma,f16c")]
-    pub unsafe fn group_vnni<const R: usize>(
-        blocks: &[u8],
-        nb: usize,
-        scale: ScaleKind,
-        xs: &[ActRow; R],
-        out: &mut [[f32; LANES]; R],
-    ) {
-        let bb = block_bytes(scale);
-        assert!(blocks.len() >= nb * bb);
-        let mask = _mm256_set1_epi8(15);
-        let mut acc = [_mm256_setzero_ps(); R];
-        for b in 0..nb {
-            let blk = blocks.as_ptr().add(quants_at(scale, b));
-            let mut lo_sum = [_mm256_setzero_si256(); R];
-            let mut hi_sum = [_mm256_setzero_si256(); R];
-            for s in 0..4 {
-                let w = _mm256_loadu_si256(blk.add(32 * s) as *const __m256i);
-                let lo = _mm256_and_si256(w, mask);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), mask);
-                for r in 0..R {
-                    let base = b * BLOCK + 4 * s;
-                    lo_sum[r] = _mm256_dpbusd_epi32(lo_sum[r], lo, bcast4(xs[r].q, base));
-                    hi_sum[r] = _mm256_dpbusd_epi32(hi_sum[r], hi, bcast4(xs[r].q, base + 16));
-                }
-            }
-            let mut isum = [_mm256_setzero_si256(); R];
-            for r in 0..R {
-                isum[r] = _mm256_add_epi32(lo_sum[r], hi_sum[r]);
-            }
-            finish(blocks.as_ptr(), scale, b, xs, &isum, &mut acc);
-        }
-        for r in 0..R {
-            _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]);
-        }
-    }
-
     /// AVX-512 VNNI over two groups at once on 512-bit registers (16 lanes: `pair[0]`'s then
     /// `pair[1]`'s; a lone group is passed twice): one load serves 16 lanes, each `vpdpbusd`
     /// does 64 multiply-adds, and the f32 finish costs the same instructions for twice the
-    /// lanes. Each lane runs [`group_vnni`]'s sequence, so the bits are the same.
+    /// lanes. Each lane runs [`super::group_portable`]'s sequence, so the bits are the same.
     ///
     /// # Safety
     /// The CPU must have AVX-512 F, BW, VL and VNNI, FMA and F16C; each group must hold `nb`
@@ -403,7 +360,7 @@ pub mod x86 {
     /// AMX over two groups at once (16 lanes: `pair[0]`'s then `pair[1]`'s; a lone group is
     /// passed twice): each block's int32 sums for `R` rows (rows `r0..r0 + R` of `acts`) come
     /// from one tile product (`tdpbsud`: signed activations, unsigned nibbles), then the
-    /// family's f32 finish on 16 lanes at a time, each lane running [`group_vnni`]'s sequence.
+    /// family's f32 finish on 16 lanes at a time, each lane running [`super::group_portable`]'s sequence.
     /// Blocks are unpacked a few blocks before their tile product (a tile load of memory still
     /// in the store buffer waits for those stores to retire), the next block's tile product is
     /// issued before this block's finish, and the weights further ahead are prefetched.

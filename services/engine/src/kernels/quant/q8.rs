@@ -109,7 +109,7 @@ pub mod x86 {
     /// Signed x signed through the unsigned x signed instructions: |w| times x with w's sign
     /// (`vpsignb`). |w| <= 128 and |x| <= 127 keep `maddubs` pairs under 32,767.
     #[inline(always)]
-    unsafe fn run<const R: usize, const VNNI: bool>(
+    unsafe fn run<const R: usize>(
         blocks: &[u8],
         nb: usize,
         sub: usize,
@@ -169,26 +169,8 @@ pub mod x86 {
         out: &mut [[f32; LANES]; R],
     ) {
         let ones = _mm256_set1_epi16(1);
-        run::<R, false>(blocks, nb, sub, scale, xs, out, |acc, a, b| {
+        run::<R>(blocks, nb, sub, scale, xs, out, |acc, a, b| {
             _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones))
-        })
-    }
-
-    /// AVX-512 VNNI path (`vpdpbusd` on 256-bit registers).
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512 VNNI and VL, AVX2, FMA and F16C; sizes as for [`group_avx2`].
-    #[target_feature(enable = "avx512vnni,avx512vl,avx2,fma,f16c")]
-    pub unsafe fn group_vnni<const R: usize>(
-        blocks: &[u8],
-        nb: usize,
-        sub: usize,
-        scale: ScaleKind,
-        xs: &[ActRow; R],
-        out: &mut [[f32; LANES]; R],
-    ) {
-        run::<R, true>(blocks, nb, sub, scale, xs, out, |acc, a, b| {
-            _mm256_dpbusd_epi32(acc, a, b)
         })
     }
 
