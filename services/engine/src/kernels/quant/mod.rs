@@ -38,6 +38,17 @@ pub const LANES: usize = 8;
 /// Activation rows the AVX2 and portable paths compute per pass over a weight group (register
 /// blocking: AVX2 has 16 vector registers; the 512-bit paths take 8 rows, see their kernels).
 const ROWS_PER_PASS: usize = 4;
+
+/// Calls `$pass!(R)` with `R` the constant equal to `$n`, one of the listed row counts (any
+/// other value is 1): the kernels keep a pass's rows in registers, so R is a const generic.
+macro_rules! by_rows {
+    ($n:expr, $pass:ident, [$($r:literal),*]) => {
+        match $n {
+            $($r => $pass!($r),)*
+            _ => $pass!(1),
+        }
+    };
+}
 /// Fewest rows the AMX path computes on tiles (see `matmul_with`), by family: measured with
 /// `examples/quant_bench` on a Sapphire Rapids-class Xeon, the 512-bit VNNI kernels are as fast
 /// or faster below these (docs/cpu-kernels.md).
@@ -455,16 +466,7 @@ impl Packed {
                 }};
             }
             while i < m {
-                match (m - i).min(8) {
-                    8 => rows!(8),
-                    7 => rows!(7),
-                    6 => rows!(6),
-                    5 => rows!(5),
-                    4 => rows!(4),
-                    3 => rows!(3),
-                    2 => rows!(2),
-                    _ => rows!(1),
-                }
+                by_rows!((m - i).min(8), rows, [8, 7, 6, 5, 4, 3, 2]);
             }
         }
     }
@@ -516,24 +518,11 @@ impl Packed {
                         }
                     }};
                 }
-                match rows {
-                    16 => rows!(16),
-                    15 => rows!(15),
-                    14 => rows!(14),
-                    13 => rows!(13),
-                    12 => rows!(12),
-                    11 => rows!(11),
-                    10 => rows!(10),
-                    9 => rows!(9),
-                    8 => rows!(8),
-                    7 => rows!(7),
-                    6 => rows!(6),
-                    5 => rows!(5),
-                    4 => rows!(4),
-                    3 => rows!(3),
-                    2 => rows!(2),
-                    _ => rows!(1),
-                }
+                by_rows!(
+                    rows,
+                    rows,
+                    [16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2]
+                );
             }
             r0 += rows;
         }
@@ -548,32 +537,18 @@ impl Packed {
                 let xs: [ActRow; $r] = std::array::from_fn(|j| acts.row(i + j));
                 let mut o = [[0f32; LANES]; $r];
                 self.group(isa, g, &xs, &mut o);
-                for (j, row) in o.iter().enumerate() {
-                    for c in 0..LANES {
-                        out_t[c * m + i + j] = row[c];
-                    }
-                }
+                scatter(&o, out_t, m, i, LANES);
                 i += $r;
             }};
         }
         while i < m {
-            match (m - i).min(ROWS_PER_PASS) {
-                8 => rows!(8),
-                7 => rows!(7),
-                6 => rows!(6),
-                5 => rows!(5),
-                4 => rows!(4),
-                3 => rows!(3),
-                2 => rows!(2),
-                _ => rows!(1),
-            }
+            by_rows!((m - i).min(ROWS_PER_PASS), rows, [4, 3, 2]);
         }
     }
 }
 
 /// Rows `o` (row i: activation row `r0 + i`, its first `n` lanes kept) into the column-major
 /// `out_t` [n][m].
-#[cfg(target_arch = "x86_64")]
 fn scatter<const N: usize>(o: &[[f32; N]], out_t: &mut [f32], m: usize, r0: usize, n: usize) {
     for (i, row) in o.iter().enumerate() {
         for (c, &v) in row[..n].iter().enumerate() {
