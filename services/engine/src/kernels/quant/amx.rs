@@ -101,6 +101,28 @@ mod imp {
         rows: [u8; 16],
     }
 
+    impl Config {
+        /// Palette 1, every tile unused.
+        fn new() -> Config {
+            Config {
+                palette: 1,
+                start_row: 0,
+                reserved: [0; 14],
+                colsb: [0; 16],
+                rows: [0; 16],
+            }
+        }
+
+        /// Loads this configuration on the current thread (`ldtilecfg`).
+        ///
+        /// # Safety
+        /// [`available`] must have returned true.
+        unsafe fn load(&self) -> Tiles {
+            asm!("ldtilecfg [{}]", in(reg) self, options(nostack, readonly));
+            Tiles(())
+        }
+    }
+
     /// Tiles configured for `rows` activation rows, `kb` input bytes per tile product (32 for a
     /// block, 16 for a half block) and `lanes` outputs (8 or 16), on the current thread, until
     /// dropped.
@@ -112,13 +134,7 @@ mod imp {
         pub unsafe fn configure(rows: usize, kb: usize, lanes: usize) -> Tiles {
             assert!((1..=TILE_ROWS).contains(&rows) && (kb == 16 || kb == 32));
             assert!(lanes == 8 || lanes == 16);
-            let mut cfg = Config {
-                palette: 1,
-                start_row: 0,
-                reserved: [0; 14],
-                colsb: [0; 16],
-                rows: [0; 16],
-            };
+            let mut cfg = Config::new();
             for set in [0, 3] {
                 // C: rows x lanes int32.
                 cfg.colsb[set] = 4 * lanes as u16;
@@ -130,8 +146,7 @@ mod imp {
                 cfg.colsb[set + 2] = 4 * lanes as u16;
                 cfg.rows[set + 2] = (kb / 4) as u8;
             }
-            asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
-            Tiles(())
+            cfg.load()
         }
     }
 
@@ -215,19 +230,13 @@ mod imp {
     /// multiply-adds done. Panics without [`available`].
     pub fn spin_products(n: usize) -> f64 {
         assert!(available(), "this CPU or kernel gives no AMX tiles");
-        let mut cfg = Config {
-            palette: 1,
-            start_row: 0,
-            reserved: [0; 14],
-            colsb: [0; 16],
-            rows: [0; 16],
-        };
+        let mut cfg = Config::new();
         cfg.colsb[..6].fill(64);
         cfg.rows[..6].fill(16);
         let data = [1u8; 1024];
         // SAFETY: tiles are available; every tile load reads 16 rows of 64 bytes of `data`.
         unsafe {
-            asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
+            let _tiles = cfg.load();
             asm!(
                 "tileloadd tmm4, [{d} + {s}*1]",
                 "tileloadd tmm5, [{d} + {s}*1]",
@@ -242,7 +251,6 @@ mod imp {
                 "tdpbssd tmm3, tmm4, tmm5",
                 "dec {n}",
                 "jnz 2b",
-                "tilerelease",
                 d = in(reg) data.as_ptr(),
                 s = in(reg) 64usize,
                 n = inout(reg) n.max(1) => _,
