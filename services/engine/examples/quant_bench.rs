@@ -35,14 +35,14 @@ fn matrix(ty: &'static str, n: usize, k: usize) -> QMatrix {
     QMatrix::new(rows.pack())
 }
 
-/// Multiply-adds per second of `f` (which returns how many it did) on `threads` threads at
-/// once, best of 3.
-fn rate(threads: usize, f: &(dyn Fn() -> f64 + Sync)) -> f64 {
+/// Work per second of `f(thread)` (which returns how much it did: multiply-adds, bytes) on
+/// `threads` threads at once, best of 3.
+fn rate(threads: usize, f: &(dyn Fn(usize) -> f64 + Sync)) -> f64 {
     (0..3)
         .map(|_| {
             let t = Instant::now();
             let done: f64 = std::thread::scope(|s| {
-                let hs: Vec<_> = (0..threads).map(|_| s.spawn(f)).collect();
+                let hs: Vec<_> = (0..threads).map(|i| s.spawn(move || f(i))).collect();
                 hs.into_iter().map(|h| h.join().unwrap()).sum()
             });
             done / t.elapsed().as_secs_f64()
@@ -89,23 +89,13 @@ mod peak {
 fn bandwidth(threads: usize) -> f64 {
     let buf: Vec<u64> = (0..64u64 << 20).collect();
     let part = buf.len() / threads;
-    let read = |i: usize| -> f64 {
+    rate(threads, &|i| {
         let s: u64 = buf[i * part..(i + 1) * part]
             .iter()
             .fold(0u64, |a, &v| a.wrapping_add(v));
         std::hint::black_box(s);
         (part * 8) as f64
-    };
-    (0..3)
-        .map(|_| {
-            let t = Instant::now();
-            let bytes: f64 = std::thread::scope(|s| {
-                let hs: Vec<_> = (0..threads).map(|i| s.spawn(move || read(i))).collect();
-                hs.into_iter().map(|h| h.join().unwrap()).sum()
-            });
-            bytes / t.elapsed().as_secs_f64()
-        })
-        .fold(0.0, f64::max)
+    })
 }
 
 fn main() {
@@ -118,11 +108,11 @@ fn main() {
             // SAFETY: the CPU has AVX-512 VNNI (checked above).
             peaks.push((
                 format!("vpdpbusd ymm, {t} thr"),
-                rate(t, &|| unsafe { peak::vnni256() }),
+                rate(t, &|_| unsafe { peak::vnni256() }),
             ));
             peaks.push((
                 format!("vpdpbusd zmm, {t} thr"),
-                rate(t, &|| unsafe { peak::vnni512() }),
+                rate(t, &|_| unsafe { peak::vnni512() }),
             ));
         }
     }
@@ -130,7 +120,7 @@ fn main() {
         for t in [1, threads] {
             peaks.push((
                 format!("tdpbssd, {t} thr"),
-                rate(t, &|| amx::spin_products(2_000_000)),
+                rate(t, &|_| amx::spin_products(2_000_000)),
             ));
         }
     }
