@@ -134,7 +134,6 @@ struct Totals {
 /// tokens back to the draft, emitting).
 #[derive(Default)]
 struct StepTimes {
-    wall: f64,
     prefill: f64,
     speculative_steps: usize,
     draft: f64,
@@ -145,7 +144,6 @@ struct StepTimes {
 
 impl StepTimes {
     fn add(&mut self, o: &GenerateOutput) {
-        self.wall += o.wall_s;
         self.prefill += o.prefill_s;
         self.speculative_steps += o.draft_s.len();
         self.draft += o.draft_s.iter().sum::<f64>();
@@ -157,11 +155,12 @@ impl StepTimes {
         }
     }
 
-    /// The mean speculative step in milliseconds, as JSON and as one line for people.
-    fn json(&self) -> (serde_json::Value, String) {
+    /// The mean speculative step in milliseconds, as JSON and as one line for people, given
+    /// the generations' total wall time.
+    fn json(&self, wall: f64) -> (serde_json::Value, String) {
         let steps = self.speculative_steps.max(1) as f64;
         let verify: f64 = self.verify.values().map(|v| v.1).sum();
-        let rest = self.wall - self.prefill - self.draft - verify;
+        let rest = wall - self.prefill - self.draft - verify;
         let by_size: serde_json::Map<String, serde_json::Value> = self
             .verify
             .iter()
@@ -170,7 +169,7 @@ impl StepTimes {
         let draft_level = self.draft / self.levels.max(1) as f64 * 1e3;
         let line = format!(
             "mean EAGLE step {:.2} ms: draft {:.2} ({:.2} a level, {:.2} levels), verify {:.2}, rest {:.2}; verify by tree size: {}",
-            (self.wall - self.prefill) / steps * 1e3,
+            (wall - self.prefill) / steps * 1e3,
             self.draft / steps * 1e3,
             draft_level,
             self.levels as f64 / steps,
@@ -184,7 +183,7 @@ impl StepTimes {
         );
         let json = serde_json::json!({
             "speculative_steps": self.speculative_steps,
-            "step_ms": (self.wall - self.prefill) / steps * 1e3,
+            "step_ms": (wall - self.prefill) / steps * 1e3,
             "draft_ms": self.draft / steps * 1e3,
             "draft_level_ms": draft_level,
             "draft_levels": self.levels as f64 / steps,
@@ -441,7 +440,7 @@ fn run_prompts(a: BenchArgs, prompts: &mut Vec<PromptLine>) -> Result<()> {
     let [v, e] = &totals;
     let (positions, positions_line) = e.positions_json();
     eprintln!("acceptance by position (given the ones before): {positions_line}");
-    let (step, step_line) = e.time.json();
+    let (step, step_line) = e.time.json(e.wall);
     eprintln!("{step_line}");
     let summary = serde_json::json!({
         "prompts": prompts.len(),
