@@ -364,6 +364,19 @@ impl Packed {
         self.n.div_ceil(LANES)
     }
 
+    /// Group `g`'s packed blocks.
+    fn group_blocks(&self, g: usize) -> &[u8] {
+        let span = self.k / BLOCK * self.block_bytes();
+        &self.data[g * span..(g + 1) * span]
+    }
+
+    /// The groups behind an output chunk of `n` lanes from group `g` on, for the pair kernels:
+    /// `g` and the next, or `g` twice when the chunk holds only its 8 lanes (the matrix's last).
+    fn pair(&self, g: usize, n: usize) -> [&[u8]; 2] {
+        let next = if n > LANES { g + 1 } else { g };
+        [self.group_blocks(g), self.group_blocks(next)]
+    }
+
     /// Bytes held (what one pass over the matrix streams).
     pub fn bytes(&self) -> usize {
         self.data.len()
@@ -373,7 +386,7 @@ impl Packed {
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let (nb, bb) = (self.k / BLOCK, self.block_bytes());
         let (g, c) = (r / LANES, r % LANES);
-        let group = &self.data[g * nb * bb..(g + 1) * nb * bb];
+        let group = self.group_blocks(g);
         for b in 0..nb {
             let o = &mut out[b * BLOCK..(b + 1) * BLOCK];
             match self.family {
@@ -394,8 +407,7 @@ impl Packed {
         out: &mut [[f32; LANES]; R],
     ) {
         let nb = self.k / BLOCK;
-        let bb = self.block_bytes();
-        let blocks = &self.data[g * nb * bb..(g + 1) * nb * bb];
+        let blocks = self.group_blocks(g);
         match (self.family, isa) {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `isa` is only ever a path this CPU has (checked by `matmul_with`).
@@ -444,12 +456,10 @@ impl Packed {
     /// The CPU must have the `avx512vnni` path.
     #[cfg(target_arch = "x86_64")]
     unsafe fn group_pairs_vnni(&self, g0: usize, acts: &QActs, out_t: &mut [f32]) {
-        let (m, nb, bb) = (acts.m, self.k / BLOCK, self.block_bytes());
-        let group = |g: usize| &self.data[g * nb * bb..(g + 1) * nb * bb];
+        let (m, nb) = (acts.m, self.k / BLOCK);
         for (j, og) in out_t.chunks_mut(2 * LANES * m).enumerate() {
-            let g = g0 + 2 * j;
             let n = og.len() / m;
-            let pair = [group(g), group(if n > LANES { g + 1 } else { g })];
+            let pair = self.pair(g0 + 2 * j, n);
             let mut i = 0;
             macro_rules! rows {
                 ($r:literal) => {{
@@ -479,12 +489,11 @@ impl Packed {
     /// [`amx::available`] must be true.
     #[cfg(target_arch = "x86_64")]
     unsafe fn groups_amx(&self, g0: usize, acts: &QActs, out_t: &mut [f32]) {
-        let (m, nb, bb) = (acts.m, self.k / BLOCK, self.block_bytes());
+        let (m, nb) = (acts.m, self.k / BLOCK);
         let (kb, lanes) = match self.family {
             Family::Q4 => (BLOCK, 2 * LANES),
             Family::Q8 { sub } => (BLOCK / sub, LANES),
         };
-        let group = |g: usize| &self.data[g * nb * bb..(g + 1) * nb * bb];
         let mut r0 = 0;
         while r0 < m {
             let rows = (m - r0).min(amx::TILE_ROWS);
@@ -497,14 +506,14 @@ impl Packed {
                     ($r:literal) => {{
                         match self.family {
                             Family::Q4 => {
-                                let pair = [group(g), group(if n > LANES { g + 1 } else { g })];
+                                let pair = self.pair(g, n);
                                 let mut o = [[0f32; 2 * LANES]; $r];
                                 q4::x86::group_pair_amx(pair, nb, self.scale, acts, r0, &mut o);
                                 scatter(&o, og, m, r0, n);
                             }
                             Family::Q8 { sub } => {
                                 let mut o = [[0f32; LANES]; $r];
-                                let (blocks, sc) = (group(g), self.scale);
+                                let (blocks, sc) = (self.group_blocks(g), self.scale);
                                 match sub {
                                     1 => q8::x86::group_amx::<$r, 1>(
                                         blocks, nb, sc, acts, r0, &mut o,
