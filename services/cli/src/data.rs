@@ -9,9 +9,11 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use eagle_engine::chat::ChatTemplate;
+use eagle_engine::device::check_precision;
 use eagle_engine::head::HeadKind;
 use eagle_engine::loader::open_model;
 use eagle_engine::models::TargetModel;
+use eagle_engine::parallel::Shard;
 use eagle_train::data::{generate, DataConfig, Prepared, Sample, SkipReason};
 use eagle_train::format::tokenize_conversation;
 use eagle_train::regen::RegenConfig;
@@ -20,7 +22,7 @@ use eagle_train::sharegpt::{read_jsonl, Conversation, ShareGptReader};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::models;
-use crate::runtime::{parse_device, parse_dtype, resolve_or_fetch};
+use crate::runtime::{parse_device, parse_precision, resolve_or_fetch};
 
 /// Conversations held out of training by default (by id hash).
 pub const DEFAULT_HELD_OUT_FRAC: f64 = 0.02;
@@ -57,8 +59,11 @@ pub struct DataArgs {
     /// Device: cpu, or cuda / cuda:N (needs a build with `--features cuda`).
     #[arg(long, env = "EAGLE_DEVICE", default_value = "cpu")]
     pub device: String,
-    /// Weight dtype of the target while computing features: f32, bf16 or f16.
-    #[arg(long, env = "EAGLE_DTYPE", default_value = "f32")]
+    /// Precision of the target while computing features (and answers with --regenerate), as
+    /// `eagle serve --dtype` spells it. The default, `auto`, is the mode the cluster serves in
+    /// (a quantized GGUF on the integer kernels), so the head learns the features it will be
+    /// given; f32, bf16 or f16 run the dense weights.
+    #[arg(long, env = "EAGLE_DTYPE", default_value = "auto")]
     pub dtype: String,
     /// dtype of the stored features: f16 or bf16.
     #[arg(long, env = "EAGLE_FEATURE_DTYPE", default_value = "f16")]
@@ -119,11 +124,15 @@ pub fn run(a: DataArgs) -> Result<()> {
             .expect("template")
             .progress_chars("=> "),
     );
-    let mut target = TargetModel::load(
+    let precision = parse_precision(&a.dtype)?;
+    check_precision(&precision, &device)?;
+    let mut target = TargetModel::load_with(
         opened.source.as_ref(),
         opened.config.clone(),
-        parse_dtype(&a.dtype)?,
+        precision.dtype,
+        precision.quant,
         &device,
+        Shard::single(),
         &mut |d, _| bar.set_position(d as u64),
     )?;
     bar.finish_and_clear();

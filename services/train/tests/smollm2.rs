@@ -117,3 +117,64 @@ fn chat_formatting_masks_the_assistant_replies() {
         .unwrap()
         .is_none());
 }
+
+/// `eagle data` in the served mode (`--dtype auto`: the GGUF's own blocks on the integer
+/// kernels) stores, for every token, exactly the features the worker hands the draft service
+/// for that token: a prompt prefilled, then tokens decoded one at a time, as a served session
+/// runs. Both the last features (EAGLE-1/2) and the three layers' outputs (EAGLE-3).
+#[test]
+fn served_mode_data_features_equal_what_the_worker_sends() {
+    use eagle_engine::head::HeadKind;
+    use eagle_engine::models::TargetModel;
+    use eagle_engine::parallel::Shard;
+    use eagle_engine::session::TargetSession;
+
+    let opened = eagle_engine::loader::open_model(&model()).unwrap();
+    let precision = eagle_engine::device::parse_precision("auto").unwrap();
+    let mut target = TargetModel::load_with(
+        opened.source.as_ref(),
+        opened.config.clone(),
+        precision.dtype,
+        precision.quant,
+        &Device::Cpu,
+        Shard::single(),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let msgs = vec![
+        Message::new("user", "Name two rivers in Europe."),
+        Message::new("assistant", "The Danube and the Rhine."),
+    ];
+    let ids = tokenize_conversation(&opened.tokenizer, &msgs, 4096)
+        .unwrap()
+        .unwrap()
+        .ids;
+    let prompt = ids.len() - 8;
+    let eagle3 = HeadKind::parse_features("eagle3", target.cfg.num_layers).unwrap();
+    for layers in [Vec::new(), eagle3.target_layers().to_vec()] {
+        target.set_draft_layers(&layers).unwrap();
+        let stored = eagle_train::data::states(&target, &ids).unwrap();
+        let stored = if layers.is_empty() {
+            stored.last
+        } else {
+            stored.draft
+        };
+        let mut sess = TargetSession::new(&target, ids.len() + 1).unwrap();
+        let (mut sent, _) = sess.prefill(&target, &ids[..prompt]).unwrap();
+        for &t in &ids[prompt..] {
+            let (f, _) = sess.decode(&target, t).unwrap();
+            sent = Tensor::cat(&[&sent, &f], 0).unwrap();
+        }
+        assert_eq!(stored.dims(), sent.dims(), "draft layers {layers:?}");
+        let (a, b) = (
+            stored.to_vec2::<f32>().unwrap(),
+            sent.to_vec2::<f32>().unwrap(),
+        );
+        for (row, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "draft layers {layers:?}: token {row} differs"
+            );
+        }
+    }
+}
