@@ -195,6 +195,7 @@ pub(crate) fn stats(s: &Summary) -> (Usage, SpeculationStats) {
         Usage {
             prompt_tokens: s.prompt_tokens as u32,
             generated_tokens: s.generated_tokens as u32,
+            cached_prompt_tokens: s.cached_prompt_tokens as u32,
         },
         SpeculationStats {
             steps: s.steps as u32,

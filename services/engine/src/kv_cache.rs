@@ -17,6 +17,23 @@ pub enum LayerKv {
     Device { k: Tensor, v: Tensor },
 }
 
+/// The keys and values of a run of consecutive slots: per layer, (k, v), each [rows, kv_dim]
+/// row-major. What a prefix cache keeps of a block of tokens.
+#[derive(Clone, Debug)]
+pub struct KvRows {
+    pub rows: usize,
+    pub layers: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+impl KvRows {
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|(k, v)| (k.len() + v.len()) * 4)
+            .sum()
+    }
+}
+
 #[derive(Debug)]
 pub struct KvCache {
     pub layers: Vec<LayerKv>,
@@ -138,6 +155,68 @@ impl KvCache {
         Ok(())
     }
 
+    /// Copies out the keys and values of slots `from..to` (committed ones), every layer.
+    pub fn read_rows(&self, from: usize, to: usize) -> Result<KvRows> {
+        assert!(from <= to && to <= self.len, "reading uncommitted slots");
+        let d = self.kv_dim;
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| {
+                Ok(match layer {
+                    LayerKv::Cpu { k, v } => {
+                        (k[from * d..to * d].to_vec(), v[from * d..to * d].to_vec())
+                    }
+                    LayerKv::Device { k, v } => {
+                        let rows = |t: &Tensor| -> Result<Vec<f32>> {
+                            Ok(t.narrow(0, from, to - from)?.flatten_all()?.to_vec1()?)
+                        };
+                        (rows(k)?, rows(v)?)
+                    }
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvRows {
+            rows: to - from,
+            layers,
+        })
+    }
+
+    /// Appends `rows` (read by [`KvCache::read_rows`] from a cache of the same shape) after the
+    /// committed slots and commits them.
+    pub fn append_rows(&mut self, rows: &KvRows) -> Result<()> {
+        self.reserve(rows.rows)?;
+        if rows.layers.len() != self.layers.len()
+            || rows.layers.iter().any(|(k, v)| {
+                k.len() != rows.rows * self.kv_dim || v.len() != rows.rows * self.kv_dim
+            })
+        {
+            return Err(EngineError::Config(format!(
+                "KV rows of another shape: {} layers of {} slots for a cache of {} layers x {}",
+                rows.layers.len(),
+                rows.rows,
+                self.layers.len(),
+                self.kv_dim
+            )));
+        }
+        let (at, d) = (self.len, self.kv_dim);
+        for (layer, (rk, rv)) in self.layers.iter_mut().zip(&rows.layers) {
+            match layer {
+                LayerKv::Cpu { k, v } => {
+                    k[at * d..(at + rows.rows) * d].copy_from_slice(rk);
+                    v[at * d..(at + rows.rows) * d].copy_from_slice(rv);
+                }
+                LayerKv::Device { k, v } => {
+                    let dev = k.device().clone();
+                    k.slice_set(&Tensor::from_slice(rk, (rows.rows, d), &dev)?, 0, at)?;
+                    v.slice_set(&Tensor::from_slice(rv, (rows.rows, d), &dev)?, 0, at)?;
+                }
+            }
+        }
+        self.len += rows.rows;
+        Ok(())
+    }
+
     /// Grows the cache to `capacity` slots, keeping the committed ones (a later turn of a
     /// multi-turn session needs more room than the first). Never shrinks.
     pub fn grow(&mut self, capacity: usize) -> Result<()> {
@@ -237,6 +316,45 @@ mod tests {
                     .unwrap(),
             };
             assert_eq!(firsts, vec![1., 2., 3., 4.]);
+        }
+    }
+
+    #[test]
+    fn rows_read_out_append_to_another_cache_unchanged() {
+        for cpu in [true, false] {
+            let mut a = KvCache::new(2, 2, 8, &Device::Cpu, cpu).unwrap();
+            if let LayerKv::Cpu { .. } = a.layers[0] {
+                fill(&mut a, 0, &[1.0, 2.0, 3.0, 4.0]);
+            }
+            for l in a.layers.iter_mut() {
+                if let LayerKv::Device { k, v } = l {
+                    let rows = Tensor::new(
+                        &[[1f32, -1.], [2., -2.], [3., -3.], [4., -4.]],
+                        &Device::Cpu,
+                    )
+                    .unwrap();
+                    k.slice_set(&rows, 0, 0).unwrap();
+                    v.slice_set(&(rows * 10.0).unwrap(), 0, 0).unwrap();
+                }
+            }
+            a.advance(4);
+            let rows = a.read_rows(1, 3).unwrap();
+            assert_eq!(rows.rows, 2);
+            assert_eq!(rows.layers[1].0, vec![2.0, -2.0, 3.0, -3.0]);
+            assert_eq!(rows.bytes(), 2 * 2 * 2 * 2 * 4);
+            let mut b = KvCache::new(2, 2, 3, &Device::Cpu, cpu).unwrap();
+            b.append_rows(&a.read_rows(0, 1).unwrap()).unwrap();
+            b.append_rows(&rows).unwrap();
+            assert_eq!(b.len(), 3);
+            assert_eq!(
+                b.read_rows(0, 3).unwrap().layers,
+                a.read_rows(0, 3).unwrap().layers
+            );
+            // No room, or rows of another shape: refused, nothing written.
+            assert!(b.append_rows(&rows).is_err());
+            let mut c = KvCache::new(1, 2, 8, &Device::Cpu, cpu).unwrap();
+            assert!(c.append_rows(&rows).is_err());
+            assert_eq!(c.len(), 0);
         }
     }
 

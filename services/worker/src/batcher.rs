@@ -34,6 +34,7 @@ use tokio::sync::oneshot;
 use tonic::Status;
 
 use crate::metrics;
+use crate::prefix_cache::PrefixCache;
 use crate::sequence::{Part, Sequence};
 use crate::{group, Group};
 
@@ -119,12 +120,14 @@ impl Batcher {
         sessions: Arc<SessionTable<Sequence>>,
         group: Option<Arc<Group>>,
         limits: Limits,
+        prefix: Option<Arc<Mutex<PrefixCache>>>,
     ) -> Self {
         let (tx, rx) = mpsc::channel();
         let scheduler = Scheduler {
             target,
             sessions,
             group,
+            prefix,
             limits: Limits {
                 max_rows: limits.max_rows.max(1),
                 prefill_chunk: limits.prefill_chunk.max(1),
@@ -163,6 +166,8 @@ struct Scheduler {
     sessions: Arc<SessionTable<Sequence>>,
     group: Option<Arc<Group>>,
     limits: Limits,
+    /// The prefix cache (none in a tensor-parallel group: see [`crate::prefix_cache`]).
+    prefix: Option<Arc<Mutex<PrefixCache>>>,
 }
 
 impl Scheduler {
@@ -376,6 +381,11 @@ impl Scheduler {
                 Some(step) => Progress::Done(step),
                 None => Progress::Ran(keep, ran_to),
             }));
+            if let (Task::Prefill { .. }, Some(Ok(Progress::Done(_)))) =
+                (&batch[i].job.task, &out[i])
+            {
+                self.offer(&guards[i]);
+            }
         }
         Ok(out
             .into_iter()
@@ -383,7 +393,8 @@ impl Scheduler {
             .collect())
     }
 
-    /// Sets a new prompt up on its session, within the table's memory budget.
+    /// Sets a new prompt up on its session, within the table's memory budget, from the longest
+    /// prefix its own cache or the prefix cache holds.
     fn begin(&self, job: &Job, s: &mut Sequence) -> Result<usize, Status> {
         let Task::Prefill { request, sampling } = &job.task else {
             unreachable!("only prompts begin")
@@ -392,13 +403,29 @@ impl Scheduler {
         if capacity > s.sess.cache.capacity() {
             self.sessions.resize(&job.id, s.bytes_at(capacity))?;
         }
-        s.begin_prefill(
+        let keep = s.begin_prefill(
             &self.target,
             &request.tokens,
             request.reuse_cache,
             capacity,
             sampling.clone(),
-        )
+        )?;
+        let Some(prefix) = &self.prefix else {
+            return Ok(keep);
+        };
+        let mut prefix = prefix.lock().unwrap_or_else(|e| e.into_inner());
+        let block = prefix.block_tokens();
+        match prefix.lookup(&request.tokens, keep) {
+            Some(hit) => s.restore(&self.target, hit, block),
+            None => Ok(keep),
+        }
+    }
+
+    /// Offers a session's cached blocks to the prefix cache (a prompt just run).
+    fn offer(&self, s: &Sequence) {
+        if let Some(prefix) = &self.prefix {
+            offer(prefix, &self.target, s);
+        }
     }
 }
 
@@ -429,6 +456,15 @@ enum Progress {
     Done(Step),
     /// A prompt chunk ran: the cached tokens kept, and how many of the rest have now run.
     Ran(usize, usize),
+}
+
+/// Offers a session's full blocks to the prefix cache. A block it cannot read is skipped
+/// with a log line: the cache is an optimisation, never a reason to fail a request.
+pub(crate) fn offer(prefix: &Mutex<PrefixCache>, target: &TargetModel, s: &Sequence) {
+    let mut prefix = prefix.lock().unwrap_or_else(|e| e.into_inner());
+    if let Err(e) = prefix.insert(s.cached(), |from, to| s.read_slots(target, from, to)) {
+        tracing::warn!(error = %e, "prefix cache: a block could not be copied out");
+    }
 }
 
 fn answer(job: Job, r: Result<Step, Status>) {

@@ -11,7 +11,7 @@
 //! As rank 0 of a tensor-parallel group ([`group`]), the service sends every model call to the
 //! other ranks before running it, in one order for the whole group.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use candle_core::DType;
@@ -31,10 +31,12 @@ use tonic::{Request, Response, Status};
 pub mod batcher;
 pub mod group;
 pub mod metrics;
+pub mod prefix_cache;
 mod sequence;
 pub use batcher::Limits;
 use batcher::{Batcher, Task};
 pub use group::Group;
+use prefix_cache::PrefixCache;
 use sequence::Sequence;
 
 pub struct WorkerService {
@@ -46,6 +48,7 @@ pub struct WorkerService {
     cost: CostProfile,
     sessions: Arc<SessionTable<Sequence>>,
     batcher: Batcher,
+    prefix: Option<Arc<Mutex<PrefixCache>>>,
 }
 
 pub struct WorkerOptions {
@@ -56,6 +59,9 @@ pub struct WorkerOptions {
     pub idle_timeout: Duration,
     /// How big one target pass may get.
     pub batch: Limits,
+    /// Memory for the prefix cache (prompts' KV kept for later requests that share their
+    /// first tokens); 0 turns it off. A tensor-parallel group runs without one.
+    pub prefix_cache_bytes: u64,
 }
 
 impl WorkerService {
@@ -73,11 +79,26 @@ impl WorkerService {
     ) -> Self {
         let sessions = SessionTable::new(opts.cache_limit_bytes, opts.idle_timeout);
         sessions.spawn_reaper();
+        let prefix = (opts.prefix_cache_bytes > 0 && group.is_none()).then(|| {
+            let identity = format!("{}:{:?}", opts.model_name, target.cfg);
+            Arc::new(Mutex::new(PrefixCache::new(
+                &identity,
+                opts.prefix_cache_bytes as usize,
+                prefix_cache::BLOCK_TOKENS,
+            )))
+        });
         let target = Arc::new(target);
-        let batcher = Batcher::start(target.clone(), sessions.clone(), group.clone(), opts.batch);
+        let batcher = Batcher::start(
+            target.clone(),
+            sessions.clone(),
+            group.clone(),
+            opts.batch,
+            prefix.clone(),
+        );
         WorkerService {
             target,
             batcher,
+            prefix,
             group,
             model_name: opts.model_name,
             wire_dtype: opts.wire_dtype,
@@ -108,6 +129,9 @@ impl WorkerService {
             }),
             move || group.as_ref().is_none_or(|g| g.broken().is_none()),
         );
+        if let Some(p) = &self.prefix {
+            metrics::register_prefix_cache(p.clone());
+        }
     }
 
     /// Live sessions, read by the membership registration as this worker's load.
@@ -223,8 +247,18 @@ impl Worker for WorkerService {
                     .await
                     .map_err(|e| Status::internal(format!("release: {e}")))??;
             }
-            // A broken group has nothing left to free on the other ranks.
+            // A broken group has nothing left to free on the other ranks. A lone worker first
+            // offers the conversation (prompt and answer) to the prefix cache, for its next
+            // turn.
             None => {
+                if let (Some(prefix), Ok(seq)) = (self.prefix.clone(), self.sessions.get(&id)) {
+                    let target = self.target.clone();
+                    let offered = tokio::task::spawn_blocking(move || {
+                        let s = seq.lock().unwrap_or_else(|e| e.into_inner());
+                        batcher::offer(&prefix, &target, &s);
+                    });
+                    let _ = offered.await;
+                }
                 self.sessions.remove(&id);
             }
         }

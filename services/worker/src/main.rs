@@ -56,6 +56,12 @@ struct Args {
     /// Memory for all sessions' KV caches, in MiB; a session past it is refused.
     #[arg(long, env = "EAGLE_WORKER_CACHE_MB", default_value_t = 4096)]
     cache_mb: u64,
+    /// Memory for the prefix cache, in MiB: the KV of recent prompts and conversations, kept
+    /// in blocks of 32 tokens so a request that starts with the same tokens (a system prompt,
+    /// earlier turns) computes only the rest. Least recently used blocks go first; 0 turns it
+    /// off. Not used by a tensor-parallel group.
+    #[arg(long, env = "EAGLE_PREFIX_CACHE_MB", default_value_t = 1024)]
+    prefix_cache_mb: u64,
     /// Sessions idle this long (seconds) are reclaimed.
     #[arg(long, env = "EAGLE_IDLE_TIMEOUT_S", default_value_t = 120.0)]
     idle_timeout_s: f64,
@@ -199,6 +205,7 @@ async fn run(a: Args) -> Result<()> {
                 max_rows: a.max_batch_tokens,
                 prefill_chunk: a.prefill_chunk,
             },
+            prefix_cache_bytes: a.prefix_cache_mb << 20,
         },
         group.clone(),
     );

@@ -2,13 +2,15 @@
 //! operation, live sessions and KV cache bytes against the budget, and for rank 0 of a
 //! tensor-parallel group the time of each collective and the group's health.
 
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Instant;
 
 use candle_core::Tensor;
 use eagle_engine::parallel::Collective;
 use eagle_metrics::{op_histograms, OpHistograms, OpLabel, StepMetrics};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+
+use crate::prefix_cache::PrefixCache;
 
 pub(crate) static STEPS: LazyLock<StepMetrics> =
     LazyLock::new(|| StepMetrics::new(&["prefill", "verify", "decode"]));
@@ -66,6 +68,54 @@ pub fn register(
         "eagle_tp_group_healthy",
         "1 while every rank of the group answers, 0 once one died",
         move || f64::from(u8::from(healthy())),
+    );
+}
+
+/// Registers the prefix cache's metrics, read from it at scrape time.
+pub(crate) fn register_prefix_cache(cache: Arc<Mutex<PrefixCache>>) {
+    fn reader<T: 'static>(
+        cache: &Arc<Mutex<PrefixCache>>,
+        f: fn(&PrefixCache) -> T,
+    ) -> impl Fn() -> T + Send + Sync + 'static {
+        let c = cache.clone();
+        move || f(&c.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+    let read = |f| reader(&cache, f);
+    let count = |f| reader(&cache, f);
+    eagle_metrics::counter_fn(
+        "eagle_prefix_cache_queried_tokens",
+        "Prompt tokens looked up in the prefix cache",
+        count(|c| c.stats().queried_tokens),
+    );
+    eagle_metrics::counter_fn(
+        "eagle_prefix_cache_hit_tokens",
+        "Prompt tokens taken from cached KV rather than computed (prefix cache or the session's own earlier turn)",
+        count(|c| c.stats().hit_tokens),
+    );
+    eagle_metrics::counter_fn(
+        "eagle_prefix_cache_inserted_blocks",
+        "Blocks of tokens stored in the prefix cache",
+        count(|c| c.stats().inserted_blocks),
+    );
+    eagle_metrics::counter_fn(
+        "eagle_prefix_cache_evicted_blocks",
+        "Blocks evicted from the prefix cache to make room (least recently used first)",
+        count(|c| c.stats().evicted_blocks),
+    );
+    eagle_metrics::gauge_fn(
+        "eagle_prefix_cache_bytes",
+        "Bytes held by the prefix cache (KV, features and tokens of its blocks)",
+        read(|c| c.bytes() as f64),
+    );
+    eagle_metrics::gauge_fn(
+        "eagle_prefix_cache_capacity_bytes",
+        "The prefix cache's budget",
+        read(|c| c.budget() as f64),
+    );
+    eagle_metrics::gauge_fn(
+        "eagle_prefix_cache_blocks",
+        "Blocks held by the prefix cache",
+        read(|c| c.len() as f64),
     );
 }
 

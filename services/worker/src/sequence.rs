@@ -12,6 +12,7 @@
 //!   prompt would, and the kernels' batch invariance makes the logits the same bits.
 
 use candle_core::{DType, Tensor};
+use eagle_engine::kv_cache::KvRows;
 use eagle_engine::models::TargetModel;
 use eagle_engine::sampling::{choose, Rng, SamplingParams};
 use eagle_engine::session::{run_batch, Done, TargetSession, Work};
@@ -22,6 +23,8 @@ use eagle_proto::status::from_engine;
 use eagle_proto::wire::features_to_wire;
 use eagle_proto::worker::Step;
 use tonic::Status;
+
+use crate::prefix_cache::Hit;
 
 pub(crate) struct Sequence {
     pub(crate) sess: TargetSession,
@@ -88,6 +91,56 @@ impl Sequence {
         self.cached.truncate(n);
         self.features.truncate(n * row_bytes);
         self.sess.cache.truncate(n);
+    }
+
+    /// The tokens the cache holds.
+    pub(crate) fn cached(&self) -> &[u32] {
+        &self.cached
+    }
+
+    /// Copies out the KV rows and wire features of cached slots `from..to`, for the prefix
+    /// cache.
+    pub(crate) fn read_slots(
+        &self,
+        target: &TargetModel,
+        from: usize,
+        to: usize,
+    ) -> Result<(KvRows, Vec<u8>), Status> {
+        let kv = self
+            .sess
+            .cache
+            .read_rows(from, to)
+            .map_err(|e| from_engine(&e))?;
+        let rb = self.row_bytes(target);
+        let features = self
+            .features
+            .get(from * rb..to * rb)
+            .unwrap_or(&[])
+            .to_vec();
+        Ok((kv, features))
+    }
+
+    /// Restores a prefix-cache hit: keeps the session's first `hit.from_block` blocks and
+    /// appends the hit's blocks after them. Returns how many cached tokens the prompt now
+    /// starts from.
+    pub(crate) fn restore(
+        &mut self,
+        target: &TargetModel,
+        hit: Hit<'_>,
+        block: usize,
+    ) -> Result<usize, Status> {
+        self.truncate(hit.from_block * block, self.row_bytes(target));
+        for (tokens, kv, features) in hit.blocks {
+            self.sess
+                .cache
+                .append_rows(kv)
+                .map_err(|e| from_engine(&e))?;
+            self.cached.extend_from_slice(tokens);
+            if self.wire.is_some() {
+                self.features.extend_from_slice(features);
+            }
+        }
+        Ok(self.cached.len())
     }
 
     /// Sets up a prompt's run: with `reuse`, keeps the longest cached prefix of it (leaving at
