@@ -236,4 +236,36 @@ fn eagle_load_reports_throughput_and_latency() {
         v["ttft_ms"]["p99"].as_f64() <= v["e2e_ms"]["p99"].as_f64(),
         "{v}"
     );
+
+    // Shared-prefix traffic: every request after the first of each prompt kind reuses the
+    // shared system prompt's cached blocks, and the answers stay one per prompt.
+    let prompts = std::env::temp_dir().join(format!("eagle-load-p-{}.jsonl", std::process::id()));
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"What is the capital of France?\"}\n\
+         {\"prompt\": \"Name a colour.\"}\n",
+    )
+    .unwrap();
+    let out = Command::new(bin("eagle"))
+        .args(["load", "--addr", &c.coordinator.addr, "--prompts"])
+        .arg(&prompts)
+        .args(["--requests", "4", "--max-new-tokens", "4"])
+        .args(["--prefix-tokens", "200", "--share", "1"])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&prompts);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["ok"].as_u64(), Some(4), "{v}");
+    assert_eq!(v["mismatched_outputs"], 0, "{v}");
+    assert!(v["prompt_tokens"].as_u64().unwrap() > 4 * 150, "{v}");
+    // The first request computes the prefix; the other three reuse at least its 5 full blocks.
+    assert!(
+        v["cached_prompt_tokens"].as_u64().unwrap() >= 3 * 160,
+        "{v}"
+    );
 }

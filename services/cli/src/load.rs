@@ -76,6 +76,34 @@ pub struct LoadArgs {
     /// A request still running after this many seconds is cancelled and counted as `Timeout`.
     #[arg(long, default_value_t = 300.0)]
     pub timeout_s: f64,
+    /// Shared-prefix traffic: put a system prompt of about this many tokens (the same text
+    /// every time) before the prompts, as a deployment's system prompt or few-shot preamble
+    /// would (raw prompts get it as leading text). 0: none.
+    #[arg(long, default_value_t = 0)]
+    pub prefix_tokens: usize,
+    /// With --prefix-tokens: the fraction of requests that carry the shared prefix (chosen
+    /// by --seed); the others are sent without it.
+    #[arg(long, default_value_t = 1.0)]
+    pub share: f64,
+}
+
+/// A fixed text of about `tokens` tokens (numbered rules; about 21 tokens a line with the
+/// usual BPE tokenizers), the shared prefix of `--prefix-tokens`.
+pub fn shared_prefix(tokens: usize) -> String {
+    let lines: Vec<String> = (0..tokens.div_ceil(21))
+        .map(|i| {
+            format!(
+                "Rule {i}: shelf {} holds volume {} of series {}.",
+                i * 7 % 97,
+                i * 13 % 211,
+                i % 17
+            )
+        })
+        .collect();
+    format!(
+        "You answer as the house rules below say.\n{}",
+        lines.join("\n")
+    )
 }
 
 #[derive(serde::Deserialize)]
@@ -88,8 +116,11 @@ struct PromptLine {
 /// What one request saw.
 #[derive(Default)]
 struct Outcome {
-    /// Which prompt it sent.
-    prompt: usize,
+    /// Which prompt it sent, and whether with the shared prefix.
+    prompt: (usize, bool),
+    /// Prompt tokens, and those whose KV the cluster reused (from the last chunk's usage).
+    prompt_tokens: u32,
+    cached_tokens: u32,
     token_ids: Vec<u32>,
     error: Option<String>,
     ttft: Option<Duration>,
@@ -122,14 +153,24 @@ fn read_prompts(path: &PathBuf) -> Result<Vec<PromptLine>> {
 }
 
 impl LoadArgs {
-    fn request(&self, p: &PromptLine) -> Result<tonic::Request<eagle_proto::v1::GenerateRequest>> {
+    /// The request for prompt `p`, with the shared `prefix` when given.
+    fn request(
+        &self,
+        p: &PromptLine,
+        prefix: Option<&str>,
+    ) -> Result<tonic::Request<eagle_proto::v1::GenerateRequest>> {
+        let (prompt, system) = match (prefix, p.raw) {
+            (None, _) => (p.prompt.clone(), None),
+            (Some(x), true) => (format!("{x}\n\n{}", p.prompt), None),
+            (Some(x), false) => (p.prompt.clone(), Some(x.to_string())),
+        };
         ClientArgs {
             addr: String::new(),
             api_key: self.api_key.clone(),
             tls_ca: None,
-            prompt: p.prompt.clone(),
+            prompt,
             chat: !p.raw,
-            system: None,
+            system,
             stream: true,
             model: String::new(),
             max_new_tokens: self.max_new_tokens,
@@ -195,6 +236,10 @@ async fn stream_one(
                     o.steps = s.steps;
                     o.load_plain_steps = s.load_plain_steps;
                 }
+                if let Some(u) = c.usage {
+                    o.prompt_tokens = u.prompt_tokens;
+                    o.cached_tokens = u.cached_prompt_tokens;
+                }
             }
             Err(e) => {
                 o.error = Some(format!("{:?}", e.code()));
@@ -232,6 +277,10 @@ pub fn run(a: LoadArgs) -> Result<()> {
     if a.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
         bail!("--rate must be a positive number of requests per second");
     }
+    if !(0.0..=1.0).contains(&a.share) {
+        bail!("--share must be a fraction in [0, 1]");
+    }
+    let prefix = (a.prefix_tokens > 0).then(|| shared_prefix(a.prefix_tokens));
     let prompts = Arc::new(read_prompts(&a.prompts)?);
     let total = match (a.duration, a.requests) {
         (Some(_), _) => None,
@@ -268,13 +317,14 @@ pub fn run(a: LoadArgs) -> Result<()> {
             }
             let permit = slots.clone().acquire_owned().await.expect("never closed");
             let index = sent % prompts.len();
-            let req = a.request(&prompts[index])?;
+            let shared = prefix.is_some() && rng.random_bool(a.share);
+            let req = a.request(&prompts[index], prefix.as_deref().filter(|_| shared))?;
             let (client, bar) = (client.clone(), bar.clone());
             let by_time = deadline.is_some();
             let timeout = Duration::from_secs_f64(a.timeout_s);
             tasks.push(tokio::spawn(async move {
                 let mut o = one(client, req, timeout).await;
-                o.prompt = index;
+                o.prompt = (index, shared);
                 drop(permit);
                 if by_time {
                     bar.set_position(t0.elapsed().as_millis() as u64);
@@ -307,7 +357,7 @@ fn summary(a: &LoadArgs, outcomes: &[Outcome], wall_s: f64) -> Value {
     let steps: u64 = ok.iter().map(|o| o.steps as u64).sum();
     let load_plain: u64 = ok.iter().map(|o| o.load_plain_steps as u64).sum();
     // At T = 0 every answer to a prompt must be the first one's.
-    let mut first: BTreeMap<usize, &[u32]> = BTreeMap::new();
+    let mut first: BTreeMap<(usize, bool), &[u32]> = BTreeMap::new();
     let mut mismatched = 0;
     for o in &ok {
         let f = *first.entry(o.prompt).or_insert(&o.token_ids);
@@ -333,6 +383,10 @@ fn summary(a: &LoadArgs, outcomes: &[Outcome], wall_s: f64) -> Value {
         "mean_accepted": if steps > 0 { tokens as f64 / steps as f64 } else { 0.0 },
         "steps": steps,
         "load_plain_steps": load_plain,
+        "prefix_tokens": a.prefix_tokens,
+        "share": if a.prefix_tokens > 0 { json!(a.share) } else { Value::Null },
+        "prompt_tokens": ok.iter().map(|o| u64::from(o.prompt_tokens)).sum::<u64>(),
+        "cached_prompt_tokens": ok.iter().map(|o| u64::from(o.cached_tokens)).sum::<u64>(),
         "mismatched_outputs": if a.temperature == 0.0 { json!(mismatched) } else { Value::Null },
         "ttft_ms": percentiles(ok.iter().filter_map(|o| o.ttft.map(ms)).collect()),
         "tpot_ms": percentiles(tpot),
