@@ -136,3 +136,47 @@ async fn shared_prefixes_are_reused_and_change_no_output() {
     let hit = metric(&cluster.worker, "eagle_prefix_cache_hit_tokens_total");
     assert_eq!(hit, f64::from(reported));
 }
+
+/// Two workers behind one coordinator: a prompt whose prefix one worker holds goes there even
+/// when that worker is busier (a running request) and the other is idle, and reuses the
+/// prefix; least-loaded routing alone would have sent it to the idle worker, cold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_goes_to_the_worker_that_holds_its_prefix() {
+    use std::io::{BufRead, BufReader};
+    use tokio_stream::StreamExt;
+
+    let mut up = KillOnDrop(
+        cluster_up_command(&["--workers", "2", "--no-http", "--no-metrics"])
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(up.0.stdout.take().unwrap()).lines();
+    let ready = lines.next().expect("a line").unwrap();
+    let addr = ready
+        .strip_prefix("ready ")
+        .expect("ready ADDR")
+        .to_string();
+    let mut c = Client::connect(format!("http://{addr}")).await.unwrap();
+
+    // A long shared system prompt (about 480 tokens) lands on one worker.
+    let long_system = format!("{SYSTEM}\n{SYSTEM}\n{SYSTEM}");
+    let ask_long = |q: &str| chat_turn(&[("system", &long_system), ("user", q)], "", 8);
+    let (_, cached) = run(&mut c, &ask_long(PROMPTS[0])).await;
+    assert_eq!(cached, 0);
+    // A long answer keeps that same worker (the first of two idle ones) busy...
+    let mut busy = prompt_request("1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", 400);
+    busy.speculation.as_mut().unwrap().enabled = Some(false);
+    let mut stream = c.stream_generate(busy).await.unwrap().into_inner();
+    let first = stream.next().await.expect("a chunk").expect("no error");
+    assert!(!first.token_ids.is_empty() || first.finish_reason == 0);
+    // ...and the next request with the shared prefix still goes there, to its cached blocks.
+    let second = ask_long(PROMPTS[6]);
+    let (tokens, cached) = run(&mut c, &second).await;
+    assert!(
+        cached >= 320,
+        "routed to the worker holding the prefix: {cached} cached"
+    );
+    assert_eq!(tokens, reference_tokens(&second));
+    drop(stream);
+    let _ = up.0.kill();
+}

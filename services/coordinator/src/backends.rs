@@ -19,6 +19,8 @@ use eagle_membership::Kind;
 
 use crate::load::SpecLoad;
 use crate::membership::{EtcdRoutes, SUSPECT_FOR};
+use crate::metrics::metrics;
+use crate::prefix_routing::{block_keys, PrefixIndex, Reason};
 use crate::sessions::SessionPlacements;
 
 pub struct Backends {
@@ -105,6 +107,8 @@ pub struct WorkerPool {
     etcd: Option<Arc<EtcdRoutes>>,
     /// Groups (static: addresses) that failed a call recently, and when.
     suspects: Mutex<HashMap<String, Instant>>,
+    /// Which prompt prefixes each group is believed to hold (cache-aware routing).
+    prefixes: PrefixIndex,
 }
 
 /// Members and usable groups as the pool sees them (without etcd: the static workers).
@@ -152,6 +156,7 @@ impl WorkerPool {
             workers,
             etcd: None,
             suspects: Mutex::new(HashMap::new()),
+            prefixes: PrefixIndex::default(),
         })
     }
 
@@ -161,6 +166,7 @@ impl WorkerPool {
             workers: Vec::new(),
             etcd: Some(routes),
             suspects: Mutex::new(HashMap::new()),
+            prefixes: PrefixIndex::default(),
         }
     }
 
@@ -195,8 +201,10 @@ impl WorkerPool {
         }
     }
 
-    /// Marks a group as failing: new sessions avoid it for a while.
+    /// Marks a group as failing: new sessions avoid it for a while, and what it held is
+    /// forgotten (a restarted worker starts with an empty cache).
     pub fn suspect(&self, group: &str) {
+        self.prefixes.forget(group);
         self.suspects
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -209,19 +217,39 @@ impl WorkerPool {
         s.contains_key(group)
     }
 
-    /// A place for a new session: on group `prefer` when it is usable (it holds the session's
-    /// cache), else on the least busy worker, passing over recently failing ones while others
-    /// are left.
-    pub async fn lease(&self, prefer: Option<&str>) -> Result<WorkerLease, Status> {
+    /// A place for a new session whose prompt is `prompt`: on group `prefer` when it is usable
+    /// (it holds the session's cache), else where the prompt's prefix is believed cached,
+    /// weighed against load ([`crate::prefix_routing`]), passing over recently failing groups
+    /// while others are left. The chosen group is then believed to hold the prompt.
+    pub async fn lease(&self, prefer: Option<&str>, prompt: &[u32]) -> Result<WorkerLease, Status> {
+        let keys = block_keys(prompt);
+        let lease = self.choose(prefer, &keys).await?;
+        metrics().routed(lease.1);
+        self.prefixes.record(&lease.0.group, &keys);
+        Ok(lease.0)
+    }
+
+    async fn choose(
+        &self,
+        prefer: Option<&str>,
+        keys: &[u64],
+    ) -> Result<(WorkerLease, Reason), Status> {
         if let Some(r) = &self.etcd {
-            let c = r.choose(prefer, &|g| self.is_suspect(g)).await?;
+            let (c, reason) = r
+                .choose(prefer, &|g| self.is_suspect(g), &|cands| {
+                    self.prefixes.pick(keys, cands)
+                })
+                .await?;
             c.active.fetch_add(1, Ordering::Relaxed);
-            return Ok(WorkerLease {
-                client: c.client,
-                addr: c.addr,
-                group: c.group,
-                active: c.active,
-            });
+            return Ok((
+                WorkerLease {
+                    client: c.client,
+                    addr: c.addr,
+                    group: c.group,
+                    active: c.active,
+                },
+                reason,
+            ));
         }
         let usable: Vec<_> = self
             .workers
@@ -233,21 +261,31 @@ impl WorkerPool {
         } else {
             usable
         };
-        let (addr, client, active) = pool
+        let preferred = pool
             .iter()
             .find(|(a, _, _)| Some(a.as_str()) == prefer)
-            .or_else(|| {
-                pool.iter()
-                    .min_by_key(|(_, _, n)| n.load(Ordering::Relaxed))
-            })
-            .copied()
-            .ok_or_else(|| Status::unavailable("no verification worker"))?;
+            .map(|w| (*w, Reason::Session));
+        let picked = preferred.or_else(|| {
+            let cands: Vec<(&str, usize)> = pool
+                .iter()
+                .map(|(a, _, n)| (a.as_str(), n.load(Ordering::Relaxed)))
+                .collect();
+            let (name, reason) = self.prefixes.pick(keys, &cands)?;
+            pool.iter()
+                .find(|(a, _, _)| a == name)
+                .map(|w| (*w, reason))
+        });
+        let ((addr, client, active), reason) =
+            picked.ok_or_else(|| Status::unavailable("no verification worker"))?;
         active.fetch_add(1, Ordering::Relaxed);
-        Ok(WorkerLease {
-            client: client.clone(),
-            addr: addr.clone(),
-            group: addr.clone(),
-            active: active.clone(),
-        })
+        Ok((
+            WorkerLease {
+                client: client.clone(),
+                addr: addr.clone(),
+                group: addr.clone(),
+                active: active.clone(),
+            },
+            reason,
+        ))
     }
 }

@@ -143,7 +143,7 @@ async fn run_counted(
     let placed = session.as_deref().and_then(|s| b.sessions.lookup(s));
     let lease = match b
         .workers
-        .lease(placed.as_ref().map(|p| p.group.as_str()))
+        .lease(placed.as_ref().map(|p| p.group.as_str()), &job.prompt)
         .await
     {
         Ok(l) => l,
@@ -454,7 +454,7 @@ impl Run {
                 Err(e) => return Err(e),
             };
             b.workers.suspect(&self.lease.group);
-            let next = b.workers.lease(None).await?;
+            let next = b.workers.lease(None, &self.job.prompt).await?;
             if tried.contains(&next.group) {
                 return Err(e);
             }

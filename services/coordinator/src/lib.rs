@@ -10,6 +10,7 @@
 //! - `text.rs`: streamed text and stop strings.
 //! - `backends.rs`: clients of the services, with deadlines; the worker pool.
 //! - `membership.rs`: routing by etcd membership (complete healthy groups, by load).
+//! - `prefix_routing.rs`: cache-aware routing (where a prompt's prefix is likely cached).
 //! - `sessions.rs`: multi-turn sessions' KV placement.
 //! - `service.rs`: the gRPC service.
 //! - `metrics.rs`: the coordinator's Prometheus metrics.
@@ -25,6 +26,7 @@ pub mod http;
 pub mod load;
 pub mod membership;
 pub mod metrics;
+pub mod prefix_routing;
 pub mod queue;
 pub mod request;
 pub mod service;

@@ -5,7 +5,8 @@
 //! - A new session goes only to a complete, healthy group serving the coordinator's model, and
 //!   to the least loaded of them: load is the group's own figures from etcd (live sessions,
 //!   queue depth) plus this coordinator's sessions in flight there, which etcd learns of only
-//!   at the group's next refresh.
+//!   at the group's next refresh. Among them, a group believed to hold the prompt's prefix
+//!   may win over a less loaded one (`prefix_routing.rs`).
 //! - A group whose member record vanished (lease expired or revoked) is never chosen again; a
 //!   group that just failed a call is avoided for a few seconds even before etcd notices.
 //! - With no usable group, a request waits a bounded time for one to appear (a group
@@ -25,6 +26,7 @@ use tonic::Status;
 use tonic_health::server::HealthReporter;
 
 use crate::backends::{draft_client, worker_client};
+use crate::prefix_routing::Reason;
 use crate::sessions::SessionPlacements;
 
 /// How long a group that failed a call is passed over.
@@ -41,6 +43,10 @@ pub struct EtcdRoutes {
     workers: Mutex<HashMap<String, Slot>>,
     drafts: Mutex<HashMap<String, DraftClient<Channel>>>,
 }
+
+/// Chooses among (group, load) candidates (see [`crate::prefix_routing::PrefixIndex::pick`]).
+pub type Picker<'p> =
+    dyn for<'a, 'b> Fn(&'b [(&'a str, usize)]) -> Option<(&'a str, Reason)> + Sync + 'p;
 
 /// A group chosen for a session.
 pub struct Chosen {
@@ -83,38 +89,44 @@ impl EtcdRoutes {
         &self,
         prefer: Option<&str>,
         avoid: &(dyn Fn(&str) -> bool + Sync),
-    ) -> Result<Chosen, Status> {
+        pick: &Picker<'_>,
+    ) -> Result<(Chosen, Reason), Status> {
         let until = Instant::now() + self.wait;
         let mut changed = self.view.changed();
         loop {
             let groups = self.groups();
             let fresh: Vec<&Group> = groups.iter().filter(|g| !avoid(&g.name)).collect();
-            let pick = prefer
+            let chosen = prefer
                 .and_then(|p| fresh.iter().find(|g| g.name == p))
-                .copied()
+                .map(|g| (*g, Reason::Session))
                 .or_else(|| {
-                    fresh
+                    let cands: Vec<(&str, usize)> = fresh
                         .iter()
-                        .min_by_key(|g| {
+                        .map(|g| {
                             let own = self
                                 .slot(&g.addr)
                                 .map_or(0, |(_, n)| n.load(Ordering::Relaxed));
                             let l = g.load;
                             (
+                                g.name.as_str(),
                                 own + l.active_sessions as usize + l.queue_depth as usize,
-                                g.name.clone(),
                             )
                         })
-                        .copied()
+                        .collect();
+                    let (name, reason) = pick(&cands)?;
+                    fresh.iter().find(|g| g.name == name).map(|g| (*g, reason))
                 });
-            if let Some(g) = pick {
+            if let Some((g, reason)) = chosen {
                 let (client, active) = self.slot(&g.addr)?;
-                return Ok(Chosen {
-                    group: g.name.clone(),
-                    addr: g.addr.clone(),
-                    client,
-                    active,
-                });
+                return Ok((
+                    Chosen {
+                        group: g.name.clone(),
+                        addr: g.addr.clone(),
+                        client,
+                        active,
+                    },
+                    reason,
+                ));
             }
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {

@@ -26,6 +26,11 @@ pub struct Outcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteReason {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Position {
     pub position: u32,
 }
@@ -50,6 +55,7 @@ pub struct Metrics {
     pub plain_steps: Counter,
     pub load_plain_steps: Counter,
     pub draft_unavailable: Counter,
+    pub routing: Family<RouteReason, Counter>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
@@ -120,6 +126,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     draft_unavailable: counter(
         "eagle_draft_unavailable",
         "Draft calls that failed or missed their deadline",
+    ),
+    routing: register(
+        "eagle_routing_decisions",
+        "Worker groups chosen for new sessions, by why",
+        Family::default(),
     ),
 });
 
@@ -194,6 +205,15 @@ impl Metrics {
             self.plain_steps.inc();
         }
         self.tokens_per_pass.observe(1.0);
+    }
+
+    /// A worker group chosen for a new session.
+    pub fn routed(&self, reason: crate::prefix_routing::Reason) {
+        self.routing
+            .get_or_create(&RouteReason {
+                reason: reason.label(),
+            })
+            .inc();
     }
 }
 
