@@ -709,3 +709,66 @@ async fn a_tp_group_registers_every_rank_and_reuses_its_cache() {
     let cached = r2.stats.unwrap().cached_prompt_tokens;
     assert!(cached >= r1.usage.unwrap().prompt_tokens, "{cached} cached");
 }
+
+/// Workers publish their prefix cache summaries in etcd, and a coordinator that never saw the
+/// earlier requests (a second one, or one restarted) routes by them: a prompt whose prefix a
+/// busy group holds goes there rather than to an idle group, and reuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_coordinator_routes_by_the_prefixes_workers_publish() {
+    let etcd = Etcd::start();
+    let cluster = "prefixes";
+    let _g1 = start_worker(&etcd, cluster, "g1");
+    let _g2 = start_worker(&etcd, cluster, "g2");
+    let v = view(&etcd, cluster).await;
+    wait_for("two groups", Duration::from_secs(60), || {
+        v.groups(None).len() == 2
+    })
+    .await;
+    let first = start_coordinator(&etcd, cluster);
+    let mut c1 = client(&first).await;
+    let system = "You are the reference desk of a public library. ".repeat(40);
+    let ask = |q: &str| {
+        let mut r = chat_turn(&[("system", system.as_str()), ("user", q)], "", 8);
+        r.speculation.as_mut().unwrap().enabled = Some(false);
+        r
+    };
+    let out = c1.generate(ask("Where are the atlases?")).await.unwrap();
+    assert_eq!(out.into_inner().usage.unwrap().cached_prompt_tokens, 0);
+    // The group that answered publishes the prompt's blocks.
+    let holder = || {
+        v.groups(None)
+            .into_iter()
+            .find(|g| !g.ranks[0].rec.prefixes.is_empty())
+            .map(|g| g.name)
+    };
+    wait_for(
+        "a published prefix summary",
+        Duration::from_secs(10),
+        || holder().is_some(),
+    )
+    .await;
+    let holder = holder().unwrap();
+    // Keep the holder busy with a long answer through the first coordinator.
+    let mut busy = prompt_request("1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", 600);
+    busy.speculation.as_mut().unwrap().enabled = Some(false);
+    let mut stream = c1.stream_generate(busy).await.unwrap().into_inner();
+    let _ = stream.next().await.expect("a chunk").expect("no error");
+    wait_for("the holder's load in etcd", Duration::from_secs(10), || {
+        v.groups(None)
+            .iter()
+            .any(|g| g.name == holder && g.load.active_sessions > 0)
+    })
+    .await;
+    // A second coordinator has seen none of it, and still finds the prefix.
+    let second = start_coordinator(&etcd, cluster);
+    let mut c2 = client(&second).await;
+    let r = ask("Where are the newspapers?");
+    let out = c2.generate(r.clone()).await.unwrap().into_inner();
+    let cached = out.usage.unwrap().cached_prompt_tokens;
+    assert!(
+        cached >= 320,
+        "routed to {holder}, which holds the prefix: {cached} cached"
+    );
+    assert_eq!(out.token_ids, reference_tokens(&r));
+    drop(stream);
+}

@@ -236,7 +236,7 @@ impl WorkerPool {
     ) -> Result<(WorkerLease, Reason), Status> {
         if let Some(r) = &self.etcd {
             let (c, reason) = r
-                .choose(prefer, &|g| self.is_suspect(g), &|cands| {
+                .choose(prefer, &|g| self.is_suspect(g), keys, &|cands| {
                     self.prefixes.pick(keys, cands)
                 })
                 .await?;
@@ -266,9 +266,9 @@ impl WorkerPool {
             .find(|(a, _, _)| Some(a.as_str()) == prefer)
             .map(|w| (*w, Reason::Session));
         let picked = preferred.or_else(|| {
-            let cands: Vec<(&str, usize)> = pool
+            let cands: Vec<(&str, usize, usize)> = pool
                 .iter()
-                .map(|(a, _, n)| (a.as_str(), n.load(Ordering::Relaxed)))
+                .map(|(a, _, n)| (a.as_str(), n.load(Ordering::Relaxed), 0))
                 .collect();
             let (name, reason) = self.prefixes.pick(keys, &cands)?;
             pool.iter()

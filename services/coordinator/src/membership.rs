@@ -12,7 +12,7 @@
 //! - With no usable group, a request waits a bounded time for one to appear (a group
 //!   re-registering after an etcd restart) and then fails with `UNAVAILABLE`; it never hangs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,11 +42,13 @@ pub struct EtcdRoutes {
     pub wait: Duration,
     workers: Mutex<HashMap<String, Slot>>,
     drafts: Mutex<HashMap<String, DraftClient<Channel>>>,
+    /// Each group's last published prefix summary, as published and parsed.
+    published: Mutex<HashMap<String, (String, HashSet<u64>)>>,
 }
 
 /// Chooses among (group, load) candidates (see [`crate::prefix_routing::PrefixIndex::pick`]).
 pub type Picker<'p> =
-    dyn for<'a, 'b> Fn(&'b [(&'a str, usize)]) -> Option<(&'a str, Reason)> + Sync + 'p;
+    dyn for<'a, 'b> Fn(&'b [(&'a str, usize, usize)]) -> Option<(&'a str, Reason)> + Sync + 'p;
 
 /// A group chosen for a session.
 pub struct Chosen {
@@ -64,12 +66,35 @@ impl EtcdRoutes {
             wait,
             workers: Mutex::new(HashMap::new()),
             drafts: Mutex::new(HashMap::new()),
+            published: Mutex::new(HashMap::new()),
         }
     }
 
     /// Usable groups now.
     pub fn groups(&self) -> Vec<Group> {
         self.view.groups(Some(&self.model))
+    }
+
+    /// How many leading prompt tokens (block `keys`) group `g`'s published prefix summary
+    /// shows; the parsed summary is kept until the group publishes another.
+    fn published(&self, g: &Group, keys: &[u64]) -> usize {
+        let Some(rec) = g.ranks.first().map(|m| &m.rec) else {
+            return 0;
+        };
+        if rec.prefixes.is_empty() || keys.is_empty() {
+            return 0;
+        }
+        let mut m = self.published.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = m.entry(g.name.clone()).or_default();
+        if entry.0 != rec.prefixes {
+            *entry = (
+                rec.prefixes.clone(),
+                eagle_proto::prefix::unpack(&rec.prefixes)
+                    .into_iter()
+                    .collect(),
+            );
+        }
+        keys.iter().take_while(|k| entry.1.contains(k)).count() * eagle_proto::prefix::BLOCK_TOKENS
     }
 
     fn slot(&self, addr: &str) -> Result<Slot, Status> {
@@ -89,6 +114,7 @@ impl EtcdRoutes {
         &self,
         prefer: Option<&str>,
         avoid: &(dyn Fn(&str) -> bool + Sync),
+        keys: &[u64],
         pick: &Picker<'_>,
     ) -> Result<(Chosen, Reason), Status> {
         let until = Instant::now() + self.wait;
@@ -100,7 +126,7 @@ impl EtcdRoutes {
                 .and_then(|p| fresh.iter().find(|g| g.name == p))
                 .map(|g| (*g, Reason::Session))
                 .or_else(|| {
-                    let cands: Vec<(&str, usize)> = fresh
+                    let cands: Vec<(&str, usize, usize)> = fresh
                         .iter()
                         .map(|g| {
                             let own = self
@@ -110,6 +136,7 @@ impl EtcdRoutes {
                             (
                                 g.name.as_str(),
                                 own + l.active_sessions as usize + l.queue_depth as usize,
+                                self.published(g, keys),
                             )
                         })
                         .collect();

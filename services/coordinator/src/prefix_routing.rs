@@ -3,9 +3,12 @@
 //! tree of what it sent to each worker, and NVIDIA Dynamo's KV-aware router).
 //!
 //! The coordinator remembers, per worker group, the chained keys of the 32-token blocks of the
-//! prompts (and answers) it sent there, least recently used first out, `MAX_BLOCKS` per group.
-//! It is an estimate: the worker's own prefix cache decides what is really reused (and confirms
-//! it token by token), so a wrong guess costs only speed, never correctness.
+//! prompts it sent there, least recently used first out, `MAX_BLOCKS` per group. With etcd,
+//! each worker also publishes the keys of the blocks its prefix cache holds (its membership
+//! record's `prefixes`), so every coordinator sees what the others sent; a group counts the
+//! higher of the two estimates. Either is a hint: the worker's own prefix cache decides what
+//! is really reused (and confirms it token by token), so a wrong guess costs only speed, never
+//! correctness.
 //!
 //! The rule (documented in README, "Automatic prefix caching"): each usable group scores
 //! `cached - LOAD_TOKENS * load`, where `cached` is how many leading prompt tokens it is
@@ -19,28 +22,12 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-/// Tokens per block (the worker's `prefix_cache::BLOCK_TOKENS`).
-pub const BLOCK_TOKENS: usize = 32;
+pub use eagle_proto::prefix::{block_keys, BLOCK_TOKENS};
+
 /// Prompt tokens one session of load is worth.
 pub const LOAD_TOKENS: usize = 256;
 /// Blocks remembered per group.
 pub const MAX_BLOCKS: usize = 16_384;
-
-/// The chained keys of `tokens`' full blocks (FNV-1a over the previous key and the block).
-pub fn block_keys(tokens: &[u32]) -> Vec<u64> {
-    let mut keys = Vec::with_capacity(tokens.len() / BLOCK_TOKENS);
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for block in tokens.chunks_exact(BLOCK_TOKENS) {
-        for t in block {
-            for b in t.to_le_bytes() {
-                h ^= u64::from(b);
-                h = h.wrapping_mul(0x0100_0000_01b3);
-            }
-        }
-        keys.push(h);
-    }
-    keys
-}
 
 #[derive(Default)]
 struct Group {
@@ -109,16 +96,18 @@ impl PrefixIndex {
         g.1.remove(name);
     }
 
-    /// Picks among `(name, load)` candidates by the rule above; `None` when there are none.
+    /// Picks among `(name, load, published)` candidates by the rule above, `published` being
+    /// the cached tokens the group's own summary shows (0 without one; the higher of it and
+    /// this index's estimate counts); `None` when there are none.
     pub fn pick<'a>(
         &self,
         keys: &[u64],
-        candidates: &[(&'a str, usize)],
+        candidates: &[(&'a str, usize, usize)],
     ) -> Option<(&'a str, Reason)> {
         let scored: Vec<(&str, usize, i64)> = candidates
             .iter()
-            .map(|&(n, load)| {
-                let cached = self.cached(n, keys);
+            .map(|&(n, load, published)| {
+                let cached = self.cached(n, keys).max(published);
                 (n, load, cached as i64 - (LOAD_TOKENS * load) as i64)
             })
             .collect();
@@ -143,20 +132,6 @@ mod tests {
     }
 
     #[test]
-    fn keys_chain_over_the_whole_prefix() {
-        let a = block_keys(&prompt(1, 100));
-        assert_eq!(a.len(), 3);
-        let mut other = prompt(1, 100);
-        other[0] = 7;
-        let b = block_keys(&other);
-        assert!(
-            a.iter().zip(&b).all(|(x, y)| x != y),
-            "a change in block 0 changes every key"
-        );
-        assert_eq!(block_keys(&prompt(1, 64)), a[..2]);
-    }
-
-    #[test]
     fn a_cached_prefix_outweighs_a_little_load_only() {
         let idx = PrefixIndex::default();
         let long = block_keys(&prompt(1, 640));
@@ -164,28 +139,33 @@ mod tests {
         // Nothing cached: the least loaded, then by name.
         let none = block_keys(&prompt(2, 640));
         assert_eq!(
-            idx.pick(&none, &[("a", 0), ("b", 0)]),
+            idx.pick(&none, &[("a", 0, 0), ("b", 0, 0)]),
             Some(("a", Reason::Load))
         );
         assert_eq!(
-            idx.pick(&none, &[("a", 1), ("b", 0)]),
+            idx.pick(&none, &[("a", 1, 0), ("b", 0, 0)]),
             Some(("b", Reason::Load))
         );
         // 640 cached tokens on b outweigh two sessions of load, not three.
         assert_eq!(
-            idx.pick(&long, &[("a", 0), ("b", 2)]),
+            idx.pick(&long, &[("a", 0, 0), ("b", 2, 0)]),
             Some(("b", Reason::Prefix))
         );
         assert_eq!(
-            idx.pick(&long, &[("a", 0), ("b", 3)]),
+            idx.pick(&long, &[("a", 0, 0), ("b", 3, 0)]),
             Some(("a", Reason::Load))
         );
         // b least loaded and cached: chosen for load.
         assert_eq!(
-            idx.pick(&long, &[("a", 1), ("b", 0)]),
+            idx.pick(&long, &[("a", 1, 0), ("b", 0, 0)]),
             Some(("b", Reason::Load))
         );
         assert_eq!(idx.cached("b", &long[..5]), 160);
+        // What a group publishes counts as well: a's summary shows 640 tokens.
+        assert_eq!(
+            idx.pick(&none, &[("a", 2, 640), ("b", 0, 0)]),
+            Some(("a", Reason::Prefix))
+        );
         idx.forget("b");
         assert_eq!(idx.cached("b", &long), 0);
         assert_eq!(idx.pick(&long, &[]), None);

@@ -132,6 +132,7 @@ async fn run(a: Args) -> Result<()> {
         capacity_bytes: a.cache_mb << 20,
         rank: 0,
         tp: 1,
+        prefixes: None,
     };
     let member = join_service(&a.etcd, info, addr, sessions, &reporter).await?;
     serve::server(tls.as_ref(), false)?

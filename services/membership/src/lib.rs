@@ -28,7 +28,7 @@ pub use etcd_client::Client as EtcdClient;
 pub use keys::Keys;
 pub use placement::PlacementStore;
 pub use record::{Kind, Load, MemberRecord, Placement};
-pub use register::Registration;
+pub use register::{LoadProbe, PrefixProbe, Registration};
 pub use rendezvous::rendezvous;
 pub use service::{join, join_service, EtcdFlags, Joined, ServiceInfo, ETCD_HEALTH_SERVICE};
 pub use view::{Group, Member, MembershipView};

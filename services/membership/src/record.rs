@@ -51,6 +51,11 @@ pub struct MemberRecord {
     /// Unix seconds when it registered.
     #[serde(default)]
     pub started_at: u64,
+    /// A worker's prefix cache summary: the keys (`eagle_proto::prefix::pack`, 16 hex digits
+    /// each, run together) of the blocks it holds, most recently used first, bounded;
+    /// coordinators route by it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prefixes: String,
 }
 
 /// Where a multi-turn session's KV cache lives.

@@ -6,7 +6,8 @@
 //!   and the record is put again, retrying with backoff while etcd is away.
 //! - When the process dies, the key vanishes with the lease, within its TTL; a graceful
 //!   shutdown revokes the lease, so the key vanishes at once.
-//! - The record's load figures follow the member's, refreshed every third of the TTL.
+//! - The record's load figures (and a worker's prefix cache summary) follow the member's,
+//!   refreshed every third of the TTL, written only when they changed.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -21,6 +22,9 @@ use crate::record::{Load, MemberRecord};
 
 /// Reads a member's current load.
 pub type LoadProbe = Arc<dyn Fn() -> Load + Send + Sync>;
+
+/// Reads a worker's prefix cache summary (packed block keys, bounded).
+pub type PrefixProbe = Arc<dyn Fn() -> String + Send + Sync>;
 
 pub struct Registration {
     key: String,
@@ -37,11 +41,15 @@ impl Registration {
         cfg: &EtcdConfig,
         mut rec: MemberRecord,
         load: LoadProbe,
+        prefixes: Option<PrefixProbe>,
         health: EtcdHealth,
     ) -> Registration {
         let key = cfg.keys().member(rec.kind, &rec.group, rec.rank);
         rec.started_at = unix_now();
         rec.load = load();
+        if let Some(p) = &prefixes {
+            rec.prefixes = p();
+        }
         let lease = Arc::new(AtomicI64::new(0));
         let mut keeper = Keeper {
             client,
@@ -50,6 +58,7 @@ impl Registration {
             ttl_s: cfg.ttl_s.max(1),
             rec,
             load,
+            prefixes,
             health,
             lease: lease.clone(),
         };
@@ -102,6 +111,7 @@ struct Keeper {
     ttl_s: i64,
     rec: MemberRecord,
     load: LoadProbe,
+    prefixes: Option<PrefixProbe>,
     health: EtcdHealth,
     lease: Arc<AtomicI64>,
 }
@@ -240,9 +250,16 @@ impl Keeper {
                     }
                 }
             }
+            // One put per refresh at most, and only when something changed: a busy worker's
+            // summary costs etcd one write every third of the TTL.
             let load = (self.load)();
-            if load != self.rec.load {
+            let prefixes = self.prefixes.as_ref().map(|p| p());
+            let new_prefixes = prefixes.as_ref().is_some_and(|p| *p != self.rec.prefixes);
+            if load != self.rec.load || new_prefixes {
                 self.rec.load = load;
+                if let Some(p) = prefixes {
+                    self.rec.prefixes = p;
+                }
                 if let Err(e) = self.put(id).await {
                     self.health.unreachable(&e);
                     return Outcome::Lost;

@@ -13,7 +13,7 @@ use tonic_health::ServingStatus;
 
 use crate::client::{connect, EtcdConfig, EtcdHealth, Result};
 use crate::record::{Kind, Load, MemberRecord};
-use crate::register::{LoadProbe, Registration};
+use crate::register::{LoadProbe, PrefixProbe, Registration};
 
 /// The health-check service name that reports etcd: SERVING while etcd answers, NOT_SERVING
 /// while it does not (the service itself keeps serving on its last known view).
@@ -93,11 +93,13 @@ pub async fn join(
     cfg: EtcdConfig,
     rec: MemberRecord,
     load: LoadProbe,
+    prefixes: Option<PrefixProbe>,
     reporter: Option<HealthReporter>,
 ) -> Result<Joined> {
     let client = connect(&cfg).await?;
     let health = EtcdHealth::default();
-    let registration = Registration::start(client.clone(), &cfg, rec, load, health.clone()).await;
+    let registration =
+        Registration::start(client.clone(), &cfg, rec, load, prefixes, health.clone()).await;
     if let Some(r) = reporter {
         report_health(r, health.clone());
     }
@@ -139,6 +141,8 @@ pub struct ServiceInfo<'a> {
     pub capacity_bytes: u64,
     pub rank: u32,
     pub tp: u32,
+    /// A worker's prefix cache summary, published with its record.
+    pub prefixes: Option<PrefixProbe>,
 }
 
 /// Registers a service bound at `bound` when `flags` name an etcd; None otherwise. `sessions`
@@ -167,10 +171,13 @@ pub async fn join_service(
         pid: std::process::id(),
         load: Load::default(),
         started_at: 0,
+        prefixes: String::new(),
     };
     let load: LoadProbe = std::sync::Arc::new(move || Load {
         active_sessions: sessions(),
         queue_depth: 0,
     });
-    join(cfg, rec, load, Some(reporter.clone())).await.map(Some)
+    join(cfg, rec, load, info.prefixes, Some(reporter.clone()))
+        .await
+        .map(Some)
 }

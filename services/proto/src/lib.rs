@@ -5,7 +5,9 @@
 //! - [`wire`]: conversions between wire messages and engine types (features, trees, sampling).
 //! - [`status`]: the one place engine errors become gRPC status codes.
 //! - [`serve`], [`tls`]: what every server shares (binding, health, shutdown, mutual TLS).
+//! - [`prefix`]: the prefix block keys the worker's cache and the coordinator's routing share.
 
+pub mod prefix;
 pub mod serve;
 pub mod sessions;
 pub mod status;

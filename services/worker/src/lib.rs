@@ -80,9 +80,7 @@ impl WorkerService {
         let sessions = SessionTable::new(opts.cache_limit_bytes, opts.idle_timeout);
         sessions.spawn_reaper();
         let prefix = (opts.prefix_cache_bytes > 0 && group.is_none()).then(|| {
-            let identity = format!("{}:{:?}", opts.model_name, target.cfg);
             Arc::new(Mutex::new(PrefixCache::new(
-                &identity,
                 opts.prefix_cache_bytes as usize,
                 prefix_cache::BLOCK_TOKENS,
             )))
@@ -131,6 +129,18 @@ impl WorkerService {
         );
         if let Some(p) = &self.prefix {
             metrics::register_prefix_cache(p.clone());
+        }
+    }
+
+    /// The keys of the blocks its prefix cache holds, most recently used first, at most
+    /// `max`: what its membership record publishes for cache-aware routing (none without a
+    /// prefix cache).
+    pub fn prefix_probe(&self, max: usize) -> impl Fn() -> Vec<u64> + Send + Sync + 'static {
+        let prefix = self.prefix.clone();
+        move || {
+            prefix.as_ref().map_or_else(Vec::new, |p| {
+                p.lock().unwrap_or_else(|e| e.into_inner()).summary(max)
+            })
         }
     }
 

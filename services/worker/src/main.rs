@@ -18,6 +18,11 @@ use eagle_worker::{WorkerOptions, WorkerService};
 
 mod tp;
 
+/// Block keys a worker publishes in its etcd record for cache-aware routing: 512 blocks
+/// (16,384 tokens of recent prefixes) in about 9 KiB of JSON, written at most every third of
+/// the lease TTL and only when it changed.
+const PUBLISHED_PREFIX_BLOCKS: usize = 512;
+
 #[derive(Parser, Clone)]
 #[command(
     name = "eagle-worker",
@@ -222,6 +227,10 @@ async fn run(a: Args) -> Result<()> {
         capacity_bytes: a.cache_mb << 20,
         rank: 0,
         tp: a.tp.tp as u32,
+        prefixes: Some(std::sync::Arc::new({
+            let probe = svc.prefix_probe(PUBLISHED_PREFIX_BLOCKS);
+            move || eagle_proto::prefix::pack(&probe())
+        })),
     };
     let member = join_service(&a.etcd, info, addr, sessions, &reporter).await?;
     // Whoever comes first, a broken group or a shutdown, takes the registration out of etcd.

@@ -6,8 +6,8 @@
 //!
 //! Invariants:
 //! - Block `d` of a sequence holds the keys, values and wire features of its tokens
-//!   `d*B..(d+1)*B`, keyed by a hash chained over the model's identity and every token up to
-//!   the block's end. A hit is confirmed token by token along the whole chain (each block
+//!   `d*B..(d+1)*B`, keyed by a hash chained over every token up to the block's end
+//!   (`eagle_proto::prefix`, the keys the coordinator routes by; one store serves one model). A hit is confirmed token by token along the whole chain (each block
 //!   keeps its tokens and its parent's key), so a hash collision costs a miss, never wrong KV.
 //! - With the engine's batch-invariant kernels a token's KV depends on its prefix only, so the
 //!   rows restored from a block are the bits a fresh prefill would write (tested through the
@@ -21,14 +21,11 @@
 //! - One insert may take at most a quarter of the budget (`MAX_SHARE`): a huge or hostile
 //!   prompt cannot flush everyone else's blocks.
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 
 use eagle_engine::kv_cache::KvRows;
-
-/// Tokens per block.
-pub const BLOCK_TOKENS: usize = 32;
+pub use eagle_proto::prefix::BLOCK_TOKENS;
+use eagle_proto::prefix::{chain, ROOT};
 
 /// The share of the budget one insert may take.
 const MAX_SHARE: f64 = 0.25;
@@ -63,23 +60,18 @@ pub struct PrefixCache {
     block: usize,
     budget: usize,
     bytes: usize,
-    salt: u64,
     clock: u64,
     blocks: HashMap<u64, Block>,
     stats: Stats,
 }
 
 impl PrefixCache {
-    /// A store of at most `budget` bytes for the model identified by `model` (its name and
-    /// shape: blocks of one model never serve another).
-    pub fn new(model: &str, budget: usize, block: usize) -> Self {
-        let mut h = DefaultHasher::new();
-        model.hash(&mut h);
+    /// A store of at most `budget` bytes, in blocks of `block` tokens.
+    pub fn new(budget: usize, block: usize) -> Self {
         PrefixCache {
             block: block.max(1),
             budget,
             bytes: 0,
-            salt: h.finish(),
             clock: 0,
             blocks: HashMap::new(),
             stats: Stats::default(),
@@ -111,9 +103,19 @@ impl PrefixCache {
     }
 
     fn key(&self, parent: Option<u64>, tokens: &[u32]) -> u64 {
-        let mut h = DefaultHasher::new();
-        (self.salt, parent, tokens).hash(&mut h);
-        h.finish()
+        chain(parent.unwrap_or(ROOT), tokens)
+    }
+
+    /// The keys of the `max` most recently used blocks, parents before their children: what
+    /// the worker publishes for cache-aware routing.
+    pub fn summary(&self, max: usize) -> Vec<u64> {
+        let mut v: Vec<(u64, usize, u64)> = self
+            .blocks
+            .iter()
+            .map(|(k, b)| (b.used, b.depth, *k))
+            .collect();
+        v.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+        v.into_iter().take(max).map(|(_, _, k)| k).collect()
     }
 
     /// The confirmed chain of `tokens`' full blocks, as keys, up to `max_blocks`.
@@ -270,7 +272,7 @@ mod tests {
 
     #[test]
     fn a_prompt_reuses_its_longest_cached_prefix_and_leaves_the_last_token() {
-        let mut c = PrefixCache::new("m", 1 << 20, 4);
+        let mut c = PrefixCache::new(1 << 20, 4);
         let a: Vec<u32> = (0..10).collect();
         assert_eq!(offer(&mut c, &a), 2);
         // The same 8 tokens then others: both blocks restored, in order.
@@ -301,22 +303,32 @@ mod tests {
     }
 
     #[test]
-    fn other_models_and_other_prefixes_never_match() {
-        let mut c = PrefixCache::new("m", 1 << 20, 4);
+    fn other_prefixes_never_match_and_keys_are_the_routers() {
+        let mut c = PrefixCache::new(1 << 20, 4);
         let a: Vec<u32> = (0..9).collect();
         offer(&mut c, &a);
         // The same second block after another first block: a different chain.
         let mut b = a.clone();
         b[0] = 7;
         assert!(c.lookup(&b, 0).is_none());
-        let mut other = PrefixCache::new("n", 1 << 20, 4);
-        offer(&mut other, &b);
-        assert_ne!(c.key(None, &a[..4]), other.key(None, &a[..4]));
+        // The keys are the coordinator's.
+        let mut c32 = PrefixCache::new(1 << 30, BLOCK_TOKENS);
+        let long: Vec<u32> = (0..100).collect();
+        offer(&mut c32, &long);
+        let mut s = c32.summary(8);
+        s.sort_unstable();
+        let mut want = eagle_proto::prefix::block_keys(&long);
+        want.sort_unstable();
+        assert_eq!(s, want);
+        assert_eq!(
+            c32.summary(1),
+            vec![eagle_proto::prefix::block_keys(&long)[0]]
+        );
     }
 
     #[test]
     fn a_collision_is_confirmed_against_the_tokens() {
-        let mut c = PrefixCache::new("m", 1 << 20, 4);
+        let mut c = PrefixCache::new(1 << 20, 4);
         let a: Vec<u32> = (0..5).collect();
         offer(&mut c, &a);
         // Forge a collision: another prompt's first block stored under a's key.
@@ -332,7 +344,7 @@ mod tests {
     fn least_recently_used_leaves_go_first_within_the_budget() {
         let b = 4;
         // Room for 8 blocks; one insert may take 2.
-        let mut c = PrefixCache::new("m", 8 * block_bytes(b), b);
+        let mut c = PrefixCache::new(8 * block_bytes(b), b);
         let prompts: Vec<Vec<u32>> = (0..4u32)
             .map(|p| (0..9).map(|i| p * 100 + i).collect())
             .collect();
@@ -356,14 +368,14 @@ mod tests {
     #[test]
     fn one_huge_prompt_takes_at_most_its_share() {
         let b = 4;
-        let mut c = PrefixCache::new("m", 8 * block_bytes(b), b);
+        let mut c = PrefixCache::new(8 * block_bytes(b), b);
         let small: Vec<u32> = (0..9).map(|i| 1000 + i).collect();
         offer(&mut c, &small);
         let huge: Vec<u32> = (0..400).collect();
         assert_eq!(offer(&mut c, &huge), 2);
         assert_eq!(c.lookup(&small, 0).unwrap().blocks.len(), 2);
         // A budget smaller than a block stores nothing.
-        let mut tiny = PrefixCache::new("m", 10, b);
+        let mut tiny = PrefixCache::new(10, b);
         assert_eq!(offer(&mut tiny, &huge), 0);
         assert!(tiny.is_empty());
     }

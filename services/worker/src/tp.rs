@@ -273,6 +273,7 @@ pub fn follower(a: &Args, dtype: DType, device: Device) -> Result<()> {
             capacity_bytes: a.cache_mb << 20,
             rank: r as u32,
             tp: n as u32,
+            prefixes: None,
         };
         join_service(&a.etcd, info, bound, || 0, &reporter).await
     })?;
