@@ -772,3 +772,134 @@ async fn a_second_coordinator_routes_by_the_prefixes_workers_publish() {
     assert_eq!(out.token_ids, reference_tokens(&r));
     drop(stream);
 }
+
+/// `eagle cluster up --etcd local --groups 2 --coordinators 2`: a 4-turn conversation whose
+/// turns alternate between the two coordinators reaches its KV on every later turn, with a
+/// session id (its placement in etcd) and without one (the prefix cache and the prefixes the
+/// workers publish); after the group holding the session is killed, the next turn succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turns_alternating_between_two_coordinators_reach_their_kv() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let mut up = KillOnDrop(
+        cluster_up_command(&[
+            "--etcd",
+            "local",
+            "--groups",
+            "2",
+            "--coordinators",
+            "2",
+            "--cluster",
+            "two",
+            "--no-http",
+            "--no-metrics",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap(),
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = up.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(u) = line.strip_prefix("started a local etcd at ") {
+                let _ = tx.send(u.trim().to_string());
+            }
+            eprintln!("{line}");
+        }
+    });
+    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    let mut addrs = Vec::new();
+    for _ in 0..2 {
+        let l = lines.next().expect("a line").unwrap();
+        addrs.push(l.strip_prefix("ready ").expect("ready ADDR").to_string());
+    }
+    assert_ne!(addrs[0], addrs[1]);
+    let url = rx.recv_timeout(Duration::from_secs(5)).expect("etcd's URL");
+    let cfg = EtcdConfig::new(&url, "two");
+    let v = MembershipView::start(
+        connect(&cfg).await.expect("etcd"),
+        &cfg,
+        EtcdHealth::default(),
+    )
+    .await;
+    let mut clients = Vec::new();
+    for a in &addrs {
+        clients.push(
+            GenerationClient::connect(format!("http://{a}"))
+                .await
+                .unwrap(),
+        );
+    }
+    let system = "You answer questions about a city's museums, briefly. ".repeat(12);
+    for session in ["conv", ""] {
+        let mut msgs: Vec<(String, String)> = vec![("system".into(), system.clone())];
+        for turn in 0..4 {
+            // What the other coordinator learns goes through etcd: the session's placement,
+            // or the blocks the worker publishes. A client's next turn comes after a moment;
+            // here, after etcd has it.
+            if turn > 0 {
+                let m: Vec<(&str, &str)> =
+                    msgs.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
+                if session.is_empty() {
+                    let first = eagle_proto::prefix::block_keys(&prompt_ids(&m))[0];
+                    wait_for("the published prefix", Duration::from_secs(10), || {
+                        v.groups(None).iter().any(|g| {
+                            eagle_proto::prefix::unpack(&g.ranks[0].rec.prefixes).contains(&first)
+                        })
+                    })
+                    .await;
+                } else {
+                    wait_placement(&v, session).await;
+                }
+            }
+            msgs.push((
+                "user".into(),
+                format!("Question {turn}: which museum opens first?"),
+            ));
+            let m: Vec<(&str, &str)> = msgs.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
+            let out = clients[turn % 2]
+                .generate(chat_turn(&m, session, 12))
+                .await
+                .unwrap_or_else(|e| panic!("turn {turn} of {session:?}: {e}"))
+                .into_inner();
+            let cached = out.usage.unwrap().cached_prompt_tokens;
+            if turn > 0 {
+                assert!(cached > 0, "turn {turn} of {session:?} reused nothing");
+            }
+            msgs.push(("assistant".into(), out.text));
+        }
+    }
+    // Kill the group that holds the session; its next turn succeeds all the same.
+    let holder = wait_placement(&v, "conv").await;
+    let pid = v
+        .members()
+        .into_iter()
+        .find(|m| m.rec.group == holder && m.rec.rank == 0)
+        .expect("the holder's record")
+        .rec
+        .pid;
+    // SAFETY: a signal to a process this test's cluster started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let out = clients[0]
+        .generate(chat_turn(&[("user", "And after the museum?")], "conv", 8))
+        .await
+        .expect("the next turn after the holder died");
+    assert!(!out.into_inner().token_ids.is_empty());
+    stop_cluster_up(&mut up, &[]);
+}
+
+/// The group etcd records for `session`'s KV, once it is there.
+async fn wait_placement(v: &MembershipView, session: &str) -> String {
+    let t0 = Instant::now();
+    loop {
+        if let Some(p) = v.placement(session) {
+            return p.group;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no placement for {session}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -25,7 +25,8 @@ use crate::{models, ModelArgs};
 pub enum ClusterCommand {
     /// Start a local cluster and serve until SIGINT/SIGTERM. Prints `ready ADDR` (the gRPC
     /// API) on stdout once the coordinator accepts requests, then `http URL` (the
-    /// OpenAI-compatible HTTP API, and the chat page at that URL in a browser).
+    /// OpenAI-compatible HTTP API, and the chat page at that URL in a browser); with
+    /// --coordinators N, such a pair of lines for each.
     Up(UpArgs),
     /// Start a local cluster, answer one prompt through it (streamed), and shut it down.
     Demo {
@@ -62,6 +63,12 @@ pub struct UpArgs {
     /// Verification workers (each holds the whole target, or one group of --tp ranks).
     #[arg(long, env = "EAGLE_WORKERS", default_value_t = 1)]
     pub workers: usize,
+    /// Coordinators: each serves the public APIs and drives requests over the same workers
+    /// and draft service; the first takes --port and --http-port, the others free ports. Each
+    /// prints its `ready ADDR` and `http URL` lines. Sessions (KV placement) and the workers'
+    /// prefix summaries live in etcd with --etcd; without it, each coordinator keeps its own.
+    #[arg(long, env = "EAGLE_COORDINATORS", default_value_t = 1)]
+    pub coordinators: usize,
     /// Tensor-parallel degree of each worker: the target is split over this many rank
     /// processes (it must divide the attention heads and the MLP width).
     #[arg(long, env = "EAGLE_TP", default_value_t = 1)]
@@ -127,10 +134,14 @@ pub fn run(cmd: ClusterCommand) -> Result<()> {
         match cmd {
             ClusterCommand::Up(a) => {
                 let mut c = Cluster::start(&a).await?;
-                println!("ready {}", c.addr);
-                if let Some(url) = &c.http {
-                    println!("http {url}");
-                    eprintln!("chat page and OpenAI-compatible API at {url}");
+                for (i, (addr, http)) in c.coordinators.iter().enumerate() {
+                    println!("ready {addr}");
+                    if let Some(url) = http {
+                        println!("http {url}");
+                        if i == 0 {
+                            eprintln!("chat page and OpenAI-compatible API at {url}");
+                        }
+                    }
                 }
                 for (name, url) in &c.metrics {
                     println!("metrics {name} {url}");
@@ -226,9 +237,12 @@ fn sibling(name: &str) -> Result<PathBuf> {
 }
 
 pub struct Cluster {
+    /// The first coordinator's gRPC address.
     pub addr: String,
-    /// The HTTP API's base URL, when it is on.
+    /// Its HTTP API's base URL, when it is on.
     pub http: Option<String>,
+    /// Every coordinator's gRPC address and HTTP URL, the first one's first.
+    pub coordinators: Vec<(String, Option<String>)>,
     /// Each process's metrics URL, by a short name (coordinator, draft, worker-N).
     pub metrics: Vec<(String, String)>,
     /// The cluster's certificates, with --tls.
@@ -379,6 +393,7 @@ impl Cluster {
         let mut cluster = Cluster {
             addr: String::new(),
             http: None,
+            coordinators: Vec::new(),
             metrics: Vec::new(),
             tls: None,
             procs: Vec::new(),
@@ -523,25 +538,40 @@ impl Cluster {
                 format!("127.0.0.1:{}", a.http_port),
             ]);
         }
-        let mut args = common(&extra);
-        let listen = args
-            .iter()
-            .position(|x| x == "127.0.0.1:0")
-            .expect("listen arg");
-        args[listen] = format!("127.0.0.1:{}", a.port);
-        match spawn("coordinator".into(), sibling("eagle-coordinator")?, args).await {
-            Ok((p, a)) => {
-                cluster.procs.push(p);
-                cluster.announce_metrics("coordinator".into(), a.metrics);
-                cluster.addr = a.addr;
-                cluster.http = a.http;
-                Ok(cluster)
+        if a.coordinators == 0 {
+            cluster.stop().await;
+            bail!("--coordinators must be at least 1");
+        }
+        for i in 0..a.coordinators {
+            let mut args = common(&extra);
+            let listen = args
+                .iter()
+                .position(|x| x == "127.0.0.1:0")
+                .expect("listen arg");
+            // The first coordinator takes the ports asked for; the others free ones.
+            if i == 0 {
+                args[listen] = format!("127.0.0.1:{}", a.port);
+            } else if let Some(h) = args.iter().position(|x| x == "--http-addr") {
+                args[h + 1] = "127.0.0.1:0".to_string();
             }
-            Err(e) => {
-                cluster.stop().await;
-                Err(e)
+            let name = match i {
+                0 => "coordinator".to_string(),
+                _ => format!("coordinator-{}", i + 1),
+            };
+            match spawn(name.clone(), sibling("eagle-coordinator")?, args).await {
+                Ok((p, ann)) => {
+                    cluster.procs.push(p);
+                    cluster.announce_metrics(name, ann.metrics);
+                    cluster.coordinators.push((ann.addr, ann.http));
+                }
+                Err(e) => {
+                    cluster.stop().await;
+                    return Err(e);
+                }
             }
         }
+        (cluster.addr, cluster.http) = cluster.coordinators[0].clone();
+        Ok(cluster)
     }
 
     fn announce_metrics(&mut self, name: String, url: Option<String>) {
@@ -629,6 +659,7 @@ impl RemoteBench {
             model: model.clone(),
             port: 0,
             workers: 1,
+            coordinators: 1,
             tp,
             no_draft: false,
             max_running: 4,
