@@ -776,7 +776,8 @@ async fn a_second_coordinator_routes_by_the_prefixes_workers_publish() {
 /// `eagle cluster up --etcd local --groups 2 --coordinators 2`: a 4-turn conversation whose
 /// turns alternate between the two coordinators reaches its KV on every later turn, with a
 /// session id (its placement in etcd) and without one (the prefix cache and the prefixes the
-/// workers publish); after the group holding the session is killed, the next turn succeeds.
+/// workers publish); a session busy on one coordinator is refused by the other (`ABORTED`);
+/// after the group holding the session is killed, the next turn succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn turns_alternating_between_two_coordinators_reach_their_kv() {
     use std::io::{BufRead, BufReader};
@@ -870,6 +871,22 @@ async fn turns_alternating_between_two_coordinators_reach_their_kv() {
             msgs.push(("assistant".into(), out.text));
         }
     }
+    // Two coordinators never run one session's turns at once: the second is refused.
+    let mut long = chat_turn(
+        &[("user", "Count from 1 to 300, one number a line.")],
+        "lock",
+        400,
+    );
+    long.speculation.as_mut().unwrap().enabled = Some(false);
+    let mut running = clients[0].stream_generate(long).await.unwrap().into_inner();
+    let _ = running.next().await.expect("a chunk").expect("no error");
+    let refused = clients[1]
+        .generate(chat_turn(&[("user", "Hello?")], "lock", 4))
+        .await
+        .expect_err("a second coordinator must refuse a busy session");
+    assert_eq!(refused.code(), Code::Aborted, "{refused}");
+    drop(running);
+
     // Kill the group that holds the session; its next turn succeeds all the same.
     let holder = wait_placement(&v, "conv").await;
     let pid = v

@@ -132,7 +132,11 @@ async fn run_counted(
     arrival: Arrival,
 ) -> Result<Summary, Code> {
     let session = job.session.clone();
-    let claim = match session.as_deref().map(|s| b.sessions.claim(s)).transpose() {
+    let claim = match session.as_deref() {
+        Some(s) => b.sessions.claim(s).await.map(Some),
+        None => Ok(None),
+    };
+    let claim = match claim {
         Ok(c) => c,
         Err(e) => {
             let code = e.code();

@@ -3,7 +3,9 @@
 //!
 //! Invariants:
 //! - One request per session at a time: a second one while a turn runs is refused with
-//!   `ABORTED` (two turns interleaving on one cache could not both be right).
+//!   `ABORTED` (two turns interleaving on one cache could not both be right), on this
+//!   coordinator and, with etcd, on every other (a lock key on a lease, taken in a
+//!   transaction).
 //! - A placement is only a hint. The worker checks the cached tokens itself and reuses only
 //!   the prefix that matches, so a stale or lost placement costs a full prefill, never a wrong
 //!   token.
@@ -15,7 +17,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use eagle_membership::{MembershipView, Placement, PlacementStore};
+use eagle_membership::{MembershipView, Placement, PlacementStore, SessionLock};
+
+/// The lease of a session's lock in etcd, kept alive while its turn runs: a coordinator that
+/// dies holding it frees the session within this time.
+const LOCK_TTL: Duration = Duration::from_secs(10);
 use tonic::Status;
 
 pub struct SessionPlacements {
@@ -30,6 +36,8 @@ pub struct SessionPlacements {
 pub struct Claim {
     id: String,
     busy: Arc<Mutex<HashSet<String>>>,
+    /// With etcd: the session's lock across coordinators.
+    _lock: Option<SessionLock>,
 }
 
 impl Drop for Claim {
@@ -67,17 +75,38 @@ impl SessionPlacements {
         }
     }
 
-    pub fn claim(&self, id: &str) -> Result<Claim, Status> {
-        let mut b = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-        if !b.insert(id.to_string()) {
-            return Err(Status::aborted(format!(
+    /// Takes the session for one turn: refused with `ABORTED` while another turn runs, on
+    /// this coordinator or (with etcd) on any other. An etcd that cannot be reached leaves the
+    /// local check alone in force, with a log line: never an error for the client.
+    pub async fn claim(&self, id: &str) -> Result<Claim, Status> {
+        let busy = || {
+            Status::aborted(format!(
                 "session {id:?} has a request running; send its next turn after that one ends"
-            )));
+            ))
+        };
+        if !self
+            .busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string())
+        {
+            return Err(busy());
         }
-        Ok(Claim {
+        let mut claim = Claim {
             id: id.to_string(),
             busy: self.busy.clone(),
-        })
+            _lock: None,
+        };
+        if let Some(store) = &self.store {
+            match store.lock(id, LOCK_TTL).await {
+                Ok(Some(lock)) => claim._lock = Some(lock),
+                Ok(None) => return Err(busy()),
+                Err(e) => {
+                    tracing::warn!(session = %id, error = %e, "etcd unreachable: the session's lock across coordinators is not taken")
+                }
+            }
+        }
+        Ok(claim)
     }
 
     /// Where the session's cache was left, if it may still be there.

@@ -40,6 +40,11 @@ impl Keys {
         format!("{}placement/{session_id}", self.root)
     }
 
+    /// The lock a coordinator holds while a session's turn runs.
+    pub fn session_lock(&self, session_id: &str) -> String {
+        format!("{}lock/session/{session_id}", self.root)
+    }
+
     pub fn rendezvous(&self, group: &str) -> String {
         format!("{}rendezvous/{group}/", self.root)
     }

@@ -26,7 +26,7 @@ pub use client::{connect, EtcdConfig, EtcdHealth, EtcdTls, MembershipError};
 /// The etcd client type the functions here take (from the `etcd-client` crate).
 pub use etcd_client::Client as EtcdClient;
 pub use keys::Keys;
-pub use placement::PlacementStore;
+pub use placement::{PlacementStore, SessionLock};
 pub use record::{Kind, Load, MemberRecord, Placement};
 pub use register::{LoadProbe, PrefixProbe, Registration};
 pub use rendezvous::rendezvous;

@@ -1,5 +1,6 @@
 //! KV placement records: which worker group holds a multi-turn session's KV cache, and how
-//! many tokens it covers.
+//! many tokens it covers; and the lock that keeps two coordinators from running one session's
+//! turns at once.
 //!
 //! Invariant: a record never outlives the cache it points to by more than a moment: each put
 //! takes a fresh lease with the worker's session idle timeout as TTL, so the record expires
@@ -8,11 +9,16 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, PutOptions};
+use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
 
 use crate::client::{deadline, EtcdConfig, EtcdHealth, MembershipError, Result};
 use crate::keys::Keys;
 use crate::record::Placement;
+
+/// A session's lock across coordinators, held while a turn runs; dropping it releases it.
+pub struct SessionLock {
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
 
 #[derive(Clone)]
 pub struct PlacementStore {
@@ -76,6 +82,59 @@ impl PlacementStore {
                     .map(Some)
                     .map_err(|source| MembershipError::Record { key, source }),
             }
+        }
+        .await;
+        self.seen(r)
+    }
+
+    /// Takes the session's lock for one turn, on a lease of `ttl` kept alive until the returned
+    /// guard is dropped (which deletes the key and revokes the lease; a coordinator that dies
+    /// loses it within `ttl`). `Ok(None)`: another coordinator holds it.
+    pub async fn lock(&self, session_id: &str, ttl: Duration) -> Result<Option<SessionLock>> {
+        let r = async {
+            let mut c = self.client.clone();
+            let lease = deadline(
+                "lease grant",
+                self.timeout,
+                c.lease_grant(ttl.as_secs().max(1) as i64, None),
+            )
+            .await?
+            .id();
+            let key = self.keys.session_lock(session_id);
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(
+                    key.clone(),
+                    std::process::id().to_string(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )]);
+            let won = deadline("lock", self.timeout, c.txn(txn))
+                .await?
+                .succeeded();
+            if !won {
+                let _ = c.lease_revoke(lease).await;
+                return Ok(None);
+            }
+            let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+            let every = (ttl / 3).max(Duration::from_millis(200));
+            let mut keeper = c.clone();
+            tokio::spawn(async move {
+                if let Ok((mut k, _stream)) = keeper.lease_keep_alive(lease).await {
+                    loop {
+                        tokio::select! {
+                            _ = &mut stopped => break,
+                            _ = tokio::time::sleep(every) => {
+                                if k.keep_alive().await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+                let _ = keeper.delete(key, None).await;
+                let _ = keeper.lease_revoke(lease).await;
+            });
+            Ok(Some(SessionLock { _stop: stop }))
         }
         .await;
         self.seen(r)
