@@ -99,6 +99,7 @@ rank-0-only flags.
   "--wire-dtype" (toString $w.wireDtype)
   "--draft-features" (toString $v.draft.headFeatures)
   "--cache-mb" (toString (int64 $g.cacheMb))
+  "--prefix-cache-mb" (toString (int64 $w.prefixCacheMb))
   "--idle-timeout-s" (toString $w.idleTimeoutSeconds)
   "--tp" (toString (int $g.tp))
   "--tp-timeout-s" (toString $w.tpTimeoutSeconds)
