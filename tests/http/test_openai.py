@@ -63,6 +63,30 @@ def test_chat_unary_equals_grpc(c: Cluster) -> None:
     assert abs(e["mean_accepted"] - N / e["steps"]) < 1e-6, e
 
 
+def test_cached_tokens_in_usage(c: Cluster) -> None:
+    """A second request that shares a long system prompt with the first reports the tokens it
+    took from the prefix cache in usage.prompt_tokens_details.cached_tokens, in whole 32-token
+    blocks, and answers as the first request with the same messages would."""
+    system = "You answer questions about a small lighthouse museum, briefly. " * 12
+    ask = lambda q: client(c).chat.completions.create(  # noqa: E731
+        model=model_id(c),
+        messages=[{"role": "system", "content": system}, {"role": "user", "content": q}],
+        max_tokens=8,
+        temperature=0,
+    )
+    first = ask("When does it open?")
+    assert first.usage.prompt_tokens > 100, first.usage
+    details = first.usage.prompt_tokens_details
+    assert details is None or not details.cached_tokens, first.usage
+    second = ask("Is there a cafe?")
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 64 and cached % 32 == 0, second.usage
+    assert cached < second.usage.prompt_tokens
+    again = ask("When does it open?")
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert again.usage.prompt_tokens_details.cached_tokens >= cached
+
+
 def test_chat_stream_equals_grpc(c: Cluster) -> None:
     want = c.grpc_generate("--prompt", PROMPT, "--chat", "--max-new-tokens", str(N))
     stream = client(c).chat.completions.create(
