@@ -180,3 +180,69 @@ async fn a_prompt_goes_to_the_worker_that_holds_its_prefix() {
     drop(stream);
     let _ = up.0.kill();
 }
+
+/// On the worker itself: a prompt restored from the prefix cache returns the very feature bits
+/// (every prompt token's, the restored ones and those run) and the same next token as a cold
+/// prefill of it; the restored KV then decodes the same next tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restored_kv_gives_the_bits_of_a_fresh_prefill() {
+    use eagle_proto::worker::{DecodeRequest, PrefillRequest};
+    let cold = TestCluster::start(ClusterOpts {
+        draft: false,
+        worker_args: vec!["--prefix-cache-mb".into(), "0".into()],
+        ..Default::default()
+    });
+    let warm = TestCluster::start(ClusterOpts {
+        draft: false,
+        ..Default::default()
+    });
+    let e = reference_engine();
+    let tokens = e
+        .tokenizer
+        .encode(&format!("{SYSTEM} What time does the library open?"), true)
+        .unwrap();
+    assert!(tokens.len() > 96);
+    let req = |id: &str| PrefillRequest {
+        session_id: id.into(),
+        tokens: tokens.clone(),
+        capacity: tokens.len() as u32 + 8,
+        sampling: None,
+        reuse_cache: false,
+    };
+    let mut steps = Vec::new();
+    for (cluster, id) in [(&cold, "a"), (&warm, "a"), (&warm, "b")] {
+        let mut w = cluster.worker_client().await;
+        let step = w.prefill(req(id)).await.unwrap().into_inner();
+        let next = w
+            .decode(DecodeRequest {
+                session_id: id.into(),
+                token: step.tokens[0],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        steps.push((step, next));
+    }
+    let (fresh, fresh_next) = &steps[0];
+    assert_eq!(fresh.cached_tokens, 0);
+    assert_eq!(
+        steps[1].0.cached_tokens, 0,
+        "the first prompt on the warm worker runs whole"
+    );
+    let (restored, restored_next) = &steps[2];
+    assert!(restored.cached_tokens >= 96, "{}", restored.cached_tokens);
+    assert_eq!(restored.tokens, fresh.tokens);
+    let (f, r) = (
+        fresh.features.as_ref().unwrap(),
+        restored.features.as_ref().unwrap(),
+    );
+    assert_eq!(r.rows as usize, tokens.len());
+    assert!(
+        r.data == f.data,
+        "restored features differ from a fresh prefill's"
+    );
+    assert_eq!(restored_next.tokens, fresh_next.tokens);
+    assert!(
+        restored_next.features.as_ref().unwrap().data == fresh_next.features.as_ref().unwrap().data
+    );
+}
