@@ -1,6 +1,7 @@
 //! The head shipped in `heads/smollm2-135m` (trained by this project, 4k draft vocabulary):
 //! EAGLE with it equals vanilla greedy decoding token for token on the real SmolLM2-135M, and
-//! it is a trained head (it has draft tokens accepted, which a random head almost never does).
+//! it accepts at least as many tokens per pass as the head fine-tuned on the target's own
+//! answers does (a regression to an earlier head fails).
 
 mod common;
 #[path = "common/prompts.rs"]
@@ -14,7 +15,11 @@ use eagle_engine::{Engine, GenerateRequest, LoadOptions, Mode};
 
 #[test]
 fn the_shipped_head_is_lossless_and_accepts_tokens() {
-    let head = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../heads/smollm2-135m");
+    // EAGLE_TEST_HEAD measures another head against the same floors (how they were set).
+    let head = std::env::var_os("EAGLE_TEST_HEAD").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../heads/smollm2-135m"),
+        PathBuf::from,
+    );
     assert!(
         head.join("config.json").exists(),
         "{} is missing",
@@ -24,8 +29,10 @@ fn the_shipped_head_is_lossless_and_accepts_tokens() {
         &LoadOptions {
             model: common::smollm2_path(),
             head: Some(head),
+            // As the cluster serves it by default (`--dtype auto`): the GGUF's own blocks on the
+            // integer kernels, which the head was trained on.
             dtype: DType::BF16,
-            quant: eagle_engine::Quant::None,
+            quant: eagle_engine::Quant::Native,
             device: Device::Cpu,
         },
         &mut |_, _| {},
@@ -49,9 +56,12 @@ fn the_shipped_head_is_lossless_and_accepts_tokens() {
     }
     let mean = tokens as f64 / steps as f64;
     eprintln!("shipped head: {mean:.2} tokens per target pass");
+    // The floors sit between the head shipped before 2026-12-07 (1.51 tokens per pass, first
+    // draft token accepted in 0.425 of the passes, on these prompts in the served mode) and the
+    // one fine-tuned on the target's own answers (1.54, 0.460): going back fails.
     assert!(
-        mean > 1.2,
-        "mean accepted {mean:.2}: the shipped head looks untrained"
+        mean > 1.525,
+        "mean accepted {mean:.3}: the shipped head regressed (today's gives 1.54)"
     );
     let rates = positions.rates();
     eprintln!(
@@ -60,7 +70,7 @@ fn the_shipped_head_is_lossless_and_accepts_tokens() {
     );
     let first = rates.conditional[0].expect("speculative steps drafted a token");
     assert!(
-        first > 0.3,
+        first > 0.44,
         "the first draft token is accepted in {first:.2} of the passes: the head regressed"
     );
 }
