@@ -147,7 +147,8 @@ async fn sixteen_concurrent_streams_equal_each_stream_alone() {
 async fn a_long_prompt_is_prefilled_between_the_short_streams_steps() {
     // The serving default (quantized blocks): this test compares the cluster with itself, and
     // a 1,500-token prompt in f32 takes most of a minute here.
-    let cluster = batching_cluster(&[("EAGLE_DTYPE", "auto")]);
+    // The prefix cache off: the long prompt is sent twice and must be prefilled both times.
+    let cluster = batching_cluster(&[("EAGLE_DTYPE", "auto"), ("EAGLE_PREFIX_CACHE_MB", "0")]);
     let c = cluster.client().await;
     // Common words, one token each: a prompt of about 1,500 tokens.
     let words = [
