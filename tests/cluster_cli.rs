@@ -181,36 +181,44 @@ async fn one_request_is_one_trace_across_the_processes() {
     let _ = std::fs::remove_file(&trace);
 }
 
+/// Runs `eagle load --addr ADDR --prompts FILE ARGS` with `prompts` (JSON lines) as the file;
+/// its JSON summary.
+fn eagle_load(addr: &str, prompts: &str, args: &[&str]) -> serde_json::Value {
+    static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let file = std::env::temp_dir().join(format!("eagle-load-{}-{n}.jsonl", std::process::id()));
+    std::fs::write(&file, prompts).unwrap();
+    let out = Command::new(bin("eagle"))
+        .args(["load", "--addr", addr, "--prompts"])
+        .arg(&file)
+        .args(args)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object")
+}
+
 #[test]
 fn eagle_load_reports_throughput_and_latency() {
     let c = TestCluster::start(ClusterOpts::default());
-    let prompts = std::env::temp_dir().join(format!("eagle-load-{}.jsonl", std::process::id()));
-    std::fs::write(
-        &prompts,
+    let v = eagle_load(
+        &c.coordinator.addr,
         "{\"prompt\": \"What is the capital of France?\"}\n\
          {\"prompt\": \"def fibonacci(n):\", \"raw\": true}\n",
-    )
-    .unwrap();
-    let out = Command::new(bin("eagle"))
-        .args(["load", "--addr", &c.coordinator.addr, "--prompts"])
-        .arg(&prompts)
-        .args([
+        &[
             "--concurrency",
             "3",
             "--requests",
             "6",
             "--max-new-tokens",
             "8",
-        ])
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_file(&prompts);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     assert_eq!(
         (v["requests"].as_u64(), v["ok"].as_u64()),
         (Some(6), Some(6)),
@@ -239,27 +247,21 @@ fn eagle_load_reports_throughput_and_latency() {
 
     // Shared-prefix traffic: every request after the first of each prompt kind reuses the
     // shared system prompt's cached blocks, and the answers stay one per prompt.
-    let prompts = std::env::temp_dir().join(format!("eagle-load-p-{}.jsonl", std::process::id()));
-    std::fs::write(
-        &prompts,
+    let v = eagle_load(
+        &c.coordinator.addr,
         "{\"prompt\": \"What is the capital of France?\"}\n\
          {\"prompt\": \"Name a colour.\"}\n",
-    )
-    .unwrap();
-    let out = Command::new(bin("eagle"))
-        .args(["load", "--addr", &c.coordinator.addr, "--prompts"])
-        .arg(&prompts)
-        .args(["--requests", "4", "--max-new-tokens", "4"])
-        .args(["--prefix-tokens", "200", "--share", "1"])
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_file(&prompts);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        &[
+            "--requests",
+            "4",
+            "--max-new-tokens",
+            "4",
+            "--prefix-tokens",
+            "200",
+            "--share",
+            "1",
+        ],
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     assert_eq!(v["ok"].as_u64(), Some(4), "{v}");
     assert_eq!(v["mismatched_outputs"], 0, "{v}");
     assert!(v["prompt_tokens"].as_u64().unwrap() > 4 * 150, "{v}");

@@ -517,41 +517,10 @@ async fn an_etcd_restart_or_stall_under_load_fails_no_request() {
 
 #[test]
 fn cluster_up_with_a_local_etcd_and_status() {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
-    let mut up = KillOnDrop(
-        cluster_up_command(&[
-            "--etcd",
-            "local",
-            "--groups",
-            "2",
-            "--cluster",
-            "up1",
-            "--no-http",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap(),
-    );
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stderr = up.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(u) = line.strip_prefix("started a local etcd at ") {
-                let _ = tx.send(u.trim().to_string());
-            }
-            eprintln!("{line}");
-        }
-    });
-    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
-    let ready = lines.next().expect("a line").unwrap();
-    let addr = ready
-        .strip_prefix("ready ")
-        .expect("ready ADDR")
-        .to_string();
-    let url = rx
-        .recv_timeout(Duration::from_secs(5))
-        .expect("the local etcd's address");
+    use std::process::Command;
+    let (mut up, addrs, url) =
+        cluster_up_local_etcd(&["--groups", "2", "--cluster", "up1", "--no-http"], 1);
+    let addr = addrs[0].clone();
 
     succeed(
         Command::new(bin("eagle"))
@@ -780,12 +749,8 @@ async fn a_second_coordinator_routes_by_the_prefixes_workers_publish() {
 /// after the group holding the session is killed, the next turn succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn turns_alternating_between_two_coordinators_reach_their_kv() {
-    use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
-    let mut up = KillOnDrop(
-        cluster_up_command(&[
-            "--etcd",
-            "local",
+    let (mut up, addrs, url) = cluster_up_local_etcd(
+        &[
             "--groups",
             "2",
             "--coordinators",
@@ -794,29 +759,10 @@ async fn turns_alternating_between_two_coordinators_reach_their_kv() {
             "two",
             "--no-http",
             "--no-metrics",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap(),
+        ],
+        2,
     );
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stderr = up.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(u) = line.strip_prefix("started a local etcd at ") {
-                let _ = tx.send(u.trim().to_string());
-            }
-            eprintln!("{line}");
-        }
-    });
-    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
-    let mut addrs = Vec::new();
-    for _ in 0..2 {
-        let l = lines.next().expect("a line").unwrap();
-        addrs.push(l.strip_prefix("ready ").expect("ready ADDR").to_string());
-    }
     assert_ne!(addrs[0], addrs[1]);
-    let url = rx.recv_timeout(Duration::from_secs(5)).expect("etcd's URL");
     let cfg = EtcdConfig::new(&url, "two");
     let v = MembershipView::start(
         connect(&cfg).await.expect("etcd"),
@@ -904,6 +850,44 @@ async fn turns_alternating_between_two_coordinators_reach_their_kv() {
         .expect("the next turn after the holder died");
     assert!(!out.into_inner().token_ids.is_empty());
     stop_cluster_up(&mut up, &[]);
+}
+
+/// `eagle cluster up --etcd local ARGS`, its stderr passed through: the process, the addresses
+/// of its first `coordinators` `ready` lines, and the local etcd's URL.
+fn cluster_up_local_etcd(args: &[&str], coordinators: usize) -> (KillOnDrop, Vec<String>, String) {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let mut all = vec!["--etcd", "local"];
+    all.extend(args);
+    let mut up = KillOnDrop(
+        cluster_up_command(&all)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = up.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(u) = line.strip_prefix("started a local etcd at ") {
+                let _ = tx.send(u.trim().to_string());
+            }
+            eprintln!("{line}");
+        }
+    });
+    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    let addrs = (0..coordinators)
+        .map(|_| {
+            let l = lines.next().expect("a line").unwrap();
+            l.strip_prefix("ready ")
+                .unwrap_or_else(|| panic!("expected `ready ADDR`, got {l:?}"))
+                .to_string()
+        })
+        .collect();
+    let url = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the local etcd's address");
+    (up, addrs, url)
 }
 
 /// The group etcd records for `session`'s KV, once it is there.

@@ -384,7 +384,9 @@ impl Scheduler {
             if let (Task::Prefill { .. }, Some(Ok(Progress::Done(_)))) =
                 (&batch[i].job.task, &out[i])
             {
-                self.offer(&guards[i]);
+                if let Some(prefix) = &self.prefix {
+                    offer(prefix, &self.target, &guards[i]);
+                }
             }
         }
         Ok(out
@@ -418,13 +420,6 @@ impl Scheduler {
         match prefix.lookup(&request.tokens, keep) {
             Some(hit) => s.restore(&self.target, hit, block),
             None => Ok(keep),
-        }
-    }
-
-    /// Offers a session's cached blocks to the prefix cache (a prompt just run).
-    fn offer(&self, s: &Sequence) {
-        if let Some(prefix) = &self.prefix {
-            offer(prefix, &self.target, s);
         }
     }
 }

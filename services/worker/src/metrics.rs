@@ -73,50 +73,57 @@ pub fn register(
 
 /// Registers the prefix cache's metrics, read from it at scrape time.
 pub(crate) fn register_prefix_cache(cache: Arc<Mutex<PrefixCache>>) {
-    fn reader<T: 'static>(
-        cache: &Arc<Mutex<PrefixCache>>,
-        f: fn(&PrefixCache) -> T,
-    ) -> impl Fn() -> T + Send + Sync + 'static {
-        let c = cache.clone();
-        move || f(&c.lock().unwrap_or_else(|e| e.into_inner()))
+    type Read<T> = fn(&PrefixCache) -> T;
+    let counters: [(&str, &str, Read<u64>); 4] = [
+        (
+            "eagle_prefix_cache_queried_tokens",
+            "Prompt tokens looked up in the prefix cache",
+            |c| c.stats().queried_tokens,
+        ),
+        (
+            "eagle_prefix_cache_hit_tokens",
+            "Prompt tokens taken from cached KV rather than computed (prefix cache or the session's own earlier turn)",
+            |c| c.stats().hit_tokens,
+        ),
+        (
+            "eagle_prefix_cache_inserted_blocks",
+            "Blocks of tokens stored in the prefix cache",
+            |c| c.stats().inserted_blocks,
+        ),
+        (
+            "eagle_prefix_cache_evicted_blocks",
+            "Blocks evicted from the prefix cache to make room (least recently used first)",
+            |c| c.stats().evicted_blocks,
+        ),
+    ];
+    let gauges: [(&str, &str, Read<f64>); 3] = [
+        (
+            "eagle_prefix_cache_bytes",
+            "Bytes held by the prefix cache (KV, features and tokens of its blocks)",
+            |c| c.bytes() as f64,
+        ),
+        (
+            "eagle_prefix_cache_capacity_bytes",
+            "The prefix cache's budget",
+            |c| c.budget() as f64,
+        ),
+        (
+            "eagle_prefix_cache_blocks",
+            "Blocks held by the prefix cache",
+            |c| c.len() as f64,
+        ),
+    ];
+    fn lock(c: &Mutex<PrefixCache>) -> std::sync::MutexGuard<'_, PrefixCache> {
+        c.lock().unwrap_or_else(|e| e.into_inner())
     }
-    let read = |f| reader(&cache, f);
-    let count = |f| reader(&cache, f);
-    eagle_metrics::counter_fn(
-        "eagle_prefix_cache_queried_tokens",
-        "Prompt tokens looked up in the prefix cache",
-        count(|c| c.stats().queried_tokens),
-    );
-    eagle_metrics::counter_fn(
-        "eagle_prefix_cache_hit_tokens",
-        "Prompt tokens taken from cached KV rather than computed (prefix cache or the session's own earlier turn)",
-        count(|c| c.stats().hit_tokens),
-    );
-    eagle_metrics::counter_fn(
-        "eagle_prefix_cache_inserted_blocks",
-        "Blocks of tokens stored in the prefix cache",
-        count(|c| c.stats().inserted_blocks),
-    );
-    eagle_metrics::counter_fn(
-        "eagle_prefix_cache_evicted_blocks",
-        "Blocks evicted from the prefix cache to make room (least recently used first)",
-        count(|c| c.stats().evicted_blocks),
-    );
-    eagle_metrics::gauge_fn(
-        "eagle_prefix_cache_bytes",
-        "Bytes held by the prefix cache (KV, features and tokens of its blocks)",
-        read(|c| c.bytes() as f64),
-    );
-    eagle_metrics::gauge_fn(
-        "eagle_prefix_cache_capacity_bytes",
-        "The prefix cache's budget",
-        read(|c| c.budget() as f64),
-    );
-    eagle_metrics::gauge_fn(
-        "eagle_prefix_cache_blocks",
-        "Blocks held by the prefix cache",
-        read(|c| c.len() as f64),
-    );
+    for (name, help, f) in counters {
+        let c = cache.clone();
+        eagle_metrics::counter_fn(name, help, move || f(&lock(&c)));
+    }
+    for (name, help, f) in gauges {
+        let c = cache.clone();
+        eagle_metrics::gauge_fn(name, help, move || f(&lock(&c)));
+    }
 }
 
 /// A collective whose calls are timed into `eagle_collective_duration_seconds`.
