@@ -13,6 +13,9 @@ use candle_core::{DType, Device};
 use eagle_engine::chat::Message;
 use eagle_engine::{Engine, GenerateRequest, LoadOptions, Mode};
 
+/// Nodes of the fixed draft tree (depth 6 and top-k 8, the defaults, as served).
+const TREE_NODES: i32 = 32;
+
 #[test]
 fn the_shipped_head_is_lossless_and_accepts_tokens() {
     // EAGLE_TEST_HEAD measures another head against the same floors (how they were set).
@@ -45,6 +48,10 @@ fn the_shipped_head_is_lossless_and_accepts_tokens() {
             .chat_prompt(&[Message::new("user", p.to_string())])
             .unwrap();
         let mut req = GenerateRequest::new(ids, 64);
+        // A fixed tree: the automatic one sizes itself by this machine's measured costs (and
+        // the seconds each draft took), so what it accepts differs from one CPU to the next.
+        // This one's tokens and acceptance are the same bits on every CPU and kernel path.
+        req.spec.total_token = TREE_NODES;
         req.mode = Mode::Vanilla;
         let want = e.generate(&req).unwrap().tokens;
         req.mode = Mode::Eagle;
@@ -55,13 +62,14 @@ fn the_shipped_head_is_lossless_and_accepts_tokens() {
         positions.merge(&got.position_acceptance());
     }
     let mean = tokens as f64 / steps as f64;
-    eprintln!("shipped head: {mean:.2} tokens per target pass");
-    // The floors sit between the head shipped before 2026-12-07 (1.51 tokens per pass, first
-    // draft token accepted in 0.425 of the passes, on these prompts in the served mode) and the
-    // one fine-tuned on the target's own answers (1.54, 0.460): going back fails.
+    eprintln!("shipped head: {mean:.4} tokens per target pass ({tokens} tokens, {steps} passes)");
+    // The floors sit between the head shipped before 2026-12-07 (1.9225 tokens per pass, 542
+    // passes, first draft token accepted in 0.588 of them, on these prompts in the served mode
+    // with this tree) and the one fine-tuned on the target's own answers (1.9586, 532 passes,
+    // 0.598): going back fails. The same on the amx, avx512vnni and avx2 paths.
     assert!(
-        mean > 1.525,
-        "mean accepted {mean:.3}: the shipped head regressed (today's gives 1.54)"
+        mean > 1.94,
+        "mean accepted {mean:.4}: the shipped head regressed (today's gives 1.9586)"
     );
     let rates = positions.rates();
     eprintln!(
@@ -70,7 +78,7 @@ fn the_shipped_head_is_lossless_and_accepts_tokens() {
     );
     let first = rates.conditional[0].expect("speculative steps drafted a token");
     assert!(
-        first > 0.44,
+        first > 0.593,
         "the first draft token is accepted in {first:.2} of the passes: the head regressed"
     );
 }
