@@ -701,7 +701,11 @@ async fn a_second_coordinator_routes_by_the_prefixes_workers_publish() {
         r.speculation.as_mut().unwrap().enabled = Some(false);
         r
     };
-    let out = c1.generate(ask("Where are the atlases?")).await.unwrap();
+    // In a session, so that the busy request below reaches the same group whatever the
+    // groups' loads in etcd say by then.
+    let mut first_turn = ask("Where are the atlases?");
+    first_turn.session_id = "desk".into();
+    let out = c1.generate(first_turn).await.unwrap();
     assert_eq!(out.into_inner().usage.unwrap().cached_prompt_tokens, 0);
     // The group that answered publishes the prompt's blocks.
     let holder = || {
@@ -720,6 +724,7 @@ async fn a_second_coordinator_routes_by_the_prefixes_workers_publish() {
     // Keep the holder busy with a long answer through the first coordinator.
     let mut busy = prompt_request("1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", 600);
     busy.speculation.as_mut().unwrap().enabled = Some(false);
+    busy.session_id = "desk".into();
     let mut stream = c1.stream_generate(busy).await.unwrap().into_inner();
     let _ = stream.next().await.expect("a chunk").expect("no error");
     wait_for("the holder's load in etcd", Duration::from_secs(10), || {
