@@ -78,30 +78,227 @@ pub struct AttnShape {
     pub head_dim: usize,
 }
 
-/// The query heads of one KV head (grouped-query attention) over their visible slots: scores,
-/// softmax, weighted sum of values. The heads share each key and value row they read, and
-/// each head's arithmetic is exactly that of attending alone: its scores are `dot`s, its
-/// softmax and weighted sum run in slot order. `qs` and `out` hold `group` heads of `hd`.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn group_body(
-    qs: &[f32],
-    kv_stride: usize,
-    g_off: usize,
+/// One task's share of attention: some consecutive rows of one sequence and the query heads of
+/// one KV head (grouped-query attention), over their visible slots.
+struct Block<'a> {
+    /// The query vectors, row by row: row j's head h is `qs[j * group + h]`.
+    qs: &'a [&'a [f32]],
+    group: usize,
     hd: usize,
-    k_cache: &[f32],
-    v_cache: &[f32],
+    kv_stride: usize,
+    /// Offset of this KV head in a cache row.
+    g_off: usize,
+    k_cache: &'a [f32],
+    v_cache: &'a [f32],
+    prefix: usize,
+    /// Per row, its further slots (`Visibility::extra`).
+    extra: &'a [&'a [u32]],
+    scale: f32,
+}
+
+/// Scratch a task reuses: the scores of each query vector, end to end, and where each starts.
+#[derive(Default)]
+struct Scratch {
+    scores: Vec<f32>,
+    off: Vec<usize>,
+    inv: Vec<f32>,
+}
+
+/// Scores, softmax and weighted sum of values for every query vector of `b`, into `out`
+/// (`qs.len()` vectors of `hd`). Each query vector's arithmetic is exactly that of attending
+/// alone: its scores are `dot`s, its softmax and weighted sum run in its slot order. The rows
+/// share the key and value rows of the slots they all see (the committed prefix and their
+/// common ancestors, or the common part of a prompt chunk), which are read once for all.
+#[inline(always)]
+fn block_body(b: &Block<'_>, out: &mut [f32], s: &mut Scratch) {
+    let (hd, group) = (b.hd, b.group);
+    let nq = b.qs.len();
+    let rows = b.extra.len();
+    debug_assert_eq!(nq, rows * group);
+    // Slots every row sees, in the same order: the prefix, then their common first extras.
+    let first = b.extra[0];
+    let common = b.extra[1..].iter().fold(first.len(), |n, e| {
+        n.min(e.iter().zip(first).take_while(|(a, b)| a == b).count())
+    });
+    let shared = b.prefix + common;
+    let slot = |i: usize| {
+        if i < b.prefix {
+            i
+        } else {
+            first[i - b.prefix] as usize
+        }
+    };
+    let row_len = |j: usize| b.prefix + b.extra[j].len();
+    s.off.clear();
+    let mut total = 0;
+    for q in 0..nq {
+        s.off.push(total);
+        total += row_len(q / group);
+    }
+    s.scores.clear();
+    s.scores.resize(total, 0.0);
+    let key = |sl: usize| &b.k_cache[sl * b.kv_stride + b.g_off..sl * b.kv_stride + b.g_off + hd];
+    let value = |sl: usize| &b.v_cache[sl * b.kv_stride + b.g_off..sl * b.kv_stride + b.g_off + hd];
+    // The shared slots: four keys at a time against two query vectors at a time, the same bits
+    // as one `dot` each.
+    let (scores, off) = (&mut s.scores, &s.off);
+    let mut i = 0;
+    while i + 4 <= shared {
+        let ks = [
+            key(slot(i)),
+            key(slot(i + 1)),
+            key(slot(i + 2)),
+            key(slot(i + 3)),
+        ];
+        let mut q = 0;
+        while q + 2 <= nq {
+            let mut o = [[0f32; 4]; 2];
+            dot_block([b.qs[q], b.qs[q + 1]], ks, &mut o);
+            for (r, row) in o.iter().enumerate() {
+                for (c, v) in row.iter().enumerate() {
+                    scores[off[q + r] + i + c] = v * b.scale;
+                }
+            }
+            q += 2;
+        }
+        if q < nq {
+            let mut o = [[0f32; 4]; 1];
+            dot_block([b.qs[q]], ks, &mut o);
+            for (c, v) in o[0].iter().enumerate() {
+                scores[off[q] + i + c] = v * b.scale;
+            }
+        }
+        i += 4;
+    }
+    for i in i..shared {
+        let k = key(slot(i));
+        for q in 0..nq {
+            scores[off[q] + i] = dot(b.qs[q], k) * b.scale;
+        }
+    }
+    // Each row's own slots.
+    for j in 0..rows {
+        for i in shared..row_len(j) {
+            let k = key(b.extra[j][i - b.prefix] as usize);
+            for q in j * group..(j + 1) * group {
+                scores[off[q] + i] = dot(b.qs[q], k) * b.scale;
+            }
+        }
+    }
+    s.inv.clear();
+    for q in 0..nq {
+        let sc = &mut scores[off[q]..off[q] + row_len(q / group)];
+        let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let mut sum = 0f32;
+        for x in sc.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        s.inv.push(1.0 / sum);
+    }
+    // Weighted sums in slot order: the shared slots for every query vector at once, then each
+    // row's own. Plain multiply-then-add (not `mul_add`, which is a library call without FMA
+    // hardware): the order is fixed either way, which is all batch invariance needs, and
+    // elementwise, so 8-lane AVX2 and scalar code give the same bits.
+    out.fill(0.0);
+    if hd % PV_WIDTH == 0 {
+        // A few query vectors and PV_WIDTH dimensions at a time, their sums kept in registers
+        // over every shared slot (the same operations, in the same order, as below).
+        let step = if wide() { 4 } else { 2 };
+        let mut ps: [&[f32]; 4] = [&[]; 4];
+        let mut q = 0;
+        while q < nq {
+            let t = (nq - q).min(step);
+            for (j, p) in ps.iter_mut().take(t).enumerate() {
+                *p = &scores[off[q + j]..off[q + j] + shared];
+            }
+            for d0 in (0..hd).step_by(PV_WIDTH) {
+                let mut acc = [[0f32; PV_WIDTH]; 4];
+                pv_tile(
+                    &ps[..t],
+                    b.v_cache,
+                    b.kv_stride,
+                    b.g_off + d0,
+                    b.prefix,
+                    first,
+                    &mut acc[..t],
+                );
+                for (j, a) in acc.iter().enumerate().take(t) {
+                    out[(q + j) * hd + d0..][..PV_WIDTH].copy_from_slice(a);
+                }
+            }
+            q += t;
+        }
+    } else {
+        for i in 0..shared {
+            let v = value(slot(i));
+            for (q, o) in out.chunks_exact_mut(hd).enumerate() {
+                let p = scores[off[q] + i];
+                for (o, vi) in o.iter_mut().zip(v) {
+                    *o += p * vi;
+                }
+            }
+        }
+    }
+    for j in 0..rows {
+        for i in shared..row_len(j) {
+            let v = value(b.extra[j][i - b.prefix] as usize);
+            for q in j * group..(j + 1) * group {
+                let p = scores[off[q] + i];
+                for (o, vi) in out[q * hd..(q + 1) * hd].iter_mut().zip(v) {
+                    *o += p * vi;
+                }
+            }
+        }
+    }
+    for (o, inv) in out.chunks_exact_mut(hd).zip(&s.inv) {
+        for x in o.iter_mut() {
+            *x *= inv;
+        }
+    }
+}
+
+/// Whether the float kernels may use 512-bit registers: the quantized kernels' path is one of
+/// the AVX-512 ones (so `EAGLE_KERNEL_ISA=avx2` and the tests' forced paths narrow this too).
+#[cfg(target_arch = "x86_64")]
+fn wide() -> bool {
+    use super::quant::{isa, Isa};
+    matches!(isa(), Isa::Amx | Isa::Avx512Vnni) && is_x86_feature_detected!("avx512f")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn wide() -> bool {
+    false
+}
+
+/// `acc[t][d] += ps[t][i] * v[slot(i)][d0 + d]` for the slots `i` of `ps` in order, `slot(i)`
+/// being `i` within the prefix and `extra[i - prefix]` after it: the weighted sums of values
+/// of up to four query vectors over PV_WIDTH dimensions, in registers. Elementwise, one
+/// multiply and one add per term in slot order, so every path gives the same bits.
+#[inline(always)]
+fn pv_tile(
+    ps: &[&[f32]],
+    v: &[f32],
+    stride: usize,
+    d0: usize,
     prefix: usize,
     extra: &[u32],
-    scale: f32,
-    out: &mut [f32],
-    scores: &mut Vec<f32>,
+    acc: &mut [[f32; PV_WIDTH]],
 ) {
-    let group = qs.len() / hd;
-    let n = prefix + extra.len();
-    scores.clear();
-    scores.resize(group * n, 0.0);
-    let key = |s: usize| &k_cache[s * kv_stride + g_off..s * kv_stride + g_off + hd];
+    let n = ps[0].len();
+    assert!(ps.len() == acc.len() && ps.len() <= 4 && ps.iter().all(|p| p.len() == n));
+    assert!(n <= prefix + extra.len());
+    let last = extra[..n.saturating_sub(prefix)]
+        .iter()
+        .map(|&s| s as usize)
+        .chain((n.min(prefix) > 0).then(|| n.min(prefix) - 1))
+        .max();
+    if let Some(last) = last {
+        assert!(
+            last * stride + d0 + PV_WIDTH <= v.len(),
+            "attention: slot out of the cache"
+        );
+    }
     let slot = |i: usize| {
         if i < prefix {
             i
@@ -109,116 +306,158 @@ fn group_body(
             extra[i - prefix] as usize
         }
     };
-    // Four keys at a time for every head of the group: the same bits as one `dot` each.
-    let mut i = 0;
-    while i + 4 <= n {
-        let ks = [
-            key(slot(i)),
-            key(slot(i + 1)),
-            key(slot(i + 2)),
-            key(slot(i + 3)),
-        ];
-        for h in 0..group {
-            let mut o = [[0f32; 4]; 1];
-            dot_block([&qs[h * hd..(h + 1) * hd]], ks, &mut o);
-            for (j, v) in o[0].iter().enumerate() {
-                scores[h * n + i + j] = v * scale;
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY (all three): the features were detected at run time; every row read was
+        // bounds-checked above, and every score index is below n.
+        if ps.len() == 4 && wide() {
+            let (p, a) = (ps.try_into().unwrap(), (&mut *acc).try_into().unwrap());
+            return unsafe { pv_avx512::<4>(p, v, stride, d0, n, slot, a) };
+        }
+        if super::dot::avx2() {
+            for (p, a) in ps.chunks(2).zip(acc.chunks_mut(2)) {
+                match p.len() {
+                    2 => unsafe {
+                        pv_avx2::<2>(
+                            p.try_into().unwrap(),
+                            v,
+                            stride,
+                            d0,
+                            n,
+                            slot,
+                            a.try_into().unwrap(),
+                        )
+                    },
+                    _ => unsafe {
+                        pv_avx2::<1>(
+                            p.try_into().unwrap(),
+                            v,
+                            stride,
+                            d0,
+                            n,
+                            slot,
+                            a.try_into().unwrap(),
+                        )
+                    },
+                }
             }
-        }
-        i += 4;
-    }
-    for i in i..n {
-        let k = key(slot(i));
-        for h in 0..group {
-            scores[h * n + i] = dot(&qs[h * hd..(h + 1) * hd], k) * scale;
+            return;
         }
     }
-    let mut inv = [0f32; 16];
-    let mut inv_heap = Vec::new();
-    let inv: &mut [f32] = if group <= 16 {
-        &mut inv[..group]
-    } else {
-        inv_heap.resize(group, 0.0);
-        &mut inv_heap
-    };
-    for (h, sc) in scores.chunks_exact_mut(n.max(1)).take(group).enumerate() {
-        let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        let mut sum = 0f32;
-        for x in sc.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
-        }
-        inv[h] = 1.0 / sum;
-    }
-    out.fill(0.0);
+    pv_portable(ps, v, stride, d0, n, slot, acc)
+}
+
+/// The definition of [`pv_tile`]'s arithmetic.
+fn pv_portable(
+    ps: &[&[f32]],
+    v: &[f32],
+    stride: usize,
+    d0: usize,
+    n: usize,
+    slot: impl Fn(usize) -> usize,
+    acc: &mut [[f32; PV_WIDTH]],
+) {
     for i in 0..n {
-        let s = slot(i);
-        let v = &v_cache[s * kv_stride + g_off..s * kv_stride + g_off + hd];
-        for (h, o) in out.chunks_exact_mut(hd).enumerate() {
-            let p = scores[h * n + i];
-            // Plain multiply-then-add (not `mul_add`, which is a library call without FMA
-            // hardware): the order is fixed either way, which is all batch invariance needs,
-            // and elementwise, so 8-lane AVX2 and scalar code give the same bits.
-            for (o, vi) in o.iter_mut().zip(v) {
-                *o += p * vi;
+        let row = &v[slot(i) * stride + d0..][..PV_WIDTH];
+        for (a, p) in acc.iter_mut().zip(ps) {
+            for (a, vi) in a.iter_mut().zip(row) {
+                *a += p[i] * vi;
             }
-        }
-    }
-    for (o, inv) in out.chunks_exact_mut(hd).zip(inv.iter()) {
-        for x in o.iter_mut() {
-            *x *= inv;
         }
     }
 }
 
-/// [`group_body`] compiled for AVX2 (its loops vectorize 8 lanes wide).
+/// [`pv_tile`] with AVX2 registers: per slot, four loads of the value row, then per query
+/// vector one broadcast and four multiplies and adds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn pv_avx2<const T: usize>(
+    ps: &[&[f32]; T],
+    v: &[f32],
+    stride: usize,
+    d0: usize,
+    n: usize,
+    slot: impl Fn(usize) -> usize,
+    acc: &mut [[f32; PV_WIDTH]; T],
+) {
+    use std::arch::x86_64::*;
+    const R: usize = PV_WIDTH / 8;
+    let mut a = [[_mm256_setzero_ps(); R]; T];
+    for t in 0..T {
+        for (j, r) in a[t].iter_mut().enumerate() {
+            *r = _mm256_loadu_ps(acc[t].as_ptr().add(8 * j));
+        }
+    }
+    let base = v.as_ptr().add(d0);
+    for i in 0..n {
+        let row = base.add(slot(i) * stride);
+        let w: [__m256; R] = std::array::from_fn(|j| _mm256_loadu_ps(row.add(8 * j)));
+        for t in 0..T {
+            let p = _mm256_broadcast_ss(ps[t].get_unchecked(i));
+            for j in 0..R {
+                a[t][j] = _mm256_add_ps(a[t][j], _mm256_mul_ps(p, w[j]));
+            }
+        }
+    }
+    for t in 0..T {
+        for (j, r) in a[t].iter().enumerate() {
+            _mm256_storeu_ps(acc[t].as_mut_ptr().add(8 * j), *r);
+        }
+    }
+}
+
+/// [`pv_tile`] with 512-bit registers: the same operations on 16 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pv_avx512<const T: usize>(
+    ps: &[&[f32]; T],
+    v: &[f32],
+    stride: usize,
+    d0: usize,
+    n: usize,
+    slot: impl Fn(usize) -> usize,
+    acc: &mut [[f32; PV_WIDTH]; T],
+) {
+    use std::arch::x86_64::*;
+    const R: usize = PV_WIDTH / 16;
+    let mut a = [[_mm512_setzero_ps(); R]; T];
+    for t in 0..T {
+        for (j, r) in a[t].iter_mut().enumerate() {
+            *r = _mm512_loadu_ps(acc[t].as_ptr().add(16 * j));
+        }
+    }
+    let base = v.as_ptr().add(d0);
+    for i in 0..n {
+        let row = base.add(slot(i) * stride);
+        let w: [__m512; R] = std::array::from_fn(|j| _mm512_loadu_ps(row.add(16 * j)));
+        for t in 0..T {
+            let p = _mm512_set1_ps(*ps[t].get_unchecked(i));
+            for j in 0..R {
+                a[t][j] = _mm512_add_ps(a[t][j], _mm512_mul_ps(p, w[j]));
+            }
+        }
+    }
+    for t in 0..T {
+        for (j, r) in a[t].iter().enumerate() {
+            _mm512_storeu_ps(acc[t].as_mut_ptr().add(16 * j), *r);
+        }
+    }
+}
+
+/// [`block_body`] compiled for AVX2 (its loops vectorize 8 lanes wide).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn group_avx2(
-    qs: &[f32],
-    kv_stride: usize,
-    g_off: usize,
-    hd: usize,
-    k_cache: &[f32],
-    v_cache: &[f32],
-    prefix: usize,
-    extra: &[u32],
-    scale: f32,
-    out: &mut [f32],
-    scores: &mut Vec<f32>,
-) {
-    group_body(
-        qs, kv_stride, g_off, hd, k_cache, v_cache, prefix, extra, scale, out, scores,
-    )
+unsafe fn block_avx2(b: &Block<'_>, out: &mut [f32], s: &mut Scratch) {
+    block_body(b, out, s)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn one_group(
-    qs: &[f32],
-    kv_stride: usize,
-    g_off: usize,
-    hd: usize,
-    k_cache: &[f32],
-    v_cache: &[f32],
-    prefix: usize,
-    extra: &[u32],
-    scale: f32,
-    out: &mut [f32],
-    scores: &mut Vec<f32>,
-) {
+fn one_block(b: &Block<'_>, out: &mut [f32], s: &mut Scratch) {
     #[cfg(target_arch = "x86_64")]
     if super::dot::avx2() {
         // SAFETY: the dot kernels detected AVX2, FMA and F16C at run time.
-        return unsafe {
-            group_avx2(
-                qs, kv_stride, g_off, hd, k_cache, v_cache, prefix, extra, scale, out, scores,
-            )
-        };
+        return unsafe { block_avx2(b, out, s) };
     }
-    group_body(
-        qs, kv_stride, g_off, hd, k_cache, v_cache, prefix, extra, scale, out, scores,
-    )
+    block_body(b, out, s)
 }
 
 /// `q` is [m, n_heads, head_dim]; the caches are [slots, n_kv_heads, head_dim] and already hold
@@ -241,6 +480,12 @@ pub fn attention(
     )
 }
 
+/// Dimensions of a value row whose weighted sums one pass keeps in registers.
+const PV_WIDTH: usize = 32;
+
+/// Most rows one task attends for together.
+const MAX_BLOCK_ROWS: usize = 8;
+
 /// One sequence of a batched attention call: its caches and its rows' visibility.
 pub struct Seq<'a> {
     pub k_cache: &'a [f32],
@@ -250,17 +495,12 @@ pub struct Seq<'a> {
 
 /// Attention for the rows of several sequences at once: `q` holds the rows of `seqs[0]`, then
 /// those of `seqs[1]`, and so on, and each row attends only within its own sequence's cache.
-/// Every (row, head) pair is one independent task of a single parallel job, so a batch of
-/// short decode rows costs one fork-join, not one per sequence.
+/// Every (block of rows, KV head) pair is one independent task of a single parallel job, so a
+/// batch of short decode rows costs one fork-join, not one per sequence; the rows of a block
+/// (a draft tree's nodes, a prompt chunk's tokens) read each shared key and value row once.
 pub fn attention_batch(q: &[f32], shape: &AttnShape, seqs: &[Seq<'_>]) -> Vec<f32> {
     let (nh, nkv, hd) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
-    // Per row: its sequence and its index there.
-    let rows: Vec<(usize, usize)> = seqs
-        .iter()
-        .enumerate()
-        .flat_map(|(s, seq)| (0..seq.vis.len()).map(move |i| (s, i)))
-        .collect();
-    let m = rows.len();
+    let m: usize = seqs.iter().map(|s| s.vis.len()).sum();
     assert_eq!(
         q.len(),
         m * nh * hd,
@@ -269,46 +509,84 @@ pub fn attention_batch(q: &[f32], shape: &AttnShape, seqs: &[Seq<'_>]) -> Vec<f3
     let group = nh / nkv;
     let kv_stride = nkv * hd;
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut out = vec![0f32; m * nh * hd];
-    // One task per (row, KV head): the `group` query heads that share it.
     let width = group * hd;
-    let run = |(idx, o): (usize, &mut [f32]), scores: &mut Vec<f32>| {
-        let (r, g) = (idx / nkv, idx % nkv);
-        let (s, i) = rows[r];
-        let seq = &seqs[s];
-        let q0 = (r * nh + g * group) * hd;
-        one_group(
-            &q[q0..q0 + width],
-            kv_stride,
-            g * hd,
+    let threads = super::pool::threads();
+    // Blocks of consecutive rows of one sequence: (sequence, its first row, rows, first row
+    // overall). A block shares the reads of its common slots; enough blocks keep every thread
+    // busy.
+    let mut blocks: Vec<(usize, usize, usize, usize)> = Vec::new();
+    let mut row0 = 0;
+    for (si, seq) in seqs.iter().enumerate() {
+        let rows = seq.vis.len();
+        let per = rows
+            .div_ceil((2 * threads).div_ceil(nkv))
+            .clamp(1, MAX_BLOCK_ROWS);
+        for r in (0..rows).step_by(per) {
+            blocks.push((si, r, per.min(rows - r), row0 + r));
+        }
+        row0 += rows;
+    }
+    let most = blocks.iter().map(|b| b.2).max().unwrap_or(1);
+    // One task per (block, KV head), writing `most` rows of `width` into `staged`.
+    let tasks = blocks.len() * nkv;
+    let mut staged = vec![0f32; tasks * most * width];
+    let run = |t: usize, o: &mut [f32], s: &mut Scratch| {
+        let ((si, r, rows, first), g) = (blocks[t / nkv], t % nkv);
+        let seq = &seqs[si];
+        let mut qs: [&[f32]; MAX_BLOCK_ROWS * 8] = [&[]; MAX_BLOCK_ROWS * 8];
+        let mut qs_heap = Vec::new();
+        let qs: &mut [&[f32]] = if rows * group <= qs.len() {
+            &mut qs[..rows * group]
+        } else {
+            qs_heap.resize(rows * group, &[][..]);
+            &mut qs_heap
+        };
+        for j in 0..rows {
+            for h in 0..group {
+                let at = ((first + j) * nh + g * group + h) * hd;
+                qs[j * group + h] = &q[at..at + hd];
+            }
+        }
+        let mut extra: [&[u32]; MAX_BLOCK_ROWS] = [&[]; MAX_BLOCK_ROWS];
+        for (j, e) in extra.iter_mut().take(rows).enumerate() {
+            *e = &seq.vis.extra[r + j];
+        }
+        let b = Block {
+            qs,
+            group,
             hd,
-            seq.k_cache,
-            seq.v_cache,
-            seq.vis.prefix,
-            &seq.vis.extra[i],
+            kv_stride,
+            g_off: g * hd,
+            k_cache: seq.k_cache,
+            v_cache: seq.v_cache,
+            prefix: seq.vis.prefix,
+            extra: &extra[..rows],
             scale,
-            o,
-            scores,
-        );
+        };
+        one_block(&b, &mut o[..rows * width], s);
     };
     let work: usize = seqs
         .iter()
         .map(|s| s.vis.len() * nh * (s.vis.prefix + s.vis.extra.last().map_or(0, |e| e.len())))
         .sum();
     if work * hd < 1 << 16 {
-        let mut scores = Vec::new();
-        out.chunks_exact_mut(width)
-            .enumerate()
-            .for_each(|x| run(x, &mut scores));
+        let mut s = Scratch::default();
+        for (t, o) in staged.chunks_exact_mut(most * width).enumerate() {
+            run(t, o, &mut s);
+        }
     } else {
-        // A few groups per task: each task keeps one score buffer.
-        let per = (m * nkv).div_ceil(4 * super::pool::threads()).max(1);
-        super::pool::for_each_chunk(&mut out, per * width, &|t, o| {
-            let mut scores = Vec::new();
-            for (j, og) in o.chunks_exact_mut(width).enumerate() {
-                run((t * per + j, og), &mut scores);
-            }
+        super::pool::for_each_chunk(&mut staged, most * width, &|t, o| {
+            run(t, o, &mut Scratch::default());
         });
+    }
+    // From (block, KV head, row, head) to (row, KV head, head).
+    let mut out = vec![0f32; m * nh * hd];
+    for (t, o) in staged.chunks_exact(most * width).enumerate() {
+        let ((_, _, rows, first), g) = (blocks[t / nkv], t % nkv);
+        for j in 0..rows {
+            let at = ((first + j) * nh + g * group) * hd;
+            out[at..at + width].copy_from_slice(&o[j * width..(j + 1) * width]);
+        }
     }
     out
 }
@@ -319,68 +597,195 @@ mod tests {
 
     #[test]
     #[cfg(target_arch = "x86_64")]
-    fn avx2_and_portable_groups_agree_bitwise_and_equal_heads_alone() {
+    fn avx2_and_portable_blocks_agree_bitwise_and_equal_each_head_alone() {
         if !crate::kernels::dot::avx2() {
             eprintln!("skipping: this CPU has no AVX2");
             return;
         }
-        let (hd, stride, slots, group) = (64, 3 * 64, 37, 3);
+        let (hd, stride, slots, group) = (64, 3 * 64, 41, 3);
         let f = |i: usize| ((i as f32) * 0.377).sin() * 2.0;
         let k: Vec<f32> = (0..slots * stride).map(f).collect();
         let v: Vec<f32> = (0..slots * stride).map(|i| f(i + 5)).collect();
-        let q: Vec<f32> = (0..group * hd).map(|i| f(i + 11)).collect();
-        let extra = [30u32, 33, 36];
-        let (mut a, mut b) = (vec![0f32; group * hd], vec![0f32; group * hd]);
-        let mut scores = Vec::new();
+        // Three rows: two share the ancestors 30 and 33, the third only 30.
+        let extras: [&[u32]; 3] = [&[30, 33, 36], &[30, 33, 37, 38], &[30, 40]];
+        let q: Vec<f32> = (0..3 * group * hd).map(|i| f(i + 11)).collect();
+        let qs: Vec<&[f32]> = q.chunks_exact(hd).collect();
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let mut s = Scratch::default();
         for prefix in [0, 3, 4, 29] {
-            group_body(
-                &q,
-                stride,
-                64,
+            let b = Block {
+                qs: &qs,
+                group,
                 hd,
-                &k,
-                &v,
+                kv_stride: stride,
+                g_off: 64,
+                k_cache: &k,
+                v_cache: &v,
                 prefix,
-                &extra,
-                0.125,
-                &mut a,
-                &mut scores,
-            );
+                extra: &extras,
+                scale: 0.125,
+            };
+            let (mut a, mut c) = (vec![0f32; q.len()], vec![0f32; q.len()]);
+            block_body(&b, &mut a, &mut s);
             // SAFETY: AVX2 was detected above.
+            unsafe { block_avx2(&b, &mut c, &mut s) };
+            assert_eq!(bits(&a), bits(&c), "prefix {prefix}");
+            // Each head of each row as if alone (a block of one row and one head).
+            for (qi, qv) in qs.iter().enumerate() {
+                let mut alone = vec![0f32; hd];
+                let one = Block {
+                    qs: &[qv],
+                    group: 1,
+                    extra: &extras[qi / group..qi / group + 1],
+                    ..b
+                };
+                block_body(&one, &mut alone, &mut s);
+                assert_eq!(
+                    bits(&alone),
+                    bits(&a[qi * hd..(qi + 1) * hd]),
+                    "prefix {prefix}, query {qi}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn weighted_sums_of_values_equal_the_portable_definition_on_every_path() {
+        let (stride, slots) = (96, 40);
+        let f = |i: usize| ((i as f32) * 0.917).sin() * 1.7;
+        let v: Vec<f32> = (0..slots * stride).map(f).collect();
+        let p: Vec<Vec<f32>> = (0..4)
+            .map(|t| (0..20).map(|i| f(i * 3 + t + 1000).abs()).collect())
+            .collect();
+        let ps: Vec<&[f32]> = p.iter().map(|x| x.as_slice()).collect();
+        let slot = |i: usize| if i < 12 { i } else { 2 * i - 2 };
+        let start: [[f32; PV_WIDTH]; 4] =
+            std::array::from_fn(|t| std::array::from_fn(|d| f(t * 100 + d + 7)));
+        let bits = |a: &[[f32; PV_WIDTH]]| {
+            a.iter()
+                .flat_map(|r| r.iter().map(|x| x.to_bits()))
+                .collect::<Vec<_>>()
+        };
+        let mut want = start;
+        pv_portable(&ps, &v, stride, 64, 20, slot, &mut want);
+        if crate::kernels::dot::avx2() {
+            let mut got = start;
+            let (a, b) = got.split_at_mut(2);
+            // SAFETY: AVX2 was detected; the slots stay inside `v`.
             unsafe {
-                group_avx2(
-                    &q,
+                pv_avx2::<2>(
+                    ps[..2].try_into().unwrap(),
+                    &v,
                     stride,
                     64,
-                    hd,
-                    &k,
+                    20,
+                    slot,
+                    a.try_into().unwrap(),
+                );
+                pv_avx2::<1>(
+                    ps[2..3].try_into().unwrap(),
                     &v,
-                    prefix,
-                    &extra,
-                    0.125,
-                    &mut b,
-                    &mut scores,
+                    stride,
+                    64,
+                    20,
+                    slot,
+                    (&mut b[..1]).try_into().unwrap(),
+                );
+                pv_avx2::<1>(
+                    ps[3..].try_into().unwrap(),
+                    &v,
+                    stride,
+                    64,
+                    20,
+                    slot,
+                    (&mut b[1..]).try_into().unwrap(),
+                );
+            }
+            assert_eq!(bits(&got), bits(&want), "avx2");
+        } else {
+            eprintln!("skipping the AVX2 path: this CPU lacks it");
+        }
+        if is_x86_feature_detected!("avx512f") {
+            let mut got = start;
+            // SAFETY: AVX-512F was detected; the slots stay inside `v`.
+            unsafe {
+                pv_avx512::<4>(
+                    ps[..].try_into().unwrap(),
+                    &v,
+                    stride,
+                    64,
+                    20,
+                    slot,
+                    &mut got,
                 )
             };
-            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&a), bits(&b), "prefix {prefix}");
-            // Each head of the group as if alone (a group of one).
-            for h in 0..group {
-                let mut alone = vec![0f32; hd];
-                group_body(
-                    &q[h * hd..(h + 1) * hd],
-                    stride,
-                    64,
-                    hd,
-                    &k,
-                    &v,
-                    prefix,
-                    &extra,
-                    0.125,
-                    &mut alone,
-                    &mut scores,
+            assert_eq!(bits(&got), bits(&want), "avx512");
+        } else {
+            eprintln!("skipping the AVX-512 path: this CPU lacks it");
+        }
+    }
+
+    #[test]
+    fn every_row_of_a_batch_equals_that_row_alone() {
+        let shape = AttnShape {
+            n_heads: 6,
+            n_kv_heads: 2,
+            head_dim: 16,
+        };
+        let stride = 2 * 16;
+        let f = |i: usize| ((i as f32) * 0.613).sin();
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        // A prompt chunk (causal), a draft tree, and a decode row, in one call.
+        let (ka, va): (Vec<f32>, Vec<f32>) = (
+            (0..90 * stride).map(f).collect(),
+            (0..90 * stride).map(|i| f(i + 3)).collect(),
+        );
+        let (kb, vb): (Vec<f32>, Vec<f32>) = (
+            (0..50 * stride).map(|i| f(i + 17)).collect(),
+            (0..50 * stride).map(|i| f(i + 29)).collect(),
+        );
+        let causal = Visibility::causal(40, 50);
+        let tree = Visibility::tree(37, &[-1, 0, 0, 1, 1, 2, 3, 3, 6, -1, 9, 10]);
+        let decode = Visibility::causal(20, 1);
+        let seqs = [
+            Seq {
+                k_cache: &ka,
+                v_cache: &va,
+                vis: &causal,
+            },
+            Seq {
+                k_cache: &kb,
+                v_cache: &vb,
+                vis: &tree,
+            },
+            Seq {
+                k_cache: &ka,
+                v_cache: &va,
+                vis: &decode,
+            },
+        ];
+        let m = 50 + 12 + 1;
+        let row = shape.n_heads * shape.head_dim;
+        let q: Vec<f32> = (0..m * row).map(|i| f(i + 101)).collect();
+        let all = attention_batch(&q, &shape, &seqs);
+        let mut r = 0;
+        for seq in &seqs {
+            for e in &seq.vis.extra {
+                let alone = Visibility {
+                    prefix: seq.vis.prefix,
+                    extra: vec![e.clone()],
+                    dense: Default::default(),
+                };
+                let one = attention(
+                    &q[r * row..(r + 1) * row],
+                    &shape,
+                    seq.k_cache,
+                    seq.v_cache,
+                    &alone,
                 );
-                assert_eq!(bits(&alone), bits(&a[h * hd..(h + 1) * hd]), "head {h}");
+                assert_eq!(bits(&one), bits(&all[r * row..(r + 1) * row]), "row {r}");
+                r += 1;
             }
         }
     }

@@ -123,16 +123,65 @@ unsafe fn dot_block_avx2<W: WeightElem, const R: usize, const C: usize>(
         }
         base += LANES;
     }
-    for r in 0..R {
-        for c in 0..C {
-            let mut lanes = [0f32; LANES];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r][c]);
-            for (l, i) in (full..k).enumerate() {
-                lanes[l] = xs[r][i].mul_add(ws[c][i].to_f32(), lanes[l]);
+    // Eight accumulators at a time through the vector form of `reduce_lanes` (no tail to add).
+    let mut done = 0;
+    if full == k {
+        while done + 8 <= R * C {
+            let a: [__m256; 8] = std::array::from_fn(|j| acc[(done + j) / C][(done + j) % C]);
+            let d = reduce8_avx(a);
+            for (j, v) in d.into_iter().enumerate() {
+                out[(done + j) / C][(done + j) % C] = v;
             }
-            out[r][c] = reduce_lanes(&lanes);
+            done += 8;
         }
     }
+    for idx in done..R * C {
+        let (r, c) = (idx / C, idx % C);
+        let mut lanes = [0f32; LANES];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r][c]);
+        for (l, i) in (full..k).enumerate() {
+            lanes[l] = xs[r][i].mul_add(ws[c][i].to_f32(), lanes[l]);
+        }
+        out[r][c] = reduce_lanes(&lanes);
+    }
+}
+
+/// `reduce_lanes` of eight registers at once, with the very same additions:
+/// `((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))` for each, lanes moved by shuffles.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+#[inline]
+unsafe fn reduce8_avx(a: [std::arch::x86_64::__m256; 8]) -> [f32; 8] {
+    use std::arch::x86_64::*;
+    // Width 4: lane l of each register plus its lane l + 4, two registers per result.
+    let half = |x: __m256, y: __m256| {
+        _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(x, y),
+            _mm256_permute2f128_ps::<0x31>(x, y),
+        )
+    };
+    let (s01, s23, s45, s67) = (
+        half(a[0], a[1]),
+        half(a[2], a[3]),
+        half(a[4], a[5]),
+        half(a[6], a[7]),
+    );
+    // Width 2: lanes 0, 1 plus lanes 2, 3 of each half: [a0 a0 a2 a2 | a1 a1 a3 a3].
+    let quarter = |x: __m256, y: __m256| {
+        _mm256_add_ps(
+            _mm256_shuffle_ps::<0x44>(x, y),
+            _mm256_shuffle_ps::<0xEE>(x, y),
+        )
+    };
+    let (p0, p1) = (quarter(s01, s23), quarter(s45, s67));
+    // Width 1: [a0 a2 a4 a6 | a1 a3 a5 a7].
+    let d = _mm256_add_ps(
+        _mm256_shuffle_ps::<0x88>(p0, p1),
+        _mm256_shuffle_ps::<0xDD>(p0, p1),
+    );
+    let mut v = [0f32; 8];
+    _mm256_storeu_ps(v.as_mut_ptr(), d);
+    [v[0], v[4], v[1], v[5], v[2], v[6], v[3], v[7]]
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -229,6 +278,36 @@ mod tests {
             .map(|(a, b)| *a as f64 * *b as f64)
             .sum();
         assert!((out[0][0] as f64 - exact).abs() < 1e-2 * exact.abs().max(1.0));
+    }
+
+    #[test]
+    fn eight_accumulator_blocks_equal_single_products_bitwise() {
+        for k in [8usize, 64, 72] {
+            let x: Vec<Vec<f32>> = (0..2)
+                .map(|r| {
+                    (0..k)
+                        .map(|i| ((i * 13 + r * 7) as f32 * 0.71).sin() * 3.0)
+                        .collect()
+                })
+                .collect();
+            let w: Vec<Vec<f32>> = (0..4)
+                .map(|c| {
+                    (0..k)
+                        .map(|i| ((i * 5 + c * 11) as f32 * 0.29).cos())
+                        .collect()
+                })
+                .collect();
+            let mut o = [[0f32; 4]; 2];
+            dot_block([&x[0], &x[1]], [&w[0], &w[1], &w[2], &w[3]], &mut o);
+            let mut p = [[0f32; 4]; 2];
+            dot_block_body([&x[0], &x[1]], [&w[0], &w[1], &w[2], &w[3]], &mut p);
+            for r in 0..2 {
+                for c in 0..4 {
+                    assert_eq!(o[r][c].to_bits(), p[r][c].to_bits(), "k={k} ({r}, {c})");
+                    assert_eq!(o[r][c].to_bits(), dot(&x[r], &w[c]).to_bits());
+                }
+            }
+        }
     }
 
     #[test]
