@@ -63,22 +63,22 @@ fn the_shipped_head_is_lossless_and_accepts_tokens() {
     }
     let mean = tokens as f64 / steps as f64;
     eprintln!("shipped head: {mean:.4} tokens per target pass ({tokens} tokens, {steps} passes)");
-    // The floors sit between the head shipped before 2026-12-07 (1.9225 tokens per pass, 542
-    // passes, first draft token accepted in 0.588 of them, on these prompts in the served mode
-    // with this tree) and the one fine-tuned on the target's own answers (1.9586, 532 passes,
-    // 0.598): going back fails. The same on the amx, avx512vnni and avx2 paths.
-    assert!(
-        mean > 1.94,
-        "mean accepted {mean:.4}: the shipped head regressed (today's gives 1.9586)"
-    );
     let rates = positions.rates();
     eprintln!(
         "shipped head: acceptance by position {:?}",
         rates.conditional
     );
+    // The floors sit between the head shipped before 2026-12-07 (1.9203 tokens per pass, 577
+    // passes, first draft token accepted in 0.594 of them, on these prompts in the served
+    // mode with this tree) and the one fine-tuned on the target's own answers (1.9857, 558
+    // passes, 0.610): going back fails. The same on the amx, avx512vnni and avx2 paths.
+    assert!(
+        mean > 1.95,
+        "mean accepted {mean:.4}: the shipped head regressed (today's gives 1.9857)"
+    );
     let first = rates.conditional[0].expect("speculative steps drafted a token");
     assert!(
-        first > 0.593,
+        first > 0.60,
         "the first draft token is accepted in {first:.2} of the passes: the head regressed"
     );
 }

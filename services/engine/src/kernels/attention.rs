@@ -8,6 +8,7 @@
 //! of SpecInfer (Miao et al., 2023) and EAGLE (Li et al., 2024) without a dense mask.
 
 use super::dot::{dot, dot_block};
+use super::softmax::softmax;
 
 /// Which cache slots each new query may see.
 #[derive(Clone, Debug, Default)]
@@ -187,14 +188,8 @@ fn block_body(b: &Block<'_>, out: &mut [f32], s: &mut Scratch) {
     }
     s.inv.clear();
     for q in 0..nq {
-        let sc = &mut scores[off[q]..off[q] + row_len(q / group)];
-        let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        let mut sum = 0f32;
-        for x in sc.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
-        }
-        s.inv.push(1.0 / sum);
+        s.inv
+            .push(softmax(&mut scores[off[q]..off[q] + row_len(q / group)]));
     }
     // Weighted sums in slot order: the shared slots for every query vector at once, then each
     // row's own. Plain multiply-then-add (not `mul_add`, which is a library call without FMA

@@ -17,6 +17,7 @@ pub mod linear;
 pub mod norm;
 pub mod pool;
 pub mod quant;
+pub mod softmax;
 
 use candle_core::{Storage, Tensor, WithDType};
 
