@@ -39,6 +39,14 @@ fn main() {
             Visibility::tree(500, &tree_parents(64)),
         ),
         (
+            "decode, 1 row after 3000".into(),
+            Visibility::causal(3000, 1),
+        ),
+        (
+            "tree of 8 after 3000".into(),
+            Visibility::tree(3000, &tree_parents(8)),
+        ),
+        (
             "prompt chunk of 256 from 0".into(),
             Visibility::causal(0, 256),
         ),

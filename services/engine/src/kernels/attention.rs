@@ -140,36 +140,35 @@ fn block_body(b: &Block<'_>, out: &mut [f32], s: &mut Scratch) {
     s.scores.resize(total, 0.0);
     let key = |sl: usize| &b.k_cache[sl * b.kv_stride + b.g_off..sl * b.kv_stride + b.g_off + hd];
     let value = |sl: usize| &b.v_cache[sl * b.kv_stride + b.g_off..sl * b.kv_stride + b.g_off + hd];
-    // The shared slots: four keys at a time against two query vectors at a time, the same bits
-    // as one `dot` each.
+    // The shared slots: eight keys at a time against two query vectors (two blocks of 2 x 4)
+    // or one (1 x 8), eight sums per block so that their lane reductions run as one; the same
+    // bits as one `dot` each.
     let (scores, off) = (&mut s.scores, &s.off);
     let mut i = 0;
-    while i + 4 <= shared {
-        let ks = [
-            key(slot(i)),
-            key(slot(i + 1)),
-            key(slot(i + 2)),
-            key(slot(i + 3)),
-        ];
+    while i + 8 <= shared {
+        let ks: [&[f32]; 8] = std::array::from_fn(|c| key(slot(i + c)));
         let mut q = 0;
         while q + 2 <= nq {
-            let mut o = [[0f32; 4]; 2];
-            dot_block([b.qs[q], b.qs[q + 1]], ks, &mut o);
-            for (r, row) in o.iter().enumerate() {
-                for (c, v) in row.iter().enumerate() {
-                    scores[off[q + r] + i + c] = v * b.scale;
+            for half in 0..2 {
+                let mut o = [[0f32; 4]; 2];
+                let k4: [&[f32]; 4] = std::array::from_fn(|c| ks[4 * half + c]);
+                dot_block([b.qs[q], b.qs[q + 1]], k4, &mut o);
+                for (r, row) in o.iter().enumerate() {
+                    for (c, v) in row.iter().enumerate() {
+                        scores[off[q + r] + i + 4 * half + c] = v * b.scale;
+                    }
                 }
             }
             q += 2;
         }
         if q < nq {
-            let mut o = [[0f32; 4]; 1];
+            let mut o = [[0f32; 8]; 1];
             dot_block([b.qs[q]], ks, &mut o);
             for (c, v) in o[0].iter().enumerate() {
                 scores[off[q] + i + c] = v * b.scale;
             }
         }
-        i += 4;
+        i += 8;
     }
     for i in i..shared {
         let k = key(slot(i));
@@ -305,9 +304,28 @@ fn pv_tile(
     {
         // SAFETY (all three): the features were detected at run time; every row read was
         // bounds-checked above, and every score index is below n.
-        if ps.len() == 4 && wide() {
-            let (p, a) = (ps.try_into().unwrap(), (&mut *acc).try_into().unwrap());
-            return unsafe { pv_avx512::<4>(p, v, stride, d0, n, slot, a) };
+        if wide() {
+            macro_rules! wide {
+                ($t:literal) => {
+                    unsafe {
+                        pv_avx512::<$t>(
+                            ps.try_into().unwrap(),
+                            v,
+                            stride,
+                            d0,
+                            n,
+                            slot,
+                            acc.try_into().unwrap(),
+                        )
+                    }
+                };
+            }
+            return match ps.len() {
+                1 => wide!(1),
+                2 => wide!(2),
+                3 => wide!(3),
+                _ => wide!(4),
+            };
         }
         if super::dot::avx2() {
             for (p, a) in ps.chunks(2).zip(acc.chunks_mut(2)) {
@@ -504,7 +522,6 @@ pub fn attention_batch(q: &[f32], shape: &AttnShape, seqs: &[Seq<'_>]) -> Vec<f3
     let group = nh / nkv;
     let kv_stride = nkv * hd;
     let scale = 1.0 / (hd as f32).sqrt();
-    let width = group * hd;
     let threads = super::pool::threads();
     // Blocks of consecutive rows of one sequence: (sequence, its first row, rows, first row
     // overall). A block shares the reads of its common slots; enough blocks keep every thread
@@ -522,11 +539,15 @@ pub fn attention_batch(q: &[f32], shape: &AttnShape, seqs: &[Seq<'_>]) -> Vec<f3
         row0 += rows;
     }
     let most = blocks.iter().map(|b| b.2).max().unwrap_or(1);
-    // One task per (block, KV head), writing `most` rows of `width` into `staged`.
+    // One task per (block, KV head). The query heads of a KV head share its key and value
+    // reads, so they stay together (split, each part streams the keys and values again: that
+    // measured slower at long contexts, where they leave L2).
+    let width = group * hd;
+    let task = |t: usize| (blocks[t / nkv], t % nkv);
     let tasks = blocks.len() * nkv;
     let mut staged = vec![0f32; tasks * most * width];
     let run = |t: usize, o: &mut [f32], s: &mut Scratch| {
-        let ((si, r, rows, first), g) = (blocks[t / nkv], t % nkv);
+        let ((si, r, rows, first), g) = task(t);
         let seq = &seqs[si];
         let mut qs: [&[f32]; MAX_BLOCK_ROWS * 8] = [&[]; MAX_BLOCK_ROWS * 8];
         let mut qs_heap = Vec::new();
@@ -577,7 +598,7 @@ pub fn attention_batch(q: &[f32], shape: &AttnShape, seqs: &[Seq<'_>]) -> Vec<f3
     // From (block, KV head, row, head) to (row, KV head, head).
     let mut out = vec![0f32; m * nh * hd];
     for (t, o) in staged.chunks_exact(most * width).enumerate() {
-        let ((_, _, rows, first), g) = (blocks[t / nkv], t % nkv);
+        let ((_, _, rows, first), g) = task(t);
         for j in 0..rows {
             let at = ((first + j) * nh + g * group) * hd;
             out[at..at + width].copy_from_slice(&o[j * width..(j + 1) * width]);
