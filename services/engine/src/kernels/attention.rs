@@ -7,7 +7,7 @@
 //! that decoder; masked slots are skipped, not multiplied by zero. This is the tree attention
 //! of SpecInfer (Miao et al., 2023) and EAGLE (Li et al., 2024) without a dense mask.
 
-use super::dot::{dot, dot_block};
+use super::dot::{dot, dot_block, dot_block_8, wide};
 use super::softmax::softmax;
 
 /// Which cache slots each new query may see.
@@ -144,18 +144,29 @@ fn block_body(b: &Block<'_>, out: &mut [f32], s: &mut Scratch) {
     // or one (1 x 8), eight sums per block so that their lane reductions run as one; the same
     // bits as one `dot` each.
     let (scores, off) = (&mut s.scores, &s.off);
+    let wide = wide();
     let mut i = 0;
     while i + 8 <= shared {
         let ks: [&[f32]; 8] = std::array::from_fn(|c| key(slot(i + c)));
         let mut q = 0;
         while q + 2 <= nq {
-            for half in 0..2 {
-                let mut o = [[0f32; 4]; 2];
-                let k4: [&[f32]; 4] = std::array::from_fn(|c| ks[4 * half + c]);
-                dot_block([b.qs[q], b.qs[q + 1]], k4, &mut o);
+            if wide {
+                let mut o = [[0f32; 8]; 2];
+                dot_block_8([b.qs[q], b.qs[q + 1]], ks, &mut o);
                 for (r, row) in o.iter().enumerate() {
                     for (c, v) in row.iter().enumerate() {
-                        scores[off[q + r] + i + 4 * half + c] = v * b.scale;
+                        scores[off[q + r] + i + c] = v * b.scale;
+                    }
+                }
+            } else {
+                for half in 0..2 {
+                    let mut o = [[0f32; 4]; 2];
+                    let k4: [&[f32]; 4] = std::array::from_fn(|c| ks[4 * half + c]);
+                    dot_block([b.qs[q], b.qs[q + 1]], k4, &mut o);
+                    for (r, row) in o.iter().enumerate() {
+                        for (c, v) in row.iter().enumerate() {
+                            scores[off[q + r] + i + 4 * half + c] = v * b.scale;
+                        }
                     }
                 }
             }
@@ -163,7 +174,7 @@ fn block_body(b: &Block<'_>, out: &mut [f32], s: &mut Scratch) {
         }
         if q < nq {
             let mut o = [[0f32; 8]; 1];
-            dot_block([b.qs[q]], ks, &mut o);
+            dot_block_8([b.qs[q]], ks, &mut o);
             for (c, v) in o[0].iter().enumerate() {
                 scores[off[q] + i + c] = v * b.scale;
             }
@@ -198,7 +209,7 @@ fn block_body(b: &Block<'_>, out: &mut [f32], s: &mut Scratch) {
     if hd % PV_WIDTH == 0 {
         // A few query vectors and PV_WIDTH dimensions at a time, their sums kept in registers
         // over every shared slot (the same operations, in the same order, as below).
-        let step = if wide() { 4 } else { 2 };
+        let step = if wide { 4 } else { 2 };
         let mut ps: [&[f32]; 4] = [&[]; 4];
         let mut q = 0;
         while q < nq {
@@ -250,19 +261,6 @@ fn block_body(b: &Block<'_>, out: &mut [f32], s: &mut Scratch) {
             *x *= inv;
         }
     }
-}
-
-/// Whether the float kernels may use 512-bit registers: the quantized kernels' path is one of
-/// the AVX-512 ones (so `EAGLE_KERNEL_ISA=avx2` and the tests' forced paths narrow this too).
-#[cfg(target_arch = "x86_64")]
-fn wide() -> bool {
-    use super::quant::{isa, Isa};
-    matches!(isa(), Isa::Amx | Isa::Avx512Vnni) && is_x86_feature_detected!("avx512f")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn wide() -> bool {
-    false
 }
 
 /// `acc[t][d] += ps[t][i] * v[slot(i)][d0 + d]` for the slots `i` of `ps` in order, `slot(i)`

@@ -236,6 +236,81 @@ pub fn dot_block<W: WeightElem, const R: usize, const C: usize>(
     }
 }
 
+/// Whether the float kernels may use 512-bit registers: the quantized kernels' path is one of
+/// the AVX-512 ones (so `EAGLE_KERNEL_ISA=avx2` and the tests' forced paths narrow this too).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn wide() -> bool {
+    use super::quant::{isa, Isa};
+    avx2() && matches!(isa(), Isa::Amx | Isa::Avx512Vnni) && is_x86_feature_detected!("avx512f")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) fn wide() -> bool {
+    false
+}
+
+/// [`dot_block`] of R rows against eight f32 columns: on 512-bit registers when allowed (two
+/// columns per register, each in its own 8 lanes), with the same bits.
+#[inline]
+pub fn dot_block_8<const R: usize>(xs: [&[f32]; R], ws: [&[f32]; 8], out: &mut [[f32; 8]; R]) {
+    let k = ws[0].len();
+    #[cfg(target_arch = "x86_64")]
+    if k.is_multiple_of(LANES) && wide() {
+        for x in xs.iter() {
+            assert_eq!(x.len(), k, "dot: length mismatch");
+        }
+        for w in ws.iter() {
+            assert_eq!(w.len(), k, "dot: length mismatch");
+        }
+        // SAFETY: AVX-512F was detected at run time; lengths were checked above.
+        return unsafe { dot_8_avx512(xs, ws, out) };
+    }
+    dot_block(xs, ws, out)
+}
+
+/// The arithmetic of [`dot_block_body`] for eight columns, two per 512-bit register: lanes 0-7
+/// hold one column's 8 lane sums and lanes 8-15 the next one's, the row's 8 inputs repeated in
+/// both halves. `k` is a multiple of 8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn dot_8_avx512<const R: usize>(xs: [&[f32]; R], ws: [&[f32]; 8], out: &mut [[f32; 8]; R]) {
+    use std::arch::x86_64::*;
+    #[inline(always)]
+    unsafe fn pair(lo: *const f32, hi: *const f32) -> __m512 {
+        let l = _mm512_castps_pd(_mm512_castps256_ps512(_mm256_loadu_ps(lo)));
+        _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+            l,
+            _mm256_castps_pd(_mm256_loadu_ps(hi)),
+        ))
+    }
+    let k = ws[0].len();
+    let mut acc = [[_mm512_setzero_ps(); 4]; R];
+    let mut i = 0;
+    while i < k {
+        let w: [__m512; 4] =
+            std::array::from_fn(|p| pair(ws[2 * p].as_ptr().add(i), ws[2 * p + 1].as_ptr().add(i)));
+        for r in 0..R {
+            let x = xs[r].as_ptr().add(i);
+            let x = pair(x, x);
+            for p in 0..4 {
+                acc[r][p] = _mm512_fmadd_ps(x, w[p], acc[r][p]);
+            }
+        }
+        i += LANES;
+    }
+    for r in 0..R {
+        let halves: [__m256; 8] = std::array::from_fn(|c| {
+            let z = acc[r][c / 2];
+            if c % 2 == 0 {
+                _mm512_castps512_ps256(z)
+            } else {
+                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(z)))
+            }
+        });
+        out[r] = reduce8_avx(halves);
+    }
+}
+
 /// One fixed-order dot product.
 #[inline]
 pub fn dot<W: WeightElem>(x: &[f32], w: &[W]) -> f32 {
@@ -305,6 +380,50 @@ mod tests {
                 for c in 0..4 {
                     assert_eq!(o[r][c].to_bits(), p[r][c].to_bits(), "k={k} ({r}, {c})");
                     assert_eq!(o[r][c].to_bits(), dot(&x[r], &w[c]).to_bits());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn eight_column_blocks_equal_single_products_on_every_path() {
+        for k in [8usize, 64, 128] {
+            let x: Vec<Vec<f32>> = (0..2)
+                .map(|r| {
+                    (0..k)
+                        .map(|i| ((i * 17 + r * 5) as f32 * 0.53).sin() * 2.0)
+                        .collect()
+                })
+                .collect();
+            let w: Vec<Vec<f32>> = (0..8)
+                .map(|c| {
+                    (0..k)
+                        .map(|i| ((i * 3 + c * 13) as f32 * 0.41).cos())
+                        .collect()
+                })
+                .collect();
+            let ws: [&[f32]; 8] = std::array::from_fn(|c| w[c].as_slice());
+            let mut two = [[0f32; 8]; 2];
+            dot_block_8([&x[0], &x[1]], ws, &mut two);
+            let mut one = [[0f32; 8]; 1];
+            dot_block_8([&x[1]], ws, &mut one);
+            let mut p = [[0f32; 8]; 2];
+            dot_block_body([&x[0], &x[1]], ws, &mut p);
+            for c in 0..8 {
+                for r in 0..2 {
+                    assert_eq!(two[r][c].to_bits(), p[r][c].to_bits(), "k={k} ({r}, {c})");
+                }
+                assert_eq!(one[0][c].to_bits(), p[1][c].to_bits(), "k={k} (alone, {c})");
+            }
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx512f") {
+                let mut z = [[0f32; 8]; 2];
+                // SAFETY: AVX-512F was detected; every slice has length k, a multiple of 8.
+                unsafe { dot_8_avx512([&x[0], &x[1]], ws, &mut z) };
+                for r in 0..2 {
+                    for c in 0..8 {
+                        assert_eq!(z[r][c].to_bits(), p[r][c].to_bits(), "avx512 k={k}");
+                    }
                 }
             }
         }
