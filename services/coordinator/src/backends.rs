@@ -51,6 +51,7 @@ impl Backends {
                 .collect(),
             draft_level_s: 0.0,
         }
+        .monotone()
     }
 
     /// The draft service to use now, if any.

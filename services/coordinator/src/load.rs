@@ -143,7 +143,8 @@ impl Estimate {
         let rows = (b as f64 * self.nodes).max(b as f64);
         let spec = self.tokens_per_pass / (self.draft_s + cost.cost_of(rows));
         let plain = 1.0 / cost.cost(b);
-        spec >= plain
+        // Strictly faster: a step that gains nothing decodes plainly.
+        spec > plain
     }
 }
 
@@ -199,6 +200,20 @@ mod tests {
             draft_s: 0.0001,
         };
         assert!(!small.pays(&cpu(), 1));
+        // A head that gains nothing, on a profile whose noise made two rows look cheaper than
+        // one (as the worker's measurement can under load): plain, once the profile is made
+        // monotone as the coordinator reads it.
+        let noisy = CostProfile {
+            points: vec![(1, 0.0080), (2, 0.0078), (4, 0.0090)],
+            draft_level_s: 0.0,
+        };
+        let none = Estimate {
+            tokens_per_pass: 1.0,
+            nodes: 1.3,
+            draft_s: 0.0,
+        };
+        assert!(none.pays(&noisy, 1), "the noisy profile alone misleads");
+        assert!(!none.pays(&noisy.monotone(), 1));
     }
 
     #[test]

@@ -152,14 +152,17 @@ impl Draft for DraftService {
             if r.cost_tokens.len() != r.cost_seconds.len() {
                 return Err(invalid("cost profile: tokens and seconds differ in length"));
             }
-            let profile = (!r.cost_tokens.is_empty()).then(|| CostProfile {
-                points: r
-                    .cost_tokens
-                    .iter()
-                    .zip(&r.cost_seconds)
-                    .map(|(&n, &s)| (n as usize, s))
-                    .collect(),
-                draft_level_s: self.draft_level_s,
+            let profile = (!r.cost_tokens.is_empty()).then(|| {
+                CostProfile {
+                    points: r
+                        .cost_tokens
+                        .iter()
+                        .zip(&r.cost_seconds)
+                        .map(|(&n, &s)| (n as usize, s))
+                        .collect(),
+                    draft_level_s: self.draft_level_s,
+                }
+                .monotone()
             });
             let budget = TreeBudget::for_spec(&spec, profile);
             let capacity = r.capacity as usize + spec.draft_slots();

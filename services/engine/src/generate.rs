@@ -436,5 +436,6 @@ pub fn measure_costs(target: &TargetModel) -> Result<CostProfile> {
     Ok(CostProfile {
         points,
         ..Default::default()
-    })
+    }
+    .monotone())
 }

@@ -190,6 +190,19 @@ pub struct CostProfile {
 }
 
 impl CostProfile {
+    /// The profile with every point at least as dear as the ones before it (their running
+    /// maximum). Timing noise can make a measured pass over more rows look cheaper than one
+    /// over fewer, which would make extra tree rows look free (and speculation with a head
+    /// that gains nothing look as fast as plain decoding).
+    pub fn monotone(mut self) -> Self {
+        let mut most = 0f64;
+        for p in &mut self.points {
+            most = most.max(p.1);
+            p.1 = most;
+        }
+        self
+    }
+
     /// Cost of n tokens, linearly interpolated (and extrapolated past the last point).
     pub fn cost(&self, n: usize) -> f64 {
         self.cost_of(n as f64)
