@@ -162,15 +162,23 @@ async fn groups_leases_kv_placement_and_failover() {
     assert!(listed.contains(&(g0.pid() as u64)) && listed.contains(&(g1.pid() as u64)));
     assert_eq!(st["groups"].as_array().unwrap().len(), 2, "{st}");
 
-    // Two sessions started together go to different groups.
+    // Two sessions at once go to different groups: b is streaming a long answer while a is
+    // placed (started together, a short b could end before a is routed on a busy machine).
     let mut c = client(&coord).await;
     let q1 = "Name three colours.";
-    let (mut ca, mut cb) = (c.clone(), c.clone());
-    let (ra, rb) = tokio::join!(
-        ca.generate(chat_turn(&[("user", q1)], "a", 24)),
-        cb.generate(chat_turn(&[("user", "Name three animals.")], "b", 24))
-    );
-    let (ra, _rb) = (ra.unwrap().into_inner(), rb.unwrap().into_inner());
+    let mut b = prompt_request("1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", 160);
+    b.session_id = "b".into();
+    let mut busy = c.stream_generate(b).await.unwrap().into_inner();
+    busy.next().await.expect("a chunk").expect("no error");
+    let ra = c
+        .generate(chat_turn(&[("user", q1)], "a", 24))
+        .await
+        .unwrap()
+        .into_inner();
+    // b's placement is recorded when its turn ends.
+    while let Some(chunk) = busy.next().await {
+        chunk.expect("b streams to its end");
+    }
     wait_for("both placements in etcd", Duration::from_secs(5), || {
         v.placement("a").is_some() && v.placement("b").is_some()
     })
