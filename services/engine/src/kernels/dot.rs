@@ -39,8 +39,9 @@ impl WeightElem for f16 {
     }
 }
 
+/// The fixed pairwise tree over 8 lane sums: `((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))`.
 #[inline(always)]
-fn reduce_lanes(acc: &[f32; LANES]) -> f32 {
+pub(crate) fn reduce_lanes(acc: &[f32; LANES]) -> f32 {
     let mut a = *acc;
     let mut width = LANES / 2;
     while width > 0 {

@@ -14,6 +14,8 @@
 //! `ggml_v_expf`), and `2^n` built in the exponent bits. Inputs here are `s_i - max <= 0`;
 //! below -87 (where e^x leaves the normal floats) the input is clamped to -87.
 
+use super::dot::{reduce_lanes, LANES};
+
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// ln 2 in two parts: `LN2_HI` has few significant bits, so `n * LN2_HI` is exact.
 const LN2_HI: f32 = 0.693_359_4;
@@ -30,7 +32,6 @@ const P: [f32; 6] = [
     1.666_666_5e-1,
     0.5,
 ];
-const LANES: usize = 8;
 
 /// The exponential every path computes.
 #[inline(always)]
@@ -58,20 +59,7 @@ pub fn softmax_portable(sc: &mut [f32]) -> f32 {
         *x = exp(*x - max);
         lanes[i % LANES] += *x;
     }
-    1.0 / reduce(lanes)
-}
-
-/// The pairwise tree of `dot.rs`: `((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))`.
-#[inline(always)]
-fn reduce(mut a: [f32; LANES]) -> f32 {
-    let mut width = LANES / 2;
-    while width > 0 {
-        for l in 0..width {
-            a[l] += a[l + width];
-        }
-        width /= 2;
-    }
-    a[0]
+    1.0 / reduce_lanes(&lanes)
 }
 
 /// [`softmax_portable`] on the best path this CPU has.
@@ -115,7 +103,7 @@ unsafe fn softmax_avx2(sc: &mut [f32]) -> f32 {
         *x = exp(*x - max);
         lanes[l] += *x;
     }
-    1.0 / reduce(lanes)
+    1.0 / reduce_lanes(&lanes)
 }
 
 /// [`exp`] of eight lanes, operation for operation.
