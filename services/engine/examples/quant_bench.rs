@@ -8,7 +8,7 @@
 //!
 //! `cargo run --release -p eagle-engine --example quant_bench [-- PATH]` (`PATH` runs only that
 //! ISA: portable, avx2, avx512vnni or amx). `QB_M=1,8,16` chooses the row counts; `QB_JSON=1`
-//! adds one JSON line with every figure.
+//! adds one JSON line with every figure; `QB_HEAD=1` times the draft head's shapes instead.
 
 use std::time::Instant;
 
@@ -145,12 +145,24 @@ fn main() {
     let vector_peak = best("vpdpbusd");
     let tile_peak = best("tdpbssd");
 
-    let shapes = [
-        ("qkv  [960, 576] Q4_1", matrix("Q4_1", 960, 576)),
-        ("gate_up [3072, 576] Q4_1", matrix("Q4_1", 3072, 576)),
-        ("down [576, 1536] Q4_1", matrix("Q4_1", 576, 1536)),
-        ("lm head [49152, 576] Q8_0", matrix("Q8_0", 49152, 576)),
-    ];
+    // `QB_HEAD=1`: the draft head's shapes instead (Q8_0, as a quantized target loads it).
+    let shapes = if std::env::var_os("QB_HEAD").is_some() {
+        vec![
+            ("head fc [576, 1152] Q8_0", matrix("Q8_0", 576, 1152)),
+            ("head qkv [960, 576] Q8_0", matrix("Q8_0", 960, 576)),
+            ("head o [576, 576] Q8_0", matrix("Q8_0", 576, 576)),
+            ("head gate_up [3072, 576] Q8_0", matrix("Q8_0", 3072, 576)),
+            ("head down [576, 1536] Q8_0", matrix("Q8_0", 576, 1536)),
+            ("draft lm [4096, 576] Q8_0", matrix("Q8_0", 4096, 576)),
+        ]
+    } else {
+        vec![
+            ("qkv  [960, 576] Q4_1", matrix("Q4_1", 960, 576)),
+            ("gate_up [3072, 576] Q4_1", matrix("Q4_1", 3072, 576)),
+            ("down [576, 1536] Q4_1", matrix("Q4_1", 576, 1536)),
+            ("lm head [49152, 576] Q8_0", matrix("Q8_0", 49152, 576)),
+        ]
+    };
     let ms: Vec<usize> = std::env::var("QB_M")
         .map(|v| v.split(',').map(|x| x.parse().unwrap()).collect())
         .unwrap_or(vec![1, 2, 4, 8, 16, 32, 64]);

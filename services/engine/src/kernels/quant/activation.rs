@@ -18,6 +18,9 @@ pub struct QActs {
     pub d: Vec<f32>,
     /// [m * nb] `d * sum(q)` of each block, for formats with a per-block offset.
     pub s: Vec<f32>,
+    /// [m * nb] `sum(q)` of each block, exact: the correction for weights offset by 128 (the
+    /// 8-bit family on `vpdpbusd`, which multiplies unsigned by signed bytes).
+    pub sum: Vec<i32>,
 }
 
 /// One row's view.
@@ -26,6 +29,7 @@ pub struct ActRow<'a> {
     pub q: &'a [i8],
     pub d: &'a [f32],
     pub s: &'a [f32],
+    pub sum: &'a [i32],
 }
 
 impl QActs {
@@ -41,6 +45,7 @@ impl QActs {
         let mut q = vec![0i8; m * k];
         let mut d = vec![0f32; m * nb];
         let mut s = vec![0f32; m * nb];
+        let mut sums = vec![0i32; m * nb];
         let block = best_block_quantizer();
         for (b, (xb, qb)) in x
             .chunks_exact(BLOCK)
@@ -50,8 +55,16 @@ impl QActs {
             let (db, sum) = block(xb, qb);
             d[b] = db;
             s[b] = db * sum as f32;
+            sums[b] = sum;
         }
-        QActs { m, k, q, d, s }
+        QActs {
+            m,
+            k,
+            q,
+            d,
+            s,
+            sum: sums,
+        }
     }
 
     pub fn row(&self, i: usize) -> ActRow<'_> {
@@ -60,6 +73,7 @@ impl QActs {
             q: &self.q[i * self.k..(i + 1) * self.k],
             d: &self.d[i * nb..(i + 1) * nb],
             s: &self.s[i * nb..(i + 1) * nb],
+            sum: &self.sum[i * nb..(i + 1) * nb],
         }
     }
 }

@@ -176,8 +176,13 @@ pub mod x86 {
 
     /// AVX-512 VNNI over two groups at once on 512-bit registers (16 lanes: `pair[0]`'s then
     /// `pair[1]`'s; a lone group is passed twice). Signed weights through the unsigned x signed
-    /// `vpdpbusd`: |w| times x negated where w < 0 (512-bit registers have no `vpsignb`; where
-    /// w = 0 the product is 0 either way). Each lane runs the family's sequence.
+    /// `vpdpbusd`, each lane running the family's sequence:
+    /// - one scale per block (`sub == 1`: Q8_0, Q5_0): the weights offset by 128 (`w ^ 0x80`,
+    ///   one instruction per load, shared by every row) times x, minus 128 times the block's
+    ///   sum of x (precomputed with the activations). The integers are exact, so `isum` is the
+    ///   same, and each `vpdpbusd` reads its x straight from memory as a broadcast;
+    /// - two (Q6_K): |w| times x negated where w < 0 (512-bit registers have no `vpsignb`;
+    ///   where w = 0 the product is 0 either way).
     ///
     /// # Safety
     /// The CPU must have AVX-512 F, BW, VL and VNNI, FMA and F16C; each group must hold `nb`
@@ -195,7 +200,10 @@ pub mod x86 {
         assert!(pair.iter().all(|g| g.len() >= nb * bb));
         assert!(xs
             .iter()
-            .all(|x| x.q.len() >= nb * BLOCK && x.d.len() >= nb));
+            .all(|x| x.q.len() >= nb * BLOCK && x.d.len() >= nb && x.sum.len() >= nb));
+        if sub == 1 {
+            return offset_pair_vnni(pair, nb, scale, xs, out);
+        }
         let chunks = 8 / sub;
         let zero = _mm512_setzero_si512();
         let base = [pair[0].as_ptr(), pair[1].as_ptr()];
@@ -233,6 +241,56 @@ pub mod x86 {
                     let t = _mm512_mul_ps(d, _mm512_set1_ps(*xs[r].d.get_unchecked(b)));
                     acc[r] = _mm512_fmadd_ps(t, _mm512_cvtepi32_ps(isum), acc[r]);
                 }
+            }
+        }
+        for r in 0..R {
+            _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+        }
+    }
+
+    /// [`group_pair_vnni`] for one scale per block: `isum = sum((w + 128) * x) - 128 * sum(x)`,
+    /// with `w + 128 = w ^ 0x80` as an unsigned byte. Both sums are exact in 32 bits (at most
+    /// 32 x 255 x 127), so `isum` is the signed product's.
+    #[target_feature(enable = "avx512vnni,avx512bw,avx512vl,avx512f,avx2,fma,f16c")]
+    unsafe fn offset_pair_vnni<const R: usize>(
+        pair: [&[u8]; 2],
+        nb: usize,
+        scale: ScaleKind,
+        xs: &[ActRow; R],
+        out: &mut [[f32; 2 * LANES]; R],
+    ) {
+        let bb = block_bytes(scale, 1);
+        let flip = _mm512_set1_epi8(-128);
+        let base = [pair[0].as_ptr(), pair[1].as_ptr()];
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..nb {
+            let (p0, p1) = (base[0].add(b * bb), base[1].add(b * bb));
+            for p in [p0, p1] {
+                prefetch_block(p.wrapping_add(VNNI_PREFETCH_BLOCKS * bb), bb);
+            }
+            let mut even = [_mm512_setzero_si512(); R];
+            let mut odd = [_mm512_setzero_si512(); R];
+            for s in (0..8).step_by(2) {
+                let w0 = _mm512_xor_si512(load_pair(p0.add(32 * s), p1.add(32 * s)), flip);
+                let w1 =
+                    _mm512_xor_si512(load_pair(p0.add(32 * s + 32), p1.add(32 * s + 32)), flip);
+                for r in 0..R {
+                    let at = xs[r].q.as_ptr().add(b * BLOCK + 4 * s) as *const i32;
+                    let x0 = _mm512_set1_epi32(at.read_unaligned());
+                    let x1 = _mm512_set1_epi32(at.add(1).read_unaligned());
+                    even[r] = _mm512_dpbusd_epi32(even[r], w0, x0);
+                    odd[r] = _mm512_dpbusd_epi32(odd[r], w1, x1);
+                }
+            }
+            let d = wide(
+                load_scales(p0.add(256), scale),
+                load_scales(p1.add(256), scale),
+            );
+            for r in 0..R {
+                let offset = _mm512_set1_epi32(128 * *xs[r].sum.get_unchecked(b));
+                let isum = _mm512_sub_epi32(_mm512_add_epi32(even[r], odd[r]), offset);
+                let t = _mm512_mul_ps(d, _mm512_set1_ps(*xs[r].d.get_unchecked(b)));
+                acc[r] = _mm512_fmadd_ps(t, _mm512_cvtepi32_ps(isum), acc[r]);
             }
         }
         for r in 0..R {
