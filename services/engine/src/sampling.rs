@@ -93,11 +93,15 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     logits.iter().map(|&l| l - lse).collect()
 }
 
-/// The `k` largest entries as (index, value), best first, lowest index first among equals.
+/// The `k` largest entries as (index, value), best first, lowest index first among equals
+/// (values ordered by `f32::total_cmp`).
 pub fn top_k(values: &[f32], k: usize) -> Vec<(u32, f32)> {
     let k = k.min(values.len());
     if k == 0 {
         return Vec::new();
+    }
+    if k <= SMALL_K {
+        return top_k_small(values, k);
     }
     let cmp = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     let mut idx: Vec<(u32, f32)> = values
@@ -111,6 +115,42 @@ pub fn top_k(values: &[f32], k: usize) -> Vec<(u32, f32)> {
     }
     idx.sort_by(cmp);
     idx
+}
+
+/// Up to this `k`, [`top_k`] keeps a sorted list of the best so far in one pass.
+const SMALL_K: usize = 64;
+
+/// [`top_k`] in one pass: an entry joins the list only if it beats the k-th best so far
+/// (strictly: among equals the earlier index wins), at the place that keeps the order.
+fn top_k_small(values: &[f32], k: usize) -> Vec<(u32, f32)> {
+    use std::cmp::Ordering::Greater;
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    for (i, &v) in values.iter().enumerate() {
+        if best.len() == k && v.total_cmp(&best[k - 1].1) != Greater {
+            continue;
+        }
+        // After every entry at least as large (those have lower indices).
+        let at = best.partition_point(|&(_, b)| b.total_cmp(&v) != std::cmp::Ordering::Less);
+        best.insert(at, (i as u32, v));
+        best.truncate(k);
+    }
+    best
+}
+
+/// The `k` most likely entries of `log_softmax(logits)` as (index, log-probability), best
+/// first: [`top_k`] on the logits (the order is the same), then `logit - logsumexp`, with the
+/// exponentials on the vector kernels. Values agree with [`log_softmax`] to float rounding.
+pub fn top_log_probs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let top = top_k(logits, k);
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    if !max.is_finite() {
+        let lp = log_softmax(logits);
+        return top.into_iter().map(|(i, _)| (i, lp[i as usize])).collect();
+    }
+    let mut scratch = logits.to_vec();
+    let inv_sum = crate::kernels::softmax::softmax(&mut scratch);
+    let lse = max - inv_sum.ln();
+    top.into_iter().map(|(i, v)| (i, v - lse)).collect()
 }
 
 /// The warped distribution (dense, sums to 1) for temperature > 0.
@@ -314,6 +354,49 @@ mod tests {
             top_k(&[1.0, 3.0, 3.0, 2.0], 3),
             vec![(1, 3.0), (2, 3.0), (3, 2.0)]
         );
+    }
+
+    /// The one-pass top-k equals sorting everything, on values with many ties, both zeros and
+    /// infinities; the log-probabilities of the best equal `log_softmax`'s to rounding.
+    #[test]
+    fn the_one_pass_top_k_equals_a_full_sort() {
+        let mut state = 0x2545f491u32;
+        for round in 0..200 {
+            let n = 1 + round * 7 % 300;
+            let v: Vec<f32> = (0..n)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 17;
+                    state ^= state << 5;
+                    match state % 11 {
+                        0 => -0.0,
+                        1 => 0.0,
+                        2 => f32::NEG_INFINITY,
+                        _ => ((state >> 8) % 23) as f32 * 0.25 - 3.0,
+                    }
+                })
+                .collect();
+            let mut all: Vec<(u32, f32)> =
+                v.iter().enumerate().map(|(i, &x)| (i as u32, x)).collect();
+            all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            for k in [1, 2, 8, 10, 64] {
+                let want: Vec<(u32, u32)> =
+                    all.iter().take(k).map(|&(i, x)| (i, x.to_bits())).collect();
+                let got: Vec<(u32, u32)> = top_k(&v, k)
+                    .into_iter()
+                    .map(|(i, x)| (i, x.to_bits()))
+                    .collect();
+                assert_eq!(got, want, "n={n} k={k}");
+                let lp = log_softmax(&v);
+                for (i, p) in top_log_probs(&v, k) {
+                    assert!(
+                        (p - lp[i as usize]).abs() <= 1e-5 || p == lp[i as usize],
+                        "{p} vs {}",
+                        lp[i as usize]
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -35,7 +35,9 @@ use crate::layers::{use_cpu_kernels, Linear, Matrix};
 use crate::loader::{Quant, WeightSource, Weights};
 use crate::models::target::{embed_rows, lm_head, load_embed_and_lm_head};
 use crate::models::TargetModel;
-use crate::sampling::{log_softmax, sample_without_replacement, top_k, warp, Rng, SamplingParams};
+use crate::sampling::{
+    sample_without_replacement, top_k, top_log_probs, warp, Rng, SamplingParams,
+};
 use crate::spec::{BatchLoad, SpecConfig, TreeBudget, TreeShape};
 use crate::tree::DraftTree;
 
@@ -309,7 +311,7 @@ impl Drafter {
     /// draft vocabulary this works on the reduced row: the other tokens have probability 0, so
     /// the values equal those of the full row, for a fraction of the work.
     fn top_of(&self, row: &[f32], k: usize) -> Vec<(u32, f32)> {
-        top_k(&log_softmax(row), k)
+        top_log_probs(row, k)
             .into_iter()
             .map(|(i, lp)| (self.d2t.as_ref().map_or(i, |d| d[i as usize]), lp))
             .collect()
