@@ -429,25 +429,24 @@ impl Packed {
         }
     }
 
-    /// Groups `g0..` (as many as `out_t` holds) for all rows of `acts`, each written
-    /// column-major into its [8][m] of `out_t`.
-    fn groups_all_rows(&self, isa: Isa, g0: usize, acts: &QActs, out_t: &mut [f32]) {
+    /// Groups `g0..` (as many as `cols` spans) for all rows of `acts`, written into `cols`.
+    fn groups_all_rows(&self, isa: Isa, g0: usize, acts: &QActs, cols: Cols) {
         if isa == Isa::Amx {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `isa` is only ever a path this CPU has (checked by `matmul_with`).
             unsafe {
-                return self.groups_amx(g0, acts, out_t);
+                return self.groups_amx(g0, acts, cols);
             }
         }
         if isa == Isa::Avx512Vnni {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
             unsafe {
-                return self.group_pairs_vnni(g0, acts, out_t);
+                return self.group_pairs_vnni(g0, acts, cols);
             }
         }
-        for (j, og) in out_t.chunks_mut(LANES * acts.m).enumerate() {
-            self.group_all_rows(isa, g0 + j, acts, og);
+        for j in 0..cols.groups() {
+            self.group_all_rows(isa, g0 + j, acts, cols.sub(j * LANES, LANES));
         }
     }
 
@@ -457,11 +456,11 @@ impl Packed {
     /// # Safety
     /// The CPU must have the `avx512vnni` path.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn group_pairs_vnni(&self, g0: usize, acts: &QActs, out_t: &mut [f32]) {
+    unsafe fn group_pairs_vnni(&self, g0: usize, acts: &QActs, cols: Cols) {
         let (m, nb) = (acts.m, self.k / BLOCK);
-        for (j, og) in out_t.chunks_mut(2 * LANES * m).enumerate() {
-            let n = og.len() / m;
-            let pair = self.pair(g0 + 2 * j, n);
+        for j in 0..cols.groups().div_ceil(2) {
+            let og = cols.sub(j * 2 * LANES, 2 * LANES);
+            let pair = self.pair(g0 + 2 * j, og.lanes);
             let mut i = 0;
             macro_rules! rows {
                 ($r:literal) => {{
@@ -473,7 +472,7 @@ impl Packed {
                             q8::x86::group_pair_vnni(pair, nb, sub, self.scale, &xs, &mut o)
                         }
                     }
-                    scatter(&o, og, m, i, n);
+                    og.put(&o, i);
                     i += $r;
                 }};
             }
@@ -490,7 +489,7 @@ impl Packed {
     /// # Safety
     /// [`amx::available`] must be true.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn groups_amx(&self, g0: usize, acts: &QActs, out_t: &mut [f32]) {
+    unsafe fn groups_amx(&self, g0: usize, acts: &QActs, cols: Cols) {
         let (m, nb) = (acts.m, self.k / BLOCK);
         let (kb, lanes) = match self.family {
             Family::Q4 => (BLOCK, 2 * LANES),
@@ -500,18 +499,17 @@ impl Packed {
         while r0 < m {
             let rows = (m - r0).min(amx::TILE_ROWS);
             let _tiles = amx::Tiles::configure(rows, kb, lanes);
-            for (j, og) in out_t.chunks_mut(lanes * m).enumerate() {
+            for j in 0..cols.groups().div_ceil(lanes / LANES) {
                 let g = g0 + j * lanes / LANES;
-                // Output lane `c` of this chunk, as many as it holds.
-                let n = og.len() / m;
+                let og = cols.sub(j * lanes, lanes);
                 macro_rules! rows {
                     ($r:literal) => {{
                         match self.family {
                             Family::Q4 => {
-                                let pair = self.pair(g, n);
+                                let pair = self.pair(g, og.lanes);
                                 let mut o = [[0f32; 2 * LANES]; $r];
                                 q4::x86::group_pair_amx(pair, nb, self.scale, acts, r0, &mut o);
-                                scatter(&o, og, m, r0, n);
+                                og.put(&o, r0);
                             }
                             Family::Q8 { sub } => {
                                 let mut o = [[0f32; LANES]; $r];
@@ -524,7 +522,7 @@ impl Packed {
                                         blocks, nb, sc, acts, r0, &mut o,
                                     ),
                                 }
-                                scatter(&o, og, m, r0, n);
+                                og.put(&o, r0);
                             }
                         }
                     }};
@@ -539,8 +537,8 @@ impl Packed {
         }
     }
 
-    /// Group `g` for all rows of `acts`, written column-major into `out_t` [8][m].
-    fn group_all_rows(&self, isa: Isa, g: usize, acts: &QActs, out_t: &mut [f32]) {
+    /// Group `g` for all rows of `acts`, written into `cols` (its 8 lanes).
+    fn group_all_rows(&self, isa: Isa, g: usize, acts: &QActs, cols: Cols) {
         let m = acts.m;
         let mut i = 0;
         macro_rules! rows {
@@ -548,7 +546,7 @@ impl Packed {
                 let xs: [ActRow; $r] = std::array::from_fn(|j| acts.row(i + j));
                 let mut o = [[0f32; LANES]; $r];
                 self.group(isa, g, &xs, &mut o);
-                scatter(&o, out_t, m, i, LANES);
+                cols.put(&o, i);
                 i += $r;
             }};
         }
@@ -558,12 +556,55 @@ impl Packed {
     }
 }
 
-/// Rows `o` (row i: activation row `r0 + i`, its first `n` lanes kept) into the column-major
-/// `out_t` [n][m].
-fn scatter<const N: usize>(o: &[[f32; N]], out_t: &mut [f32], m: usize, r0: usize, n: usize) {
-    for (i, row) in o.iter().enumerate() {
-        for (c, &v) in row[..n].iter().enumerate() {
-            out_t[c * m + r0 + i] = v;
+/// A window of columns of a row-major output [m, stride]: the lanes of consecutive groups.
+/// Parallel tasks get disjoint windows, so each output value has one writer.
+#[derive(Clone, Copy)]
+struct Cols {
+    /// Row 0's first column of the window.
+    ptr: *mut f32,
+    stride: usize,
+    /// Lanes the window's groups hold (a multiple of 8, past the matrix's last column).
+    lanes: usize,
+    /// Columns that exist (the rest of the last group is padding, not written).
+    cols: usize,
+    m: usize,
+}
+
+// SAFETY: a `Cols` is only written through by the task that owns its columns (see
+// `QMatrix::matmul_with`), while the output it points into is alive and not otherwise used.
+unsafe impl Send for Cols {}
+unsafe impl Sync for Cols {}
+
+impl Cols {
+    fn groups(&self) -> usize {
+        self.lanes / LANES
+    }
+
+    /// Lanes `c0..c0 + lanes` of this window (clipped to it).
+    fn sub(&self, c0: usize, lanes: usize) -> Cols {
+        Cols {
+            ptr: self.ptr.wrapping_add(c0),
+            stride: self.stride,
+            lanes: lanes.min(self.lanes - c0),
+            cols: lanes.min(self.cols.saturating_sub(c0)),
+            m: self.m,
+        }
+    }
+
+    /// Rows `o` (row i: output row `r0 + i`) into the window's columns that exist.
+    fn put<const N: usize>(&self, o: &[[f32; N]], r0: usize) {
+        let n = self.cols.min(N);
+        for (i, row) in o.iter().enumerate() {
+            assert!(r0 + i < self.m);
+            // SAFETY: row r0 + i < m and columns < `cols` lie inside the output (see the type's
+            // safety note); no other task writes them.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    row.as_ptr(),
+                    self.ptr.add((r0 + i) * self.stride),
+                    n,
+                );
+            }
         }
     }
 }
@@ -649,25 +690,25 @@ impl QMatrix {
                     isa
                 };
             let groups = p.groups();
-            let mut out_t = vec![0f32; groups * LANES * m];
+            let cols = Cols {
+                ptr: out.as_mut_ptr().wrapping_add(col0),
+                stride: self.n,
+                lanes: groups * LANES,
+                cols: p.n,
+                m,
+            };
             let work = m * groups * LANES * self.k;
             if work < 1 << 16 {
-                p.groups_all_rows(isa, 0, &acts, &mut out_t);
+                p.groups_all_rows(isa, 0, &acts, cols);
             } else {
-                // Whole pairs of groups per task (the AMX path computes two at once).
+                // Whole pairs of groups per task (the AMX path computes two at once), each
+                // writing its own columns of every row.
                 let per = groups
                     .div_ceil(TASKS_PER_THREAD * super::pool::threads())
                     .next_multiple_of(2);
-                super::pool::for_each_chunk(&mut out_t, per * LANES * m, &|t, o| {
-                    p.groups_all_rows(isa, t * per, &acts, o);
+                super::pool::run(groups.div_ceil(per), &|t| {
+                    p.groups_all_rows(isa, t * per, &acts, cols.sub(t * per * LANES, per * LANES));
                 });
-            }
-            // Back to row-major, writing each output row contiguously (a column-outer loop
-            // stores to m cache lines per column: most of a batched LM head's time).
-            for (i, row) in out.chunks_exact_mut(self.n).enumerate() {
-                for (o, col) in row[col0..col0 + p.n].iter_mut().zip(out_t.chunks_exact(m)) {
-                    *o = col[i];
-                }
             }
             col0 += p.n;
         }
