@@ -68,13 +68,15 @@ fn the_shipped_head_is_lossless_and_accepts_tokens() {
         "shipped head: acceptance by position {:?}",
         rates.conditional
     );
-    // The floors sit between the head shipped before 2026-12-07 (1.9203 tokens per pass, 577
-    // passes, first draft token accepted in 0.594 of them, on these prompts in the served
-    // mode with this tree) and the one fine-tuned on the target's own answers (1.9857, 558
-    // passes, 0.610): going back fails. The same on the amx, avx512vnni and avx2 paths.
+    // The mean's floor sits between the head shipped on 2026-12-07 (the step-375 checkpoint of
+    // the fine-tune on the target's own answers: 1.9857 tokens per pass, 558 passes, first
+    // draft token accepted in 0.610 of them, on these prompts in the served mode with this
+    // tree) and the same run's full epoch shipped on 2026-12-08 (2.0219, 548 passes, 0.606):
+    // going back fails. The first-token floor catches the 2026-12-02 head (1.9203, 0.594).
+    // The same on the amx and avx2 paths.
     assert!(
-        mean > 1.95,
-        "mean accepted {mean:.4}: the shipped head regressed (today's gives 1.9857)"
+        mean > 2.00,
+        "mean accepted {mean:.4}: the shipped head regressed (today's gives 2.0219)"
     );
     let first = rates.conditional[0].expect("speculative steps drafted a token");
     assert!(
