@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The picture of the dashboard in the README: a local cluster (eagle cluster up, speculation
+# The picture of the dashboard in docs/measurements.md: a local cluster (eagle cluster up, speculation
 # on) scraped by Prometheus with deploy/prometheus/prometheus.yml, loaded by `eagle load`
 # (closed loop: concurrency 1, then 4, then 2), then deploy/grafana/plot.py draws the main
 # panels over the run into deploy/grafana/dashboard.png.
