@@ -3,8 +3,9 @@
 //!
 //! Invariants:
 //! - Each level expands the `top_k` candidates of the previous level with the highest
-//!   cumulative draft log-probability (ties by candidate order); each gets its `top_k` best
-//!   children. The final tree is the `keep` best of every candidate scored (`rerank`), so it
+//!   cumulative draft log-probability (ties by candidate order), less those too unlikely for
+//!   any child to pay for its verification and a share of the level (automatic budgets:
+//!   `TreeBudget::worth_expanding`, per node); each gets its `top_k` best children. The final tree is the `keep` best of every candidate scored (`rerank`), so it
 //!   is connected: a child never outscores its parent.
 //! - The tree's size maximises the expected tokens per second of the target pass it joins
 //!   (`TreeBudget::keep`), the other sessions' rows and tokens in that pass included.
@@ -108,6 +109,12 @@ impl<'a> Greedy<'a> {
         if !self.budget.worth_expanding(best) {
             return None;
         }
+        // Only the nodes whose children could still pay for themselves: a child is no likelier
+        // than its parent, so a parent under the bar has none worth drafting (with a fixed
+        // budget every node passes, as in EAGLE-2).
+        let (budget, cands) = (self.budget, &self.cands);
+        self.frontier
+            .retain(|(ci, _)| budget.worth_expanding(cands[*ci].score));
         self.running = self.frontier.iter().map(|(_, o)| o.clone()).collect();
         Some(&mut self.running)
     }
@@ -163,5 +170,35 @@ impl<'a> Greedy<'a> {
         scores.sort_by(|a, b| b.total_cmp(a));
         let n = self.budget.keep(&scores, stats.head_passes, &self.load);
         (rerank(self.root, &self.cands, n), stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::*;
+    use crate::spec::CostProfile;
+
+    /// Automatic budgets expand only the frontier nodes likely enough for a child to pay (here
+    /// the bar is exp(score) >= 0.2: a 16-token pass costs 4 one-token passes, a level 0.05 of
+    /// one); fixed budgets expand every node, as EAGLE-2 does.
+    #[test]
+    fn unlikely_nodes_are_not_drafted_further_under_measured_costs() {
+        let hidden = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+        let top = vec![(11, 0.6f32.ln()), (12, 0.3f32.ln()), (13, 0.05f32.ln())];
+        let cfg = SpecConfig::default();
+        let auto = TreeBudget::Auto(CostProfile {
+            points: vec![(1, 1.0), (16, 3.25)],
+            draft_level_s: 0.05,
+        });
+        let fixed = TreeBudget::Fixed(8);
+        let run = |budget: &TreeBudget| {
+            let mut g = Greedy::new(1, &hidden, top.clone(), &cfg, budget, BatchLoad::default());
+            let level = g.next_level().expect("the best node pays");
+            level.iter().map(|o| o.token).collect::<Vec<u32>>()
+        };
+        assert_eq!(run(&auto), vec![11, 12]);
+        assert_eq!(run(&fixed), vec![11, 12, 13]);
     }
 }
