@@ -140,6 +140,9 @@ struct StepTimes {
     levels: usize,
     /// Tree size -> (steps, seconds of verification).
     verify: BTreeMap<usize, (usize, f64)>,
+    /// Tree depth (draft levels) -> (steps, seconds of drafting): the intercept is the catch-up
+    /// over the accepted tokens with the root's row, the slope one level.
+    draft_by_depth: BTreeMap<usize, (usize, f64)>,
 }
 
 impl StepTimes {
@@ -153,6 +156,11 @@ impl StepTimes {
             e.0 += 1;
             e.1 += t;
         }
+        for (&d, &t) in o.tree_depths.iter().zip(&o.draft_s) {
+            let e = self.draft_by_depth.entry(d).or_default();
+            e.0 += 1;
+            e.1 += t;
+        }
     }
 
     /// The mean speculative step in milliseconds, as JSON and as one line for people, given
@@ -161,20 +169,28 @@ impl StepTimes {
         let steps = self.speculative_steps.max(1) as f64;
         let verify: f64 = self.verify.values().map(|v| v.1).sum();
         let rest = wall - self.prefill - self.draft - verify;
-        let by_size: serde_json::Map<String, serde_json::Value> = self
-            .verify
-            .iter()
-            .map(|(n, (c, t))| (n.to_string(), serde_json::json!([c, t / *c as f64 * 1e3])))
-            .collect();
+        let per_key =
+            |m: &BTreeMap<usize, (usize, f64)>| -> serde_json::Map<String, serde_json::Value> {
+                m.iter()
+                    .map(|(n, (c, t))| (n.to_string(), serde_json::json!([c, t / *c as f64 * 1e3])))
+                    .collect()
+            };
+        let by_size = per_key(&self.verify);
+        let by_depth = per_key(&self.draft_by_depth);
         let draft_level = self.draft / self.levels.max(1) as f64 * 1e3;
         let line = format!(
-            "mean EAGLE step {:.2} ms: draft {:.2} ({:.2} a level, {:.2} levels), verify {:.2}, rest {:.2}; verify by tree size: {}",
+            "mean EAGLE step {:.2} ms: draft {:.2} ({:.2} a level, {:.2} levels), verify {:.2}, rest {:.2}; draft by tree depth: {}; verify by tree size: {}",
             (wall - self.prefill) / steps * 1e3,
             self.draft / steps * 1e3,
             draft_level,
             self.levels as f64 / steps,
             verify / steps * 1e3,
             rest / steps * 1e3,
+            self.draft_by_depth
+                .iter()
+                .map(|(d, (c, t))| format!("{d}: {:.2} ms x{c}", t / *c as f64 * 1e3))
+                .collect::<Vec<_>>()
+                .join(", "),
             self.verify
                 .iter()
                 .map(|(n, (c, t))| format!("{n}: {:.1} ms x{c}", t / *c as f64 * 1e3))
@@ -189,6 +205,7 @@ impl StepTimes {
             "draft_levels": self.levels as f64 / steps,
             "verify_ms": verify / steps * 1e3,
             "verify_ms_by_tree_size": by_size,
+            "draft_ms_by_tree_depth": by_depth,
             "rest_ms": rest / steps * 1e3,
         });
         (json, line)
