@@ -2,6 +2,7 @@
 //! pairs (with the root's LM-head row) and the levels of a dynamic tree of fixed size, as a
 //! real step runs them, with the features a real prefill gives.
 //! `cargo run --release -p eagle-engine --example draft_bench -- MODEL.gguf HEAD_DIR [NODES] [ITERS]`
+//! (`NODES` -1: automatic trees sized by this machine's measured costs, as served).
 
 use std::time::Instant;
 
@@ -43,7 +44,12 @@ fn main() -> anyhow::Result<()> {
         total_token: nodes,
         ..SpecConfig::default()
     };
-    let budget = TreeBudget::for_spec(&cfg, None);
+    let profile = if nodes < 0 {
+        Some(engine.cost_profile()?)
+    } else {
+        None
+    };
+    let budget = TreeBudget::for_spec(&cfg, profile);
     let sampling = SamplingParams::greedy();
     let mut rng = Rng::new(0);
     // Each round's first draft absorbs the prompt; the steady state after it is timed.
