@@ -3,9 +3,10 @@
 //!
 //! Invariants:
 //! - Each level expands the `top_k` candidates of the previous level with the highest
-//!   cumulative draft log-probability (ties by candidate order), less those too unlikely for
-//!   any child to pay for its verification and a share of the level (automatic budgets:
-//!   `TreeBudget::worth_expanding`, per node); each gets its `top_k` best children. The final tree is the `keep` best of every candidate scored (`rerank`), so it
+//!   cumulative draft log-probability (ties by candidate order), less those whose likeliest
+//!   child could not pay for its verification and a share of the level (automatic budgets:
+//!   `TreeBudget::worth_expanding` per node, the child's chance taken as its parent's times
+//!   the head's top probability at the level before); each gets its `top_k` best children. The final tree is the `keep` best of every candidate scored (`rerank`), so it
 //!   is connected: a child never outscores its parent.
 //! - The tree's size maximises the expected tokens per second of the target pass it joins
 //!   (`TreeBudget::keep`), the other sessions' rows and tokens in that pass included.
@@ -33,6 +34,9 @@ pub(super) struct Greedy<'a> {
     frontier: Vec<(usize, Open)>,
     /// The nodes of the level being run.
     running: Vec<Open>,
+    /// The log-probability the head gave its likeliest next token at the last level run (the
+    /// root's, at first): how sure it is one level down, which a child's chance inherits.
+    sure: f32,
     stats: DraftStats,
 }
 
@@ -47,6 +51,7 @@ impl<'a> Greedy<'a> {
         budget: &'a TreeBudget,
         load: BatchLoad,
     ) -> Self {
+        let sure = root_top.first().map_or(f32::NEG_INFINITY, |c| c.1);
         let cands: Vec<Candidate> = root_top
             .into_iter()
             .map(|(t, lp)| Candidate {
@@ -79,6 +84,7 @@ impl<'a> Greedy<'a> {
             cands,
             frontier,
             running: Vec::new(),
+            sure,
             stats: DraftStats {
                 head_passes: 1,
                 scored: 0,
@@ -101,20 +107,15 @@ impl<'a> Greedy<'a> {
         if self.depth >= self.max_depth || self.frontier.is_empty() {
             return None;
         }
-        let best = self
-            .frontier
-            .iter()
-            .map(|(ci, _)| self.cands[*ci].score)
-            .fold(f32::NEG_INFINITY, f32::max);
-        if !self.budget.worth_expanding(best) {
+        // Only the nodes whose likeliest child could still pay for itself: its chance is about
+        // the parent's times how sure the head was one level up (EAGLE-2's confidence, one
+        // level ahead). With a fixed budget every node passes, as in EAGLE-2.
+        let (budget, cands, sure) = (self.budget, &self.cands, self.sure);
+        self.frontier
+            .retain(|(ci, _)| budget.worth_expanding(cands[*ci].score + sure));
+        if self.frontier.is_empty() {
             return None;
         }
-        // Only the nodes whose children could still pay for themselves: a child is no likelier
-        // than its parent, so a parent under the bar has none worth drafting (with a fixed
-        // budget every node passes, as in EAGLE-2).
-        let (budget, cands) = (self.budget, &self.cands);
-        self.frontier
-            .retain(|(ci, _)| budget.worth_expanding(cands[*ci].score));
         self.running = self.frontier.iter().map(|(_, o)| o.clone()).collect();
         Some(&mut self.running)
     }
@@ -123,9 +124,11 @@ impl<'a> Greedy<'a> {
     pub(super) fn take(&mut self, hidden: &Tensor, tops: Vec<Vec<(u32, f32)>>) -> Result<()> {
         self.stats.head_passes += 1;
         let mut children: Vec<(usize, usize)> = Vec::new(); // (candidate index, level row)
+        self.sure = f32::NEG_INFINITY;
         for (row, ((ci, _), top)) in self.frontier.iter().zip(tops).enumerate() {
             let base = self.cands[*ci].score;
             for (t, lp) in top {
+                self.sure = self.sure.max(lp);
                 self.cands.push(Candidate {
                     token: t,
                     parent: Some(*ci),
@@ -180,9 +183,11 @@ mod tests {
     use super::*;
     use crate::spec::CostProfile;
 
-    /// Automatic budgets expand only the frontier nodes likely enough for a child to pay (here
-    /// the bar is exp(score) >= 0.2: a 16-token pass costs 4 one-token passes, a level 0.05 of
-    /// one); fixed budgets expand every node, as EAGLE-2 does.
+    /// Automatic budgets expand only the frontier nodes whose likeliest child could pay: here
+    /// the bar is 0.2 (a 16-token pass costs 4 one-token passes, a level 0.05 of one), and a
+    /// child's chance is its parent's times 0.6, how sure the head was of the root's best
+    /// child: 0.6 x 0.6 passes, 0.3 x 0.6 does not. Fixed budgets expand every node, as
+    /// EAGLE-2 does.
     #[test]
     fn unlikely_nodes_are_not_drafted_further_under_measured_costs() {
         let hidden = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
@@ -198,7 +203,11 @@ mod tests {
             let level = g.next_level().expect("the best node pays");
             level.iter().map(|o| o.token).collect::<Vec<u32>>()
         };
-        assert_eq!(run(&auto), vec![11, 12]);
+        assert_eq!(run(&auto), vec![11]);
         assert_eq!(run(&fixed), vec![11, 12, 13]);
+        // An unsure head (0.3 at best): no child can pay, so no level runs.
+        let unsure = vec![(11, 0.3f32.ln()), (12, 0.2f32.ln())];
+        let mut g = Greedy::new(1, &hidden, unsure, &cfg, &auto, BatchLoad::default());
+        assert!(g.next_level().is_none());
     }
 }
