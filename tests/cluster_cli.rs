@@ -183,6 +183,64 @@ async fn one_request_is_one_trace_across_the_processes() {
 
 /// Runs `eagle load --addr ADDR --prompts FILE ARGS` with `prompts` (JSON lines) as the file;
 /// its JSON summary.
+/// A reader of `cluster up`'s stdout that stops reading (here: closes the pipe before the
+/// first line) leaves the cluster serving: its announcements are best effort. Before, the
+/// first `println!` into the closed pipe panicked and took the cluster down (a flaky failure
+/// of a test that dropped its reader after the `ready` line, with the `metrics` lines to come).
+#[test]
+fn cluster_up_keeps_serving_when_its_stdout_is_closed() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // `cluster_up_command`'s, with a port known up front (nothing is read from stdout).
+    let mut up = KillOnDrop(
+        Command::new(bin("eagle"))
+            .args(["cluster", "up", "--no-http", "--port", &port.to_string()])
+            .arg("--model")
+            .arg(smollm2())
+            .arg("--head")
+            .arg(random_head())
+            .env("EAGLE_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    drop(up.stdout.take());
+    let addr = format!("127.0.0.1:{port}");
+    let t0 = std::time::Instant::now();
+    let out = loop {
+        let out = Command::new(bin("eagle"))
+            .args(["client", "--addr", &addr, "--json", "--max-new-tokens", "4"])
+            .args(["--prompt", "Hello"])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break out;
+        }
+        assert!(
+            up.try_wait().unwrap().is_none(),
+            "cluster up exited: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no answer in 120 s: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["token_ids"].as_array().map(|a| a.len()), Some(4), "{v}");
+    assert!(
+        up.try_wait().unwrap().is_none(),
+        "cluster up is still running"
+    );
+    let pids = child_pids(up.id());
+    stop_cluster_up(&mut up, &pids);
+}
+
 fn eagle_load(addr: &str, prompts: &str, args: &[&str]) -> serde_json::Value {
     static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

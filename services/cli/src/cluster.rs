@@ -128,6 +128,19 @@ impl UpArgs {
     }
 }
 
+/// One line of what `cluster up` announces on stdout. A reader that has stopped reading (a
+/// closed pipe: `eagle cluster up | head -1`, or a script that read the `ready` line it
+/// needed) must not bring the running cluster down, so a failed write is ignored (`println!`
+/// would panic, and the cluster would stop with it).
+fn announce(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out
+        .write_fmt(line)
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush());
+}
+
 pub fn run(cmd: ClusterCommand) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
@@ -135,19 +148,19 @@ pub fn run(cmd: ClusterCommand) -> Result<()> {
             ClusterCommand::Up(a) => {
                 let mut c = Cluster::start(&a).await?;
                 for (i, (addr, http)) in c.coordinators.iter().enumerate() {
-                    println!("ready {addr}");
+                    announce(format_args!("ready {addr}"));
                     if let Some(url) = http {
-                        println!("http {url}");
+                        announce(format_args!("http {url}"));
                         if i == 0 {
                             eprintln!("chat page and OpenAI-compatible API at {url}");
                         }
                     }
                 }
                 for (name, url) in &c.metrics {
-                    println!("metrics {name} {url}");
+                    announce(format_args!("metrics {name} {url}"));
                 }
                 if let Some(t) = &c.tls {
-                    println!("ca {}", t.ca.display());
+                    announce(format_args!("ca {}", t.ca.display()));
                 }
                 if let Some(dir) = &a.prometheus_sd_dir {
                     c.write_prometheus_targets(dir)?;
