@@ -6,8 +6,9 @@
 //!   cumulative draft log-probability (ties by candidate order), less those whose likeliest
 //!   child could not pay for its verification and a share of the level (automatic budgets:
 //!   `TreeBudget::worth_expanding` per node, the child's chance taken as its parent's times
-//!   the head's top probability at the level before); each gets its `top_k` best children. The final tree is the `keep` best of every candidate scored (`rerank`), so it
-//!   is connected: a child never outscores its parent.
+//!   the head's top probability at the level before); each gets its `top_k` best children.
+//!   The final tree is the `keep` best of every candidate scored (`rerank`), so it is
+//!   connected: a child never outscores its parent.
 //! - The tree's size maximises the expected tokens per second of the target pass it joins
 //!   (`TreeBudget::keep`), the other sessions' rows and tokens in that pass included.
 //! - The builder holds no model: the caller runs each level's nodes through the head (alone or
