@@ -1,8 +1,9 @@
 //! Times the draft side of an EAGLE step on real weights: the catch-up over the accepted
 //! pairs (with the root's LM-head row) and the levels of a dynamic tree of fixed size, as a
 //! real step runs them, with the features a real prefill gives.
-//! `cargo run --release -p eagle-engine --example draft_bench -- MODEL.gguf HEAD_DIR [NODES] [ITERS]`
-//! (`NODES` -1: automatic trees sized by this machine's measured costs, as served).
+//! `cargo run --release -p eagle-engine --example draft_bench -- MODEL HEAD [NODES] [ITERS]`
+//! (`NODES` -1: automatic trees sized by this machine's measured costs, as served; `ROUNDS=R`
+//! repeats the timed drafts R times over the same target features).
 
 use std::time::Instant;
 
