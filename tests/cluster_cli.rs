@@ -194,19 +194,7 @@ fn cluster_up_keeps_serving_when_its_stdout_is_closed() {
         .local_addr()
         .unwrap()
         .port();
-    // `cluster_up_command`'s, with a port known up front (nothing is read from stdout).
-    let mut up = KillOnDrop(
-        Command::new(bin("eagle"))
-            .args(["cluster", "up", "--no-http", "--port", &port.to_string()])
-            .arg("--model")
-            .arg(smollm2())
-            .arg("--head")
-            .arg(random_head())
-            .env("EAGLE_LOG", "warn")
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let mut up = KillOnDrop(cluster_up_command_on(port, &["--no-http"]).spawn().unwrap());
     drop(up.stdout.take());
     let addr = format!("127.0.0.1:{port}");
     let t0 = std::time::Instant::now();

@@ -168,8 +168,13 @@ pub fn succeed(cmd: &mut Command) -> std::process::Output {
 /// piped (for its `ready` / `http` / `metrics` / `ca` lines) and stderr inherited: what the
 /// tests that start a whole local cluster run (change stderr where the log is read).
 pub fn cluster_up_command(args: &[&str]) -> Command {
+    cluster_up_command_on(0, args)
+}
+
+/// [`cluster_up_command`] with the coordinator on `port` (0: a free one, announced on stdout).
+pub fn cluster_up_command_on(port: u16, args: &[&str]) -> Command {
     let mut c = Command::new(bin("eagle"));
-    c.args(["cluster", "up", "--port", "0", "--model"])
+    c.args(["cluster", "up", "--port", &port.to_string(), "--model"])
         .arg(smollm2())
         .arg("--head")
         .arg(random_head())

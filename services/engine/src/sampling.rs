@@ -123,14 +123,14 @@ const SMALL_K: usize = 64;
 /// [`top_k`] in one pass: an entry joins the list only if it beats the k-th best so far
 /// (strictly: among equals the earlier index wins), at the place that keeps the order.
 fn top_k_small(values: &[f32], k: usize) -> Vec<(u32, f32)> {
-    use std::cmp::Ordering::Greater;
+    use std::cmp::Ordering::{Greater, Less};
     let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
     for (i, &v) in values.iter().enumerate() {
         if best.len() == k && v.total_cmp(&best[k - 1].1) != Greater {
             continue;
         }
         // After every entry at least as large (those have lower indices).
-        let at = best.partition_point(|&(_, b)| b.total_cmp(&v) != std::cmp::Ordering::Less);
+        let at = best.partition_point(|&(_, b)| b.total_cmp(&v) != Less);
         best.insert(at, (i as u32, v));
         best.truncate(k);
     }
